@@ -1,0 +1,95 @@
+"""Compression passes: each one turns (weight, input statistics, settings) into a compressed weight.
+
+A pass is a module with two functions, so the one sequential pipeline can drive any of them:
+
+    validate(args)                                reject bad settings before any work
+    needs_data(args) -> bool                      does it need calibration statistics?
+    compress(layer: LinearState, stats, args)     update layer in place (weight, quantization, mask)
+
+Several steps may apply to the same linear in order (for example prune, then quantize the
+survivors); they share the layer's statistics, so the Hessian is accumulated once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from types import ModuleType
+
+import torch
+
+from compressor.errors import CompressorError
+from compressor.grids import IntGrid
+
+
+@dataclass
+class QuantizedWeight:
+    """Integer codes and their grid parameters, ready to be packed."""
+
+    grid: IntGrid
+    codes: torch.Tensor  # uint8 [out, in], values in [0, 2^bits - 1]
+    scale: torch.Tensor  # [out, groups], the checkpoint's scale dtype
+    zero: torch.Tensor  # [out, groups], integers stored as float32
+    act_order: bool = False
+
+
+@dataclass
+class LinearState:
+    """One linear layer as the passes see it: a float32 working copy of its weight and what was done."""
+
+    name: str
+    weight: torch.Tensor  # float32 [out, in]
+    dtype: torch.dtype  # the model's dtype, for the final weight and the stored scales
+    quant: QuantizedWeight | None = None
+    mask: torch.Tensor | None = None  # bool [out, in], True = kept (sparsity passes)
+    methods: list[str] = field(default_factory=list)
+    metrics: dict = field(default_factory=dict)
+
+
+@dataclass
+class Step:
+    """One pass applied to one linear: the method's name and its settings (plain data from a recipe)."""
+
+    method: str
+    args: dict = field(default_factory=dict)
+
+
+def registry() -> dict[str, ModuleType]:
+    from compressor.passes import gptq, rtn
+
+    return {"rtn": rtn, "gptq": gptq}
+
+
+def get_pass(method: str) -> ModuleType:
+    passes = registry()
+    if method not in passes:
+        raise CompressorError(f"unknown method {method!r}; choose one of: {', '.join(passes)}")
+    return passes[method]
+
+
+def grid_from_args(args: dict) -> IntGrid:
+    """Validate and build an integer grid from user settings (bits, group_size, symmetric, mse)."""
+    bits = args.get("bits", 4)
+    if not isinstance(bits, int) or isinstance(bits, bool) or not 2 <= bits <= 8:
+        raise CompressorError(f"bits must be an integer from 2 to 8, got {bits!r}")
+    group_size = args.get("group_size", 128)
+    if not isinstance(group_size, int) or isinstance(group_size, bool) or group_size < -1:
+        raise CompressorError(
+            f"group size must be a positive integer, or 0 / -1 for per-channel; got {group_size!r}"
+        )
+    return IntGrid(
+        bits=bits,
+        group_size=max(group_size, 0),
+        symmetric=bool(args.get("symmetric", True)),
+        mse=bool(args.get("mse", False)),
+    )
+
+
+QUANT_KEYS = {"bits", "group_size", "symmetric", "mse"}
+
+
+def check_keys(method: str, args: dict, allowed: set[str]) -> None:
+    unknown = sorted(set(args) - allowed)
+    if unknown:
+        raise CompressorError(
+            f"{method}: unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(allowed))}"
+        )

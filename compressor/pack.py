@@ -1,0 +1,191 @@
+"""Writing a compressed model as a checkpoint that transformers (and vLLM) load: compressed-tensors'
+pack-quantized format, one config group per distinct scheme so layers may carry different bits.
+
+Per quantized linear: weight_packed int32 [out, ceil(in*bits/32)], weight_scale [out, groups],
+weight_zero_point (asymmetric only), weight_shape. A group size that does not divide the input
+width (576 columns in groups of 128) is written with the "block" strategy and block [1, g], which
+compressed-tensors pads on load -- its "group" strategy refuses ragged groups.
+
+The folder is written under a temporary name next to the target and renamed when complete, so a
+failed run never leaves a half-written checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
+from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
+from safetensors.torch import save_file
+
+from compressor.errors import CompressorError
+from compressor.grids import IntGrid
+from compressor.passes import LinearState, QuantizedWeight
+
+SHARD_BYTES = 2 * 1024**3
+WEIGHTS_NAME = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"
+
+
+def pack_linear(q: QuantizedWeight) -> dict[str, torch.Tensor]:
+    """A linear's packed tensors (local names), in compressed-tensors' signed convention."""
+    out_features, in_features = q.codes.shape
+    offset = 2 ** (q.grid.bits - 1)
+    signed = (q.codes.to(torch.int16) - offset).to(torch.int8)
+    tensors = {
+        "weight_packed": pack_to_int32(signed, q.grid.bits),
+        "weight_scale": q.scale.contiguous(),
+        "weight_shape": torch.tensor([out_features, in_features], dtype=torch.int64),
+    }
+    if not q.grid.symmetric:
+        zero = (q.zero.to(torch.int16) - offset).to(torch.int8)
+        # compressed-tensors packs zero points along the output dim, except for block strategy.
+        ragged = q.grid.is_ragged(in_features)
+        tensors["weight_zero_point"] = zero if ragged else pack_to_int32(zero, q.grid.bits, packed_dim=0)
+    return tensors
+
+
+def weight_args(grid: IntGrid, in_features: int, act_order: bool) -> dict:
+    """compressed-tensors QuantizationArgs for a grid on a given input width."""
+    args = {"num_bits": grid.bits, "type": "int", "symmetric": grid.symmetric, "dynamic": False}
+    if grid.group_size <= 0:
+        args["strategy"] = "channel"
+    elif grid.is_ragged(in_features):
+        args.update(strategy="block", block_structure=[1, grid.group_size])
+    else:
+        args.update(strategy="group", group_size=grid.group_size)
+    if act_order:
+        args["actorder"] = "static"  # static groups: no g_idx, the stored layout is unchanged
+    return args
+
+
+def quantization_config(records: dict[str, LinearState], ignore: list[str]) -> dict | None:
+    """config.json's quantization_config: one config group per distinct weight scheme."""
+    schemes: dict[str, tuple[dict, list[str]]] = {}
+    for name, state in records.items():
+        if state.quant is None:
+            continue
+        args = weight_args(state.quant.grid, state.quant.codes.shape[1], state.quant.act_order)
+        key = json.dumps(args, sort_keys=True)
+        schemes.setdefault(key, (args, []))[1].append(name)
+    if not schemes:
+        return None
+    groups = {
+        f"group_{i}": QuantizationScheme(
+            targets=names, weights=QuantizationArgs(**args), format="pack-quantized"
+        )
+        for i, (args, names) in enumerate(schemes.values())
+    }
+    config = QuantizationConfig(
+        config_groups=groups,
+        format="pack-quantized",
+        quantization_status="compressed",
+        ignore=ignore,
+    )
+    return config.model_dump(exclude_none=True)
+
+
+def checkpoint_tensors(model, records: dict[str, LinearState]) -> dict[str, torch.Tensor]:
+    """The model's state dict with each quantized linear's weight replaced by its packed tensors."""
+    tensors: dict[str, torch.Tensor] = {}
+    seen_storage: set[int] = set()
+    for key, tensor in model.state_dict().items():
+        # Tied weights (lm_head = embed_tokens) are stored once; transformers re-ties on load.
+        pointer = tensor.untyped_storage().data_ptr()
+        if pointer in seen_storage and tensor.numel() > 0:
+            continue
+        seen_storage.add(pointer)
+        module = key.rsplit(".", 1)[0]
+        state = records.get(module)
+        if key.endswith(".weight") and state is not None and state.quant is not None:
+            for local, packed in pack_linear(state.quant).items():
+                tensors[f"{module}.{local}"] = packed
+        else:
+            tensors[key] = tensor.detach().cpu().contiguous()
+    return tensors
+
+
+def write_shards(tensors: dict[str, torch.Tensor], folder: Path, max_bytes: int = SHARD_BYTES) -> int:
+    """Save tensors as one safetensors file, or shards plus an index past max_bytes. Returns bytes."""
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for key, tensor in tensors.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > max_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][key] = tensor
+        size += nbytes
+    if len(shards) == 1:
+        save_file(shards[0], folder / WEIGHTS_NAME, metadata={"format": "pt"})
+    else:
+        weight_map = {}
+        for i, shard in enumerate(shards):
+            name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            save_file(shard, folder / name, metadata={"format": "pt"})
+            weight_map.update({key: name for key in shard})
+        total = sum(t.numel() * t.element_size() for t in tensors.values())
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (folder / INDEX_NAME).write_text(json.dumps(index, indent=2))
+    return sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+
+
+def check_output(output: Path, overwrite: bool) -> None:
+    """Refuse to clobber an existing folder before any work is done."""
+    if output.exists() and not overwrite:
+        raise CompressorError(f"output folder exists: {output} (pass --overwrite to replace it)")
+    if output.exists() and not output.is_dir():
+        raise CompressorError(f"output path exists and is not a folder: {output}")
+
+
+@contextmanager
+def staged_output(output: Path, overwrite: bool) -> Iterator[Path]:
+    """Yield a temporary folder beside `output`; rename it to `output` only if the body succeeds."""
+    check_output(output, overwrite)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".partial", dir=output.parent))
+    try:
+        yield staging
+        if output.exists():
+            trash = output.with_name(f".{output.name}.old-{os.getpid()}")
+            output.rename(trash)
+            staging.rename(output)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            staging.rename(output)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def save_checkpoint(
+    model, tokenizer, records: dict[str, LinearState], folder: Path, ignore: list[str]
+) -> int:
+    """Write config (with quantization_config), weights, tokenizer into `folder`; returns weight bytes."""
+    tensors = checkpoint_tensors(model, records)
+    size = write_shards(tensors, folder)
+    config = model.config
+    previous = getattr(config, "quantization_config", None)
+    qconfig = quantization_config(records, ignore)
+    try:
+        if qconfig is not None:
+            config.quantization_config = qconfig
+        config.save_pretrained(folder)
+    finally:
+        if previous is None:
+            config.__dict__.pop("quantization_config", None)
+        else:
+            config.quantization_config = previous
+    generation = getattr(model, "generation_config", None)
+    if generation is not None:
+        generation.save_pretrained(folder)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+    return size

@@ -1,0 +1,171 @@
+"""GPTQ: quantize a weight column by column, pushing each column's rounding error onto the columns
+not yet quantized, weighted by the inverse Hessian of the layer's inputs (Frantar et al., 2022).
+
+The solver follows the reference algorithm (ALGORITHMS.md): dead inputs zeroed, relative damping
+with automatic retry when the Cholesky factorisation fails, lazy batch updates over column blocks,
+act-order (columns by descending Hessian diagonal) with static groups so the stored groups stay
+contiguous in the original column order, and ragged last groups.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from compressor import grids
+from compressor.errors import CompressorError
+from compressor.grids import IntGrid
+from compressor.passes import QUANT_KEYS, LinearState, check_keys, grid_from_args
+from compressor.passes.rtn import quantize_with_params
+from compressor.stats import InputStats
+
+DAMP_RETRIES = (1, 3, 10, 30, 100)  # multiples of the requested damping tried in turn
+
+
+@dataclass(frozen=True)
+class GPTQOptions:
+    damp: float = 0.01  # fraction of mean(diag H) added to the diagonal
+    act_order: bool = True
+    blocksize: int = 128
+
+    @classmethod
+    def from_args(cls, args: dict) -> GPTQOptions:
+        damp = float(args.get("damp", 0.01))
+        if not 0 < damp < 1:
+            raise CompressorError(f"damping must be in (0, 1), got {damp}")
+        return cls(damp=damp, act_order=bool(args.get("act_order", True)),
+                   blocksize=int(args.get("blocksize", 128)))
+
+
+def needs_data(args: dict) -> bool:
+    return True
+
+
+def validate(args: dict) -> None:
+    """Fail early, before any model work, on settings this pass cannot use."""
+    check_keys("gptq", args, QUANT_KEYS | {"damp", "act_order", "blocksize"})
+    grid_from_args(args)
+    GPTQOptions.from_args(args)
+
+
+def compress(layer: LinearState, stats: InputStats | None, args: dict) -> None:
+    if stats is None:
+        raise CompressorError("GPTQ needs calibration data")
+    grid = grid_from_args(args)
+    options = GPTQOptions.from_args(args)
+    result = solve(layer.weight, stats.hessian(), grid, options, layer.dtype, layer.mask)
+    quantize_with_params(layer, grid, result.scale, result.zero, act_order=options.act_order)
+    layer.methods.append("gptq")
+    layer.metrics.update(gptq_error=result.error, gptq_damp=result.damp)
+
+
+@dataclass
+class GPTQResult:
+    weight: torch.Tensor  # float32, on the grid, original column order
+    scale: torch.Tensor  # [out, groups] float32
+    zero: torch.Tensor
+    error: float  # the solver's own loss: sum of squared rounding errors weighted by 1/Hinv_ii^2
+    damp: float  # the damping that succeeded
+
+
+def _inverse_hessian_factor(hessian: torch.Tensor, damp: float) -> tuple[torch.Tensor, float]:
+    """Upper Cholesky factor of (H + damp * mean(diag H) * I)^-1, raising damping until it exists."""
+    mean_diag = hessian.diagonal().mean()
+    eye = torch.eye(hessian.shape[0], device=hessian.device)
+    for multiple in DAMP_RETRIES:
+        tried = min(damp * multiple, 1.0)
+        factor, info = torch.linalg.cholesky_ex(hessian + tried * mean_diag * eye)
+        if info == 0:
+            inverse = torch.cholesky_inverse(factor)
+            upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
+            if info == 0:
+                return upper, tried
+    raise CompressorError(
+        f"GPTQ: the Hessian is not positive definite even with damping {tried}; "
+        "use more calibration samples or --method rtn"
+    )
+
+
+def _group_blocksize(grid: IntGrid, in_features: int, blocksize: int) -> int:
+    """A column block that holds whole groups, so each group's refit sees fully updated columns."""
+    width = grid.group_width(in_features)
+    return max(width, blocksize // width * width) if grid.group_size > 0 else blocksize
+
+
+@torch.no_grad()
+def solve(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    grid: IntGrid,
+    options: GPTQOptions = GPTQOptions(),
+    scale_dtype: torch.dtype = torch.float32,
+    mask: torch.Tensor | None = None,
+) -> GPTQResult:
+    W = weight.float().clone()
+    H = hessian.float().clone()
+    rows, cols = W.shape
+    width = grid.group_width(cols)
+
+    dead = H.diagonal() == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+
+    # Static groups: with act-order, a group's parameters come from the original weights so the
+    # stored groups stay contiguous in the original column order (no g_idx needed to load them).
+    static = options.act_order and grid.group_size > 0
+    if options.act_order:
+        perm = torch.argsort(H.diagonal(), descending=True)
+        W, H = W[:, perm], H[perm][:, perm]
+        if mask is not None:
+            mask = mask[:, perm]
+    else:
+        perm = torch.arange(cols, device=W.device)
+    column_group = grids.group_index(cols, width).to(W.device)[perm]
+
+    if static or grid.group_size <= 0:
+        # Per-channel ranges, like static groups, are fitted once on the original weights.
+        scale, zero = grids.choose_qparams(weight.float() * (~dead), grid, scale_dtype)
+    else:
+        groups = grid.num_groups(cols)
+        scale = torch.zeros(rows, groups, device=W.device)
+        zero = torch.zeros(rows, groups, device=W.device)
+
+    Hinv, damp = _inverse_hessian_factor(H, options.damp)
+    blocksize = _group_blocksize(grid, cols, options.blocksize)
+    maxq = grid.maxq
+    Q = torch.zeros_like(W)
+    total_error = 0.0
+
+    for i1 in range(0, cols, blocksize):
+        i2 = min(i1 + blocksize, cols)
+        W1 = W[:, i1:i2].clone()
+        Err1 = torch.zeros_like(W1)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = i1 + i
+            g = column_group[col]
+            if not static and grid.group_size > 0 and col % width == 0:
+                # Dynamic groups (original order): fit the group on its already-updated columns.
+                s, z = grids.choose_qparams(W1[:, i:i + width], _whole_slice(grid), scale_dtype)
+                scale[:, g], zero[:, g] = s[:, 0], z[:, 0]
+            w = W1[:, i]
+            s, z = scale[:, g], zero[:, g]
+            q = (torch.clamp(torch.round(w / s) + z, 0, maxq) - z) * s
+            if mask is not None:
+                q = q * mask[:, col]
+            Q[:, col] = q
+            d = Hinv1[i, i]
+            err = (w - q) / d
+            total_error += float(err.square().sum()) / 2
+            W1[:, i:] -= err.unsqueeze(1) * Hinv1[i, i:].unsqueeze(0)
+            Err1[:, i] = err
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+
+    inverse = torch.argsort(perm)
+    return GPTQResult(weight=Q[:, inverse], scale=scale, zero=zero, error=total_error, damp=damp)
+
+
+def _whole_slice(grid: IntGrid) -> IntGrid:
+    """The same grid with one group spanning whatever slice it is given."""
+    return IntGrid(bits=grid.bits, group_size=0, symmetric=grid.symmetric, mse=grid.mse)

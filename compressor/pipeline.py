@@ -1,0 +1,269 @@
+"""The one sequential pipeline every pass plugs into.
+
+    calibration ids -> inputs of decoder block 0 (with every keyword argument the block gets)
+    for each block, on the compute device:
+        find the sub-groups of linears that share an input ([q,k,v], [o], [gate,up], [down])
+        run the block; at the first linear of each sub-group, accumulate the input statistics
+        and compress the sub-group *before* it computes, so later sub-groups see compressed
+        outputs ("true sequential") and the block's output is already the compressed one
+        -> inputs of the next block ("propagate")
+
+The statistics of a sub-group need every calibration chunk. With all samples in one chunk the
+block runs once. With several chunks, a chunk's forward stops at the first sub-group still waiting
+for other chunks and is re-run later: correct for any chunking, and memory-bounded.
+
+No model-specific code: sub-groups are discovered by which linears receive the same tensor.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from compressor.errors import CompressorError
+from compressor.model import block_linears, decoder_blocks
+from compressor.passes import LinearState, Step, get_pass
+from compressor.stats import InputStats
+
+Plan = dict[str, list[Step]]  # full module name -> the passes applied to it, in order
+
+
+class _StopForward(Exception):
+    """Raised inside a hook to end a forward pass early."""
+
+
+@dataclass
+class BlockInputs:
+    """Hidden states entering a block, in chunks, with the keyword arguments of each chunk's call."""
+
+    hidden: list[torch.Tensor]
+    kwargs: list[dict]
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise CompressorError("--device cuda was asked for but no CUDA device is available")
+    try:
+        return torch.device(device)
+    except RuntimeError:
+        raise CompressorError(f"unknown device {device!r}; use auto, cpu or cuda")
+
+
+def needs_data(plan: Plan) -> bool:
+    return any(get_pass(s.method).needs_data(s.args) for steps in plan.values() for s in steps)
+
+
+@torch.no_grad()
+def compress_model(
+    model,
+    plan: Plan,
+    calibration_ids: torch.Tensor | None = None,
+    device: str | torch.device = "cpu",
+    batch_size: int | None = None,
+    on_block: Callable[[int, int], None] | None = None,
+) -> dict[str, LinearState]:
+    """Apply `plan` to `model` in place, block by block; return what was done to each linear."""
+    device = torch.device(device)
+    prefix, blocks = decoder_blocks(model)
+    for step in (s for steps in plan.values() for s in steps):
+        get_pass(step.method)  # unknown methods fail before any work
+    inputs = None
+    if needs_data(plan):
+        if calibration_ids is None or calibration_ids.numel() == 0:
+            raise CompressorError("this method needs calibration data, and none was given")
+        inputs = capture_block_inputs(model, blocks, prefix, calibration_ids, device, batch_size)
+    records: dict[str, LinearState] = {}
+    for index, block in enumerate(blocks):
+        block_prefix = f"{prefix}.{index}."
+        block_plan = {n[len(block_prefix):]: s for n, s in plan.items() if n.startswith(block_prefix)}
+        block.to(device)
+        if inputs is None:
+            done = _compress_block_without_data(block, block_plan)
+        else:
+            done, inputs.hidden = _compress_block(block, block_plan, inputs, device)
+        block.to("cpu")
+        records.update({block_prefix + name: state for name, state in done.items()})
+        if on_block:
+            on_block(index + 1, len(blocks))
+    return records
+
+
+def capture_block_inputs(model, blocks, prefix, ids, device, batch_size) -> BlockInputs:
+    """Run the model up to block 0 and keep what block 0 receives (hidden states and kwargs)."""
+    captured = BlockInputs(hidden=[], kwargs=[])
+
+    def grab(module, args, kwargs):
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        kwargs = {k: (False if k == "use_cache" else v) for k, v in kwargs.items()}
+        # A cache object would grow across calls; the pipeline never needs one.
+        kwargs = {k: v for k, v in kwargs.items() if "cache" not in type(v).__name__.lower()}
+        captured.hidden.append(hidden)
+        captured.kwargs.append(kwargs)
+        raise _StopForward
+
+    batch_size = batch_size or ids.shape[0]
+    _move_outside(model, prefix, device)
+    handle = blocks[0].register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        for chunk in ids.split(batch_size):
+            try:
+                model(input_ids=chunk.to(device), use_cache=False)
+            except _StopForward:
+                pass
+    finally:
+        handle.remove()
+        _move_outside(model, prefix, "cpu")
+    return captured
+
+
+def _move_outside(model, prefix: str, device) -> None:
+    """Move every parameter and buffer that is not inside the decoder blocks (embeddings, norms)."""
+    for name, module in model.named_modules():
+        if name == prefix or name.startswith(prefix + "."):
+            continue
+        for _, param in module.named_parameters(recurse=False):
+            param.data = param.data.to(device)
+        for key, buffer in module.named_buffers(recurse=False):
+            module._buffers[key] = buffer.to(device)
+
+
+def _to(obj, device):
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_to(o, device) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _to(v, device) for k, v in obj.items()}
+    return obj
+
+
+def _first_sample(obj, batch: int):
+    """Slice a chunk's kwargs down to its first sample (tensors whose leading dim is the batch)."""
+    if isinstance(obj, torch.Tensor):
+        return obj[:1] if obj.dim() > 0 and obj.shape[0] == batch and batch > 1 else obj
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_first_sample(o, batch) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _first_sample(v, batch) for k, v in obj.items()}
+    return obj
+
+
+def _output_hidden(output) -> torch.Tensor:
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+def linear_groups(block, hidden: torch.Tensor, kwargs: dict, device) -> list[list[str]]:
+    """Linears of `block` grouped by shared input, in call order, from a one-sample forward."""
+    linears = block_linears(block)
+    seen: list[tuple[torch.Tensor, list[str]]] = []
+    handles = []
+
+    def record(name):
+        def hook(module, args):
+            x = args[0]
+            for tensor, names in seen:
+                if tensor is x:
+                    if name not in names:
+                        names.append(name)
+                    return
+            if not any(name in names for _, names in seen):
+                seen.append((x, [name]))
+
+        return hook
+
+    for name, linear in linears.items():
+        handles.append(linear.register_forward_pre_hook(record(name)))
+    try:
+        batch = hidden.shape[0]
+        block(_first_sample(hidden, batch).to(device), **_to(_first_sample(kwargs, batch), device))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return [names for _, names in seen]
+
+
+def _compress_linear(linear: torch.nn.Linear, name: str, steps: list[Step], stats) -> LinearState:
+    state = LinearState(name=name, weight=linear.weight.data.float().clone(), dtype=linear.weight.dtype)
+    for step in steps:
+        get_pass(step.method).compress(state, stats, step.args)
+    if not torch.isfinite(state.weight).all():
+        raise CompressorError(f"{name}: compression produced NaN/Inf weights")
+    linear.weight.data.copy_(state.weight.to(linear.weight.dtype))
+    state.weight = None  # the model holds the result; records keep only what the writer packs
+    if state.quant is not None:
+        q = state.quant
+        q.codes, q.scale, q.zero = q.codes.cpu(), q.scale.cpu(), q.zero.cpu()
+    if state.mask is not None:
+        state.mask = state.mask.cpu()
+    return state
+
+
+def _compress_block_without_data(block, block_plan: Plan) -> dict[str, LinearState]:
+    linears = block_linears(block)
+    return {
+        name: _compress_linear(linears[name], name, steps, None)
+        for name, steps in block_plan.items()
+        if name in linears
+    }
+
+
+def _compress_block(block, block_plan: Plan, inputs: BlockInputs, device):
+    linears = block_linears(block)
+    groups = [
+        planned
+        for names in linear_groups(block, inputs.hidden[0], inputs.kwargs[0], device)
+        if (planned := [n for n in names if n in block_plan])
+    ]
+    chunks = len(inputs.hidden)
+    stats: dict[int, InputStats] = {}
+    seen: dict[int, set[int]] = {g: set() for g in range(len(groups))}
+    compressed: set[int] = set()
+    records: dict[str, LinearState] = {}
+    current = [0]
+
+    def at_group(index: int, names: list[str]):
+        def hook(module, args):
+            if index in compressed:
+                return
+            chunk = current[0]
+            if chunk not in seen[index]:
+                x = args[0]
+                if index not in stats:
+                    stats[index] = InputStats(x.shape[-1], hessian=True, device=device)
+                stats[index].add_batch(x)
+                seen[index].add(chunk)
+            if len(seen[index]) < chunks:
+                raise _StopForward
+            for name in names:
+                records[name] = _compress_linear(linears[name], name, block_plan[name], stats[index])
+            del stats[index]
+            compressed.add(index)
+
+        return hook
+
+    # The hook sits on the group's first-called linear (linear_groups keeps call order).
+    handles = [
+        linears[names[0]].register_forward_pre_hook(at_group(index, names))
+        for index, names in enumerate(groups)
+    ]
+    outputs: list[torch.Tensor | None] = [None] * chunks
+    try:
+        while any(o is None for o in outputs):
+            for chunk in range(chunks):
+                if outputs[chunk] is not None:
+                    continue
+                current[0] = chunk
+                try:
+                    out = block(inputs.hidden[chunk].to(device), **_to(inputs.kwargs[chunk], device))
+                except _StopForward:
+                    continue
+                outputs[chunk] = _output_hidden(out)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return records, outputs
+

@@ -1,0 +1,70 @@
+"""Recipes and plans.
+
+A recipe is plain data (YAML under recipes/): an ordered list of passes, each with its method, its
+settings and optionally which modules it targets. A plan is what the pipeline consumes: full module
+name -> the steps applied to it. Per-layer choices (mixed bits, a search result) are just plans.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import yaml
+
+from compressor.errors import CompressorError
+from compressor.model import block_linears, decoder_blocks
+from compressor.passes import Step, get_pass
+from compressor.pipeline import Plan
+
+STEP_KEYS = {"method", "targets", "ignore"}
+
+
+def load_recipe(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise CompressorError(f"recipe not found: {path}")
+    try:
+        recipe = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise CompressorError(f"recipe {path} is not valid YAML: {str(error).splitlines()[0]}")
+    if not isinstance(recipe, dict) or not isinstance(recipe.get("passes"), list) or not recipe["passes"]:
+        raise CompressorError(f"recipe {path} needs a non-empty list under 'passes'")
+    return recipe
+
+
+def compressible_linears(model) -> list[str]:
+    """Full names of the linears inside the decoder blocks (embeddings and lm_head stay as they are)."""
+    prefix, blocks = decoder_blocks(model)
+    return [f"{prefix}.{i}.{name}" for i, block in enumerate(blocks) for name in block_linears(block)]
+
+
+def _matches(name: str, patterns: list[str]) -> bool:
+    """A pattern is a regex with a 're:' prefix, else a module-name suffix (e.g. 'mlp.down_proj')."""
+    for pattern in patterns:
+        if pattern.startswith("re:"):
+            if re.search(pattern[3:], name):
+                return True
+        elif name == pattern or name.endswith("." + pattern):
+            return True
+    return False
+
+
+def build_plan(model, passes: list[dict]) -> Plan:
+    """Expand a recipe's passes over the model's block linears."""
+    names = compressible_linears(model)
+    plan: Plan = {name: [] for name in names}
+    for raw in passes:
+        if not isinstance(raw, dict) or "method" not in raw:
+            raise CompressorError(f"each recipe pass needs a 'method', got {raw!r}")
+        module = get_pass(raw["method"])
+        args = {k: v for k, v in raw.items() if k not in STEP_KEYS}
+        module.validate(args)
+        targets = raw.get("targets") or ["re:.*"]
+        ignore = raw.get("ignore") or []
+        chosen = [n for n in names if _matches(n, targets) and not _matches(n, ignore)]
+        if not chosen:
+            raise CompressorError(f"pass {raw['method']!r}: no module matches targets {targets}")
+        for name in chosen:
+            plan[name].append(Step(raw["method"], dict(args)))
+    return {name: steps for name, steps in plan.items() if steps}
