@@ -21,10 +21,7 @@ def quantized_linear_bits(out_features: int, in_features: int, grid: IntGrid, sc
     bits = out_features * packed_words(in_features, grid.bits) * 32
     bits += out_features * groups * scale_bits
     if not grid.symmetric:
-        if grid.is_ragged(in_features):
-            bits += out_features * groups * 8  # block strategy keeps one int8 zero per block
-        else:
-            bits += groups * packed_words(out_features, grid.bits) * 32
+        bits += out_features * groups * 8  # asymmetric grids are stored as blocks: int8 zero points
     return bits
 
 

@@ -67,6 +67,7 @@ def inspect_checkpoint(folder: str | Path) -> dict:
                 raise CompressorError(f"{name}: weight_shape missing")
             out_features, in_features = original[name]
             group = args.get("group_size") or (args.get("block_structure") or [0, 0])[1] or 0
+            group = 0 if group >= in_features else group  # one block per row = per-channel
             grid = IntGrid(bits=args["num_bits"], group_size=group, symmetric=args["symmetric"])
             expected = budget.packed_words(in_features, grid.bits)
             if shape != [out_features, expected]:

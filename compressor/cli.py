@@ -7,6 +7,7 @@ stderr and exit status 2; progress goes to stderr and is shown only on a termina
 from __future__ import annotations
 
 import json
+import os
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -18,6 +19,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from compressor.errors import CompressorError
+
+# The loaders' own tqdm bars (GGUF conversion, compressed-tensors) would interleave with ours;
+# tqdm reads this when it is imported, so it must be set before transformers is.
+os.environ.setdefault("TQDM_DISABLE", "1")
 
 app = typer.Typer(
     help="Compress Hugging Face causal LMs and measure what the compression cost.",

@@ -9,7 +9,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
-import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,7 +71,6 @@ def resolve_source(model: str | None) -> ModelSource:
 
 def _quiet_loading():
     """Silence the loaders' chatter (progress bars, per-tensor warnings) while we show our own."""
-    os.environ.setdefault("TQDM_DISABLE", "1")  # the GGUF reader's own tqdm bar
     for name in ("transformers", "compressed_tensors"):
         logging.getLogger(name).setLevel(logging.ERROR)
     try:

@@ -2,9 +2,13 @@
 pack-quantized format, one config group per distinct scheme so layers may carry different bits.
 
 Per quantized linear: weight_packed int32 [out, ceil(in*bits/32)], weight_scale [out, groups],
-weight_zero_point (asymmetric only), weight_shape. A group size that does not divide the input
-width (576 columns in groups of 128) is written with the "block" strategy and block [1, g], which
-compressed-tensors pads on load -- its "group" strategy refuses ragged groups.
+weight_zero_point (asymmetric only), weight_shape. Two cases use the "block" strategy with blocks
+of [1, g] instead of "group"/"channel":
+- a group size that does not divide the input width (576 columns in groups of 128): the "group"
+  strategy refuses ragged groups, "block" pads them on load;
+- asymmetric grids: compressed-tensors 0.20 packs group/channel zero points into int32 when
+  writing but builds the loading skeleton with unpacked ones, so transformers 5 rejects such a
+  checkpoint (size mismatch). Block strategy stores zero points as int8 [out, groups] and loads.
 
 The folder is written under a temporary name next to the target and renamed when complete, so a
 failed run never leaves a half-written checkpoint.
@@ -45,20 +49,18 @@ def pack_linear(q: QuantizedWeight) -> dict[str, torch.Tensor]:
         "weight_shape": torch.tensor([out_features, in_features], dtype=torch.int64),
     }
     if not q.grid.symmetric:
-        zero = (q.zero.to(torch.int16) - offset).to(torch.int8)
-        # compressed-tensors packs zero points along the output dim, except for block strategy.
-        ragged = q.grid.is_ragged(in_features)
-        tensors["weight_zero_point"] = zero if ragged else pack_to_int32(zero, q.grid.bits, packed_dim=0)
+        # Block strategy (always used when asymmetric, see above) keeps int8 zero points.
+        tensors["weight_zero_point"] = (q.zero.to(torch.int16) - offset).to(torch.int8)
     return tensors
 
 
 def weight_args(grid: IntGrid, in_features: int, act_order: bool) -> dict:
     """compressed-tensors QuantizationArgs for a grid on a given input width."""
     args = {"num_bits": grid.bits, "type": "int", "symmetric": grid.symmetric, "dynamic": False}
-    if grid.group_size <= 0:
+    if not grid.symmetric or grid.is_ragged(in_features):
+        args.update(strategy="block", block_structure=[1, grid.group_width(in_features)])
+    elif grid.group_size <= 0:
         args["strategy"] = "channel"
-    elif grid.is_ragged(in_features):
-        args.update(strategy="block", block_structure=[1, grid.group_size])
     else:
         args.update(strategy="group", group_size=grid.group_size)
     if act_order:

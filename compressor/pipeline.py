@@ -8,9 +8,9 @@
         outputs ("true sequential") and the block's output is already the compressed one
         -> inputs of the next block ("propagate")
 
-The statistics of a sub-group need every calibration chunk. With all samples in one chunk the
-block runs once. With several chunks, a chunk's forward stops at the first sub-group still waiting
-for other chunks and is re-run later: correct for any chunking, and memory-bounded.
+The statistics of a sub-group need every calibration chunk, so the chunks' forwards run in
+lockstep as coroutines (greenlets): each pauses at a sub-group until all chunks have reached it and
+it is compressed. Each chunk goes through each block exactly once, whatever the chunk size.
 
 No model-specific code: sub-groups are discovered by which linears receive the same tensor.
 """
@@ -21,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from greenlet import greenlet
 
 from compressor.errors import CompressorError
 from compressor.model import block_linears, decoder_blocks
@@ -29,9 +30,13 @@ from compressor.stats import InputStats
 
 Plan = dict[str, list[Step]]  # full module name -> the passes applied to it, in order
 
+# Tokens per forward chunk by default: big enough for efficient matmuls, small enough that the
+# temporaries stay under glibc's mmap threshold (32 MiB) and get reused rather than page-faulted.
+CHUNK_TOKENS = 4096
+
 
 class _StopForward(Exception):
-    """Raised inside a hook to end a forward pass early."""
+    """Raised inside a hook to end a forward pass early (capturing block 0's inputs)."""
 
 
 @dataclass
@@ -105,7 +110,7 @@ def capture_block_inputs(model, blocks, prefix, ids, device, batch_size) -> Bloc
         captured.kwargs.append(kwargs)
         raise _StopForward
 
-    batch_size = batch_size or ids.shape[0]
+    batch_size = batch_size or max(1, CHUNK_TOKENS // ids.shape[1])
     _move_outside(model, prefix, device)
     handle = blocks[0].register_forward_pre_hook(grab, with_kwargs=True)
     try:
@@ -186,84 +191,107 @@ def linear_groups(block, hidden: torch.Tensor, kwargs: dict, device) -> list[lis
     return [names for _, names in seen]
 
 
-def _compress_linear(linear: torch.nn.Linear, name: str, steps: list[Step], stats) -> LinearState:
-    state = LinearState(name=name, weight=linear.weight.data.float().clone(), dtype=linear.weight.dtype)
-    for step in steps:
-        get_pass(step.method).compress(state, stats, step.args)
+def _compress_linears(linears: dict, names: list[str], block_plan: Plan, stats) -> dict[str, LinearState]:
+    """Apply each linear's steps; linears with identical steps go together where a pass can batch."""
+    states = {
+        name: LinearState(name=name, weight=linears[name].weight.data.float().clone(),
+                          dtype=linears[name].weight.dtype)
+        for name in names
+    }
+    buckets: dict[str, list[str]] = {}
+    for name in names:
+        buckets.setdefault(repr(block_plan[name]), []).append(name)
+    for bucket in buckets.values():
+        for step in block_plan[bucket[0]]:
+            module = get_pass(step.method)
+            if hasattr(module, "compress_many"):
+                module.compress_many([states[n] for n in bucket], stats, step.args)
+            else:
+                for name in bucket:
+                    module.compress(states[name], stats, step.args)
+    for name, state in states.items():
+        _store(linears[name], state)
+    return states
+
+
+def _store(linear: torch.nn.Linear, state: LinearState) -> None:
+    """Write the result into the model; the record keeps only what the writer packs (on the CPU)."""
     if not torch.isfinite(state.weight).all():
-        raise CompressorError(f"{name}: compression produced NaN/Inf weights")
+        raise CompressorError(f"{state.name}: compression produced NaN/Inf weights")
     linear.weight.data.copy_(state.weight.to(linear.weight.dtype))
-    state.weight = None  # the model holds the result; records keep only what the writer packs
+    state.weight = None
     if state.quant is not None:
         q = state.quant
         q.codes, q.scale, q.zero = q.codes.cpu(), q.scale.cpu(), q.zero.cpu()
     if state.mask is not None:
         state.mask = state.mask.cpu()
-    return state
 
 
 def _compress_block_without_data(block, block_plan: Plan) -> dict[str, LinearState]:
     linears = block_linears(block)
-    return {
-        name: _compress_linear(linears[name], name, steps, None)
-        for name, steps in block_plan.items()
-        if name in linears
-    }
+    return _compress_linears(linears, [n for n in block_plan if n in linears], block_plan, None)
 
 
 def _compress_block(block, block_plan: Plan, inputs: BlockInputs, device):
+    """Run every chunk through the block in lockstep, compressing each sub-group just in time.
+
+    Each chunk's forward runs as a greenlet (a coroutine on this thread). The hook on a sub-group's
+    first linear adds the chunk's input to the statistics and hands control back; once every chunk
+    has arrived, the sub-group is compressed and the chunks resume, now through compressed weights.
+    So each chunk runs through the block exactly once, and only small per-chunk tensors are alive.
+    """
     linears = block_linears(block)
     groups = [
         planned
         for names in linear_groups(block, inputs.hidden[0], inputs.kwargs[0], device)
         if (planned := [n for n in names if n in block_plan])
     ]
-    chunks = len(inputs.hidden)
+    driver = greenlet.getcurrent()
     stats: dict[int, InputStats] = {}
-    seen: dict[int, set[int]] = {g: set() for g in range(len(groups))}
-    compressed: set[int] = set()
-    records: dict[str, LinearState] = {}
-    current = [0]
 
-    def at_group(index: int, names: list[str]):
+    def at_group(index: int):
         def hook(module, args):
-            if index in compressed:
-                return
-            chunk = current[0]
-            if chunk not in seen[index]:
-                x = args[0]
-                if index not in stats:
-                    stats[index] = InputStats(x.shape[-1], hessian=True, device=device)
-                stats[index].add_batch(x)
-                seen[index].add(chunk)
-            if len(seen[index]) < chunks:
-                raise _StopForward
-            for name in names:
-                records[name] = _compress_linear(linears[name], name, block_plan[name], stats[index])
-            del stats[index]
-            compressed.add(index)
+            x = args[0]
+            if index not in stats:
+                stats[index] = InputStats(x.shape[-1], hessian=True, device=device)
+            stats[index].add_batch(x)
+            driver.switch(index)  # wait here until the sub-group is compressed
 
         return hook
 
+    def forward(chunk: int):
+        hidden = inputs.hidden[chunk].to(device)
+        return _output_hidden(block(hidden, **_to(inputs.kwargs[chunk], device)))
+
     # The hook sits on the group's first-called linear (linear_groups keeps call order).
     handles = [
-        linears[names[0]].register_forward_pre_hook(at_group(index, names))
+        linears[names[0]].register_forward_pre_hook(at_group(index))
         for index, names in enumerate(groups)
     ]
-    outputs: list[torch.Tensor | None] = [None] * chunks
+    records: dict[str, LinearState] = {}
+    outputs: list[torch.Tensor | None] = [None] * len(inputs.hidden)
+    workers = [greenlet(lambda c=c: forward(c)) for c in range(len(outputs))]
+    waiting: dict[int, int] = {}  # chunk -> the sub-group it waits at
+
+    def resume(chunk: int) -> None:
+        result = workers[chunk].switch()
+        if workers[chunk].dead:
+            outputs[chunk] = result
+        else:
+            waiting[chunk] = result
+
     try:
-        while any(o is None for o in outputs):
-            for chunk in range(chunks):
-                if outputs[chunk] is not None:
-                    continue
-                current[0] = chunk
-                try:
-                    out = block(inputs.hidden[chunk].to(device), **_to(inputs.kwargs[chunk], device))
-                except _StopForward:
-                    continue
-                outputs[chunk] = _output_hidden(out)
+        for chunk in range(len(workers)):
+            resume(chunk)
+        while waiting:
+            # Sub-groups are reached in call order; a chunk that skipped one (a router sending it
+            # nowhere) simply waits further on, so the earliest waited-at sub-group is complete.
+            index = min(waiting.values())
+            records.update(_compress_linears(linears, groups[index], block_plan, stats.pop(index)))
+            for chunk in [c for c, at in waiting.items() if at == index]:
+                del waiting[chunk]
+                resume(chunk)
     finally:
         for handle in handles:
             handle.remove()
     return records, outputs
-

@@ -11,43 +11,62 @@ import torch
 
 
 class InputStats:
-    def __init__(self, in_features: int, hessian: bool = True, device: str | torch.device = "cpu"):
+    def __init__(
+        self, in_features: int, hessian: bool = True, moments: bool = False,
+        device: str | torch.device = "cpu",
+    ):
         self.in_features = in_features
         self.tokens = 0
         self.xtx = torch.zeros(in_features, in_features, device=device) if hessian else None
-        self.sum = torch.zeros(in_features, dtype=torch.float64, device=device)
-        self.sum_sq = torch.zeros(in_features, dtype=torch.float64, device=device)
+        # Per-column sums cost a full pass over the activations: kept only when a pass asks.
+        self.sum = torch.zeros(in_features, dtype=torch.float64, device=device) if moments else None
+        self.sum_sq = torch.zeros(in_features, dtype=torch.float64, device=device) if moments else None
 
     @torch.no_grad()
     def add_batch(self, x: torch.Tensor) -> None:
         x = x.reshape(-1, self.in_features).float()
         self.tokens += x.shape[0]
         if self.xtx is not None:
-            self.xtx.addmm_(x.T, x)
-        self.sum += x.sum(0, dtype=torch.float64)
-        self.sum_sq += x.square().sum(0, dtype=torch.float64)
+            self._add_upper_xtx(x)
+        if self.sum is not None:
+            self.sum += x.sum(0, dtype=torch.float64)
+            self.sum_sq += x.square().sum(0, dtype=torch.float64)
+
+    def _add_upper_xtx(self, x: torch.Tensor) -> None:
+        """xtx += x^T x, computing only the tiles on and above the diagonal (a third less work)."""
+        bounds = _tiles(self.in_features)
+        for i, (a0, a1) in enumerate(bounds):
+            for b0, b1 in bounds[i:]:
+                self.xtx[a0:a1, b0:b1].addmm_(x[:, a0:a1].T, x[:, b0:b1])
 
     def hessian(self) -> torch.Tensor:
         """H = 2/N sum x x^T, the layer-wise reconstruction objective's Hessian (fp32)."""
         if self.xtx is None or self.tokens == 0:
             raise ValueError("no Hessian was accumulated for this layer")
-        return self.xtx * (2.0 / self.tokens)
+        upper = self.xtx.triu()
+        full = upper + upper.T - upper.diagonal().diag()
+        return full * (2.0 / self.tokens)
 
     def column_energy(self) -> torch.Tensor:
         """Mean over tokens of x_j^2 per input column (Wanda's statistic up to a constant)."""
-        return (self.sum_sq / max(self.tokens, 1)).float()
+        if self.xtx is not None:
+            return self.xtx.diagonal() / max(self.tokens, 1)  # the diagonal tiles are complete
+        return self._moments()[1].float()
 
     def column_mean(self) -> torch.Tensor:
-        return (self.sum / max(self.tokens, 1)).float()
+        return self._moments()[0].float()
 
     def column_variance(self) -> torch.Tensor:
-        mean = self.sum / max(self.tokens, 1)
-        return (self.sum_sq / max(self.tokens, 1) - mean.square()).clamp(min=0).float()
+        mean, mean_sq = self._moments()
+        return (mean_sq - mean.square()).clamp(min=0).float()
 
-    def merge_(self, other: InputStats) -> None:
-        """Add another accumulator's sums (used when statistics come from several workers)."""
-        self.tokens += other.tokens
-        if self.xtx is not None:
-            self.xtx += other.xtx
-        self.sum += other.sum
-        self.sum_sq += other.sum_sq
+    def _moments(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.sum is None:
+            raise ValueError("per-column moments were not accumulated (moments=False)")
+        return self.sum / max(self.tokens, 1), self.sum_sq / max(self.tokens, 1)
+
+
+def _tiles(width: int, tile: int = 512) -> list[tuple[int, int]]:
+    count = -(-width // tile)
+    edges = [round(i * width / count) for i in range(count + 1)]
+    return list(zip(edges[:-1], edges[1:], strict=True))

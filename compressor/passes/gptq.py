@@ -50,14 +50,33 @@ def validate(args: dict) -> None:
 
 
 def compress(layer: LinearState, stats: InputStats | None, args: dict) -> None:
+    compress_many([layer], stats, args)
+
+
+def compress_many(layers: list[LinearState], stats: InputStats | None, args: dict) -> None:
+    """Linears that share an input ([q,k,v], [gate,up]) share H: one solve over their stacked rows.
+
+    GPTQ treats rows independently given H, so this equals solving each linear alone, with one
+    Python column loop instead of several.
+    """
     if stats is None:
         raise CompressorError("GPTQ needs calibration data")
     grid = grid_from_args(args)
     options = GPTQOptions.from_args(args)
-    result = solve(layer.weight, stats.hessian(), grid, options, layer.dtype, layer.mask)
-    quantize_with_params(layer, grid, result.scale, result.zero, act_order=options.act_order)
-    layer.methods.append("gptq")
-    layer.metrics.update(gptq_error=result.error, gptq_damp=result.damp)
+    weight = torch.cat([layer.weight for layer in layers])
+    masks = [layer.mask for layer in layers]
+    mask = None
+    if any(m is not None for m in masks):
+        mask = torch.cat([m if m is not None else torch.ones_like(layer.weight, dtype=torch.bool)
+                          for m, layer in zip(masks, layers, strict=True)])
+    result = solve(weight, stats.hessian(), grid, options, layers[0].dtype, mask)
+    rows = [layer.weight.shape[0] for layer in layers]
+    for layer, scale, zero, error in zip(
+        layers, result.scale.split(rows), result.zero.split(rows), result.row_error.split(rows), strict=True
+    ):
+        quantize_with_params(layer, grid, scale, zero, act_order=options.act_order)
+        layer.methods.append("gptq")
+        layer.metrics.update(gptq_error=float(error.sum()), gptq_damp=result.damp)
 
 
 @dataclass
@@ -65,7 +84,7 @@ class GPTQResult:
     weight: torch.Tensor  # float32, on the grid, original column order
     scale: torch.Tensor  # [out, groups] float32
     zero: torch.Tensor
-    error: float  # the solver's own loss: sum of squared rounding errors weighted by 1/Hinv_ii^2
+    row_error: torch.Tensor  # per row: sum over columns of ((w - q) / Hinv_ii)^2 / 2, the solver's loss
     damp: float  # the damping that succeeded
 
 
@@ -135,7 +154,7 @@ def solve(
     blocksize = _group_blocksize(grid, cols, options.blocksize)
     maxq = grid.maxq
     Q = torch.zeros_like(W)
-    total_error = 0.0
+    row_error = torch.zeros(rows, device=W.device)
 
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
@@ -155,15 +174,14 @@ def solve(
             if mask is not None:
                 q = q * mask[:, col]
             Q[:, col] = q
-            d = Hinv1[i, i]
-            err = (w - q) / d
-            total_error += float(err.square().sum()) / 2
-            W1[:, i:] -= err.unsqueeze(1) * Hinv1[i, i:].unsqueeze(0)
+            err = (w - q) / Hinv1[i, i]
+            row_error.add_(err.square(), alpha=0.5)
+            W1[:, i:].addr_(err, Hinv1[i, i:], alpha=-1)
             Err1[:, i] = err
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
 
     inverse = torch.argsort(perm)
-    return GPTQResult(weight=Q[:, inverse], scale=scale, zero=zero, error=total_error, damp=damp)
+    return GPTQResult(weight=Q[:, inverse], scale=scale, zero=zero, row_error=row_error, damp=damp)
 
 
 def _whole_slice(grid: IntGrid) -> IntGrid:

@@ -1,0 +1,85 @@
+"""Integer grids against per-group loops written out by hand."""
+
+import pytest
+import torch
+
+from compressor import grids
+from compressor.grids import IntGrid
+
+
+def reference_qdq(w: torch.Tensor, bits: int, group: int, symmetric: bool) -> torch.Tensor:
+    """The GPTQ reference quantizer, one group at a time (ragged tail included)."""
+    maxq = 2**bits - 1
+    out = torch.empty_like(w)
+    width = w.shape[1] if group <= 0 else group
+    for start in range(0, w.shape[1], width):
+        x = w[:, start:start + width]
+        xmin = x.min(1).values.clamp(max=0)
+        xmax = x.max(1).values.clamp(min=0)
+        if symmetric:
+            xmax = torch.maximum(xmin.abs(), xmax)
+            xmin = -xmax
+        scale = (xmax - xmin) / maxq
+        zero = torch.full_like(scale, (maxq + 1) // 2) if symmetric else torch.round(-xmin / scale)
+        q = torch.clamp(torch.round(x / scale[:, None]) + zero[:, None], 0, maxq)
+        out[:, start:start + width] = scale[:, None] * (q - zero[:, None])
+    return out
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("group", [0, 32, 48, 100])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_matches_per_group_reference(bits, group, symmetric):
+    torch.manual_seed(bits * 7 + group)
+    w = torch.randn(16, 160)  # 160 = 3 groups of 48 + a ragged 16; 100 + 60
+    grid = IntGrid(bits=bits, group_size=group, symmetric=symmetric)
+    scale, zero = grids.choose_qparams(w, grid)
+    assert scale.shape == (16, grid.num_groups(160))
+    got = grids.fake_quantize(w, scale, zero, grid)
+    torch.testing.assert_close(got, reference_qdq(w, bits, group, symmetric), rtol=0, atol=1e-6)
+
+
+def test_codes_in_range_and_round_trip():
+    torch.manual_seed(0)
+    w = torch.randn(8, 70)
+    grid = IntGrid(bits=3, group_size=32, symmetric=False)
+    scale, zero = grids.choose_qparams(w, grid)
+    codes = grids.quantize(w, scale, zero, grid)
+    assert codes.dtype == torch.uint8 and int(codes.max()) <= 7
+    deq = grids.dequantize(codes, scale, zero, grid)
+    # Quantizing an on-grid tensor gives back the same codes.
+    assert torch.equal(grids.quantize(deq, scale, zero, grid), codes)
+    # Error is at most half a step per element.
+    step = scale[:, grids.group_index(70, 32)]
+    assert bool(((deq - w).abs() <= step / 2 + 1e-6).all())
+
+
+def test_symmetric_zero_is_exact_and_zero_groups_survive():
+    w = torch.zeros(4, 64)
+    w[0, :32] = torch.linspace(-1, 1, 32)
+    grid = IntGrid(bits=4, group_size=32, symmetric=True)
+    scale, zero = grids.choose_qparams(w, grid)
+    assert torch.isfinite(scale).all()
+    deq = grids.fake_quantize(w, scale, zero, grid)
+    assert torch.equal(deq[1:], torch.zeros(3, 64))  # all-zero groups stay exactly zero
+    assert deq[0, 16].item() == pytest.approx(w[0, 16].item(), abs=scale[0, 0].item() / 2)
+
+
+def test_scales_are_rounded_to_the_storage_dtype():
+    torch.manual_seed(1)
+    w = torch.randn(8, 64)
+    scale, _ = grids.choose_qparams(w, IntGrid(bits=4, group_size=32), scale_dtype=torch.bfloat16)
+    assert torch.equal(scale, scale.to(torch.bfloat16).float())
+
+
+def test_mse_search_never_worse_than_minmax():
+    torch.manual_seed(2)
+    w = torch.randn(32, 128)
+    w[:, 5] *= 8  # an outlier column makes min-max ranges wasteful
+    plain = IntGrid(bits=3, group_size=64, symmetric=False)
+    searched = IntGrid(bits=3, group_size=64, symmetric=False, mse=True)
+    err = {}
+    for grid in (plain, searched):
+        s, z = grids.choose_qparams(w, grid)
+        err[grid.mse] = (grids.fake_quantize(w, s, z, grid) - w).abs().pow(2.4).sum().item()
+    assert err[True] < err[False]
