@@ -50,8 +50,6 @@ def progress_bar(enabled: bool):
 
     def stage(text: str) -> None:
         progress.update(task, description=text, completed=0, total=None)
-        if not err.is_terminal and enabled:
-            err.print(text)
 
     def advance(done: int, total: int) -> None:
         progress.update(task, completed=done, total=total)

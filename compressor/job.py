@@ -21,7 +21,7 @@ from compressor.errors import CompressorError
 from compressor.model import ModelSource, load_model
 from compressor.pack import check_output, save_checkpoint, staged_output
 from compressor.pipeline import compress_model, needs_data, resolve_device
-from compressor.plan import build_plan
+from compressor.plan import build_plan, validate_recipe
 
 MANIFEST = "compress.json"
 RECIPE_FILE = "recipe.yaml"
@@ -69,8 +69,11 @@ def run_compression(
 ) -> JobResult:
     """Compress `source` as `recipe` says and write the checkpoint to `output`."""
     stage = on_stage or (lambda _: None)
-    check_output(output, overwrite)  # before minutes of work, not after
+    # Everything that can be checked without the model is checked before loading it.
+    check_output(output, overwrite)
+    validate_recipe(recipe["passes"])
     torch_device = resolve_device(device)
+    data_dir = data.resolve_data_dir(calibration.data_dir)
     seconds: dict[str, float] = {}
 
     start = time.perf_counter()
@@ -85,7 +88,7 @@ def run_compression(
         stage(f"calibration: {calibration.samples} x {calibration.seqlen} tokens of {calibration.source}")
         ids = data.calibration_windows(
             tokenizer, calibration.source, calibration.samples, calibration.seqlen,
-            seed=calibration.seed, data_dir=data.resolve_data_dir(calibration.data_dir),
+            seed=calibration.seed, data_dir=data_dir,
         )
         seconds["calibration_data"] = time.perf_counter() - start
 

@@ -50,16 +50,26 @@ def _matches(name: str, patterns: list[str]) -> bool:
     return False
 
 
+def _step_args(raw) -> dict:
+    if not isinstance(raw, dict) or "method" not in raw:
+        raise CompressorError(f"each recipe pass needs a 'method', got {raw!r}")
+    return {k: v for k, v in raw.items() if k not in STEP_KEYS}
+
+
+def validate_recipe(passes: list[dict]) -> None:
+    """Reject unknown methods and bad settings before any model is loaded."""
+    for raw in passes:
+        args = _step_args(raw)
+        get_pass(raw["method"]).validate(args)
+
+
 def build_plan(model, passes: list[dict]) -> Plan:
     """Expand a recipe's passes over the model's block linears."""
     names = compressible_linears(model)
     plan: Plan = {name: [] for name in names}
     for raw in passes:
-        if not isinstance(raw, dict) or "method" not in raw:
-            raise CompressorError(f"each recipe pass needs a 'method', got {raw!r}")
-        module = get_pass(raw["method"])
-        args = {k: v for k, v in raw.items() if k not in STEP_KEYS}
-        module.validate(args)
+        args = _step_args(raw)
+        get_pass(raw["method"]).validate(args)
         targets = raw.get("targets") or ["re:.*"]
         ignore = raw.get("ignore") or []
         chosen = [n for n in names if _matches(n, targets) and not _matches(n, ignore)]

@@ -152,36 +152,43 @@ def solve(
 
     Hinv, damp = _inverse_hessian_factor(H, options.damp)
     blocksize = _group_blocksize(grid, cols, options.blocksize)
-    maxq = grid.maxq
-    Q = torch.zeros_like(W)
+    # The loop runs once per column: keep each column a contiguous row (work on W^T) and its
+    # group's parameters one plain-int lookup away, so the loop's cost is the arithmetic.
+    Wt = W.T.contiguous()
+    keep = mask.T.contiguous().float() if mask is not None else None
+    groups_of = column_group.tolist()
+    Qt = torch.zeros_like(Wt)
     row_error = torch.zeros(rows, device=W.device)
 
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
-        W1 = W[:, i1:i2].clone()
+        W1 = Wt[i1:i2].clone()
         Err1 = torch.zeros_like(W1)
         Hinv1 = Hinv[i1:i2, i1:i2]
+        scale_t, zero_t = scale.T, zero.T  # views: a group refit below shows through
         for i in range(i2 - i1):
             col = i1 + i
-            g = column_group[col]
+            g = groups_of[col]
             if not static and grid.group_size > 0 and col % width == 0:
                 # Dynamic groups (original order): fit the group on its already-updated columns.
-                s, z = grids.choose_qparams(W1[:, i:i + width], _whole_slice(grid), scale_dtype)
+                s, z = grids.choose_qparams(W1[i:i + width].T, _whole_slice(grid), scale_dtype)
                 scale[:, g], zero[:, g] = s[:, 0], z[:, 0]
-            w = W1[:, i]
-            s, z = scale[:, g], zero[:, g]
-            q = (torch.clamp(torch.round(w / s) + z, 0, maxq) - z) * s
-            if mask is not None:
-                q = q * mask[:, col]
-            Q[:, col] = q
-            err = (w - q) / Hinv1[i, i]
+            w = W1[i]
+            s, z = scale_t[g], zero_t[g]
+            q = (torch.clamp(torch.round(w / s) + z, 0, grid.maxq) - z) * s
+            if keep is not None:
+                q.mul_(keep[col])
+            Qt[col] = q
+            err = (w - q).div_(Hinv1[i, i])
             row_error.add_(err.square(), alpha=0.5)
-            W1[:, i:].addr_(err, Hinv1[i, i:], alpha=-1)
-            Err1[:, i] = err
-        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+            W1[i:].addr_(Hinv1[i, i:], err, alpha=-1)
+            Err1[i] = err
+        Wt[i2:].addmm_(Hinv[i1:i2, i2:].T, Err1, alpha=-1)
 
+    Q = Qt.T
     inverse = torch.argsort(perm)
-    return GPTQResult(weight=Q[:, inverse], scale=scale, zero=zero, row_error=row_error, damp=damp)
+    weight = Q[:, inverse].contiguous()
+    return GPTQResult(weight=weight, scale=scale, zero=zero, row_error=row_error, damp=damp)
 
 
 def _whole_slice(grid: IntGrid) -> IntGrid:

