@@ -220,7 +220,7 @@ def evaluate(
             (target / "eval.md").write_text(markdown)
         except OSError as error:
             raise CompressorError(f"cannot write the report to {target}: {error.strerror}")
-    _emit(result, as_json, lambda _: out.print(markdown))
+    _emit(result, as_json, lambda _: print(markdown, end=""))
 
 
 @app.command()

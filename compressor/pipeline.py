@@ -62,6 +62,16 @@ def needs_data(plan: Plan) -> bool:
     return any(get_pass(s.method).needs_data(s.args) for steps in plan.values() for s in steps)
 
 
+def statistics_needed(steps: list[Step]) -> set[str]:
+    """Which input statistics ("hessian", "moments") the steps of some linears ask for."""
+    needed: set[str] = set()
+    for step in steps:
+        module = get_pass(step.method)
+        if module.needs_data(step.args):
+            needed |= module.statistics(step.args) if hasattr(module, "statistics") else {"hessian"}
+    return needed
+
+
 @torch.no_grad()
 def compress_model(
     model,
@@ -74,10 +84,8 @@ def compress_model(
     """Apply `plan` to `model` in place, block by block; return what was done to each linear."""
     device = torch.device(device)
     prefix, blocks = decoder_blocks(model)
-    for step in (s for steps in plan.values() for s in steps):
-        get_pass(step.method)  # unknown methods fail before any work
     inputs = None
-    if needs_data(plan):
+    if needs_data(plan):  # also rejects unknown methods before any work
         if calibration_ids is None or calibration_ids.numel() == 0:
             raise CompressorError("this method needs calibration data, and none was given")
         inputs = capture_block_inputs(model, blocks, prefix, calibration_ids, device, batch_size)
@@ -248,12 +256,16 @@ def _compress_block(block, block_plan: Plan, inputs: BlockInputs, device):
     ]
     driver = greenlet.getcurrent()
     stats: dict[int, InputStats] = {}
+    needed = [statistics_needed([s for name in names for s in block_plan[name]]) for names in groups]
 
     def at_group(index: int):
         def hook(module, args):
             x = args[0]
             if index not in stats:
-                stats[index] = InputStats(x.shape[-1], hessian=True, device=device)
+                stats[index] = InputStats(
+                    x.shape[-1], hessian="hessian" in needed[index],
+                    moments="moments" in needed[index], device=device,
+                )
             stats[index].add_batch(x)
             driver.switch(index)  # wait here until the sub-group is compressed
 

@@ -111,3 +111,24 @@ def test_mixed_bits_get_separate_config_groups(llama_dir, tmp_path):
     assert torch.isfinite(model(torch.tensor([[1, 2, 3]])).logits).all()
     tokenizer = make_tokenizer()
     assert tokenizer("dog").input_ids  # tokenizer saved alongside loads
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_in_memory_model_equals_reloaded_checkpoint(family, tmp_path):
+    """The model the pipeline leaves in memory and the one transformers reloads compute the same."""
+    from transformers import AutoModelForCausalLM
+
+    from compressor.pack import save_checkpoint
+    from compressor.pipeline import compress_model
+    from compressor.plan import build_plan
+
+    from .conftest import make_model
+
+    model = make_model(family)
+    recipe = [{"method": "gptq", "bits": 4, "group_size": 64, "symmetric": False, "act_order": True}]
+    ids = torch.randint(0, 320, (4, 32), generator=torch.Generator().manual_seed(0))
+    records = compress_model(model, build_plan(model, recipe), ids)
+    save_checkpoint(model, make_tokenizer(), records, tmp_path, ignore=["lm_head"])
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, reloaded(ids).logits)

@@ -141,6 +141,6 @@ def _compression_summary(manifest: dict | None) -> dict | None:
         "bits": first.get("bits"),
         "group_size": first.get("group_size"),
         "symmetric": first.get("symmetric"),
-        "bpw": manifest.get("bpw", {}).get("stored"),
+        "bpw": round(manifest.get("bpw", {}).get("stored", 0.0), 4),
         "size_mb": round(manifest.get("size", {}).get("weights_bytes", 0) / 2**20, 1),
     }

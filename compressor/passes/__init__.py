@@ -6,12 +6,17 @@ A pass is a module with two functions, so the one sequential pipeline can drive 
     needs_data(args) -> bool                      does it need calibration statistics?
     compress(layer: LinearState, stats, args)     update layer in place (weight, quantization, mask)
 
+and optionally
+    statistics(args) -> set[str]                  {"hessian", "moments"}; default {"hessian"}
+    compress_many(layers, stats, args)            several linears sharing an input at once
+
 Several steps may apply to the same linear in order (for example prune, then quantize the
 survivors); they share the layer's statistics, so the Hessian is accumulated once.
 """
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass, field
 from types import ModuleType
 
@@ -53,17 +58,13 @@ class Step:
     args: dict = field(default_factory=dict)
 
 
-def registry() -> dict[str, ModuleType]:
-    from compressor.passes import gptq, rtn
-
-    return {"rtn": rtn, "gptq": gptq}
+METHODS = ("rtn", "gptq")  # each is a module compressor/passes/<name>.py
 
 
 def get_pass(method: str) -> ModuleType:
-    passes = registry()
-    if method not in passes:
-        raise CompressorError(f"unknown method {method!r}; choose one of: {', '.join(passes)}")
-    return passes[method]
+    if method not in METHODS:
+        raise CompressorError(f"unknown method {method!r}; choose one of: {', '.join(METHODS)}")
+    return importlib.import_module(f"compressor.passes.{method}")
 
 
 def grid_from_args(args: dict) -> IntGrid:
