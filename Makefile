@@ -27,4 +27,4 @@ demo: setup
 	compress inspect out/demo-w4
 
 bench:
-	$(PYTHON) bench/run.py
+	$(PYTHON) bench/run.py all

@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
 from safetensors import safe_open
 
 from compressor import budget
 from compressor.errors import CompressorError
 from compressor.grids import IntGrid
 from compressor.pack import INDEX_NAME, WEIGHTS_NAME
+from compressor.sparsity import Pattern, parse_nm
 
 BYTES = {"F32": 4, "F16": 2, "BF16": 2, "I32": 4, "I64": 8, "I8": 1, "U8": 1, "F64": 8, "BOOL": 1}
 
@@ -82,13 +84,67 @@ def inspect_checkpoint(folder: str | Path) -> dict:
             layers.append((shape[0], shape[1], None, bits))
             rows.append({"module": key.removesuffix(".weight"), "bits": bits, "group_size": None,
                          "symmetric": None, "shape": shape, "bpw": float(bits)})
+    sparsity = qconfig.get("sparsity_config")
+    if sparsity:
+        sparsity = verify_sparsity(folder, sparsity, scheme_of, original, rows)
     files = [f for f in folder.iterdir() if f.is_file()]
     return {
         "folder": str(folder),
         "format": qconfig.get("format", "dense"),
+        "sparsity": sparsity,
         "modules": sorted(rows, key=lambda r: r["module"]),
         "bpw": budget.bits_per_weight(layers),
         "size_bytes": sum(f.stat().st_size for f in files),
         "weights_bytes": sum(p.stat().st_size for p in _weight_files(folder)),
     }
 
+
+
+def _tensor_files(folder: Path) -> dict[str, Path]:
+    if (folder / INDEX_NAME).is_file():
+        index = json.loads((folder / INDEX_NAME).read_text())
+        return {key: folder / name for key, name in index["weight_map"].items()}
+    with safe_open(str(folder / WEIGHTS_NAME), framework="pt") as handle:
+        return {key: folder / WEIGHTS_NAME for key in handle.keys()}
+
+
+def _read(files: dict[str, Path], key: str) -> torch.Tensor:
+    with safe_open(str(files[key]), framework="pt") as handle:
+        return handle.get_tensor(key)
+
+
+def _zero_mask(files, name: str, args: dict | None, shape: list[int] | None) -> torch.Tensor:
+    """True where the stored weight is exactly zero (for packed weights: code == zero point)."""
+    if args is None:
+        return _read(files, f"{name}.weight") == 0
+    from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
+
+    codes = unpack_from_int32(_read(files, f"{name}.weight_packed"), args["num_bits"], shape)
+    if args["symmetric"]:
+        return codes == 0
+    zero = _read(files, f"{name}.weight_zero_point")
+    width = -(-shape[1] // zero.shape[1])
+    return codes == zero[:, torch.arange(shape[1]) // width]
+
+
+def verify_sparsity(folder: Path, config: dict, scheme_of: dict, original: dict, rows: list) -> dict:
+    """Check that every pruned tensor really has the recorded structure; annotate the rows."""
+    structure = config.get("sparsity_structure", "unstructured")
+    pattern = None if structure == "unstructured" else Pattern(0.0, *parse_nm(structure))
+    files = _tensor_files(folder)
+    by_module = {row["module"]: row for row in rows}
+    zeros = total = 0
+    for name in config.get("targets", []):
+        mask = ~_zero_mask(files, name, scheme_of.get(name), original.get(name))
+        if pattern is not None:
+            m, drop = pattern.block, pattern.block - pattern.kept
+            full = mask.shape[1] // m * m
+            # Natural zeros may add to the pruned ones, so each block needs *at least* M - N.
+            if not bool(((~mask[:, :full]).reshape(mask.shape[0], -1, m).sum(2) >= drop).all()):
+                raise CompressorError(f"{name}: the {structure} sparsity pattern does not hold")
+        zeros += int((~mask).sum())
+        total += mask.numel()
+        if name in by_module:
+            by_module[name]["sparsity"] = round(float((~mask).float().mean()), 4)
+    return {"structure": structure, "verified": True, "sparsity": zeros / max(total, 1),
+            "modules": len(config.get("targets", []))}

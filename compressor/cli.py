@@ -163,6 +163,48 @@ def quantize(
 
 
 @app.command()
+def sparsify(
+    model: str = typer.Argument(None, help=MODEL_HELP, show_default=False),
+    pattern: str = typer.Option(
+        None, "--pattern",
+        help="N:M = N weights KEPT in every M along the input dim (2:4 keeps 2 of 4, as on NVIDIA GPUs)."),
+    sparsity: float = typer.Option(
+        None, "--sparsity", help="Unstructured: fraction of each row's weights pruned, in [0, 1)."),
+    method: str = typer.Option(
+        "wanda", "--method", help="magnitude (no data), wanda, or sparsegpt (with weight update)."),
+    dsnot: bool = typer.Option(
+        False, "--dsnot/--no-dsnot", help="Refine the mask with DSnoT prune-and-grow (needs data)."),
+    max_cycles: int = typer.Option(50, "--max-cycles", min=0, help="DSnoT: swap cycles per row."),
+    update_threshold: float = typer.Option(
+        0.1, "--update-threshold", min=0.0, help="DSnoT: stop a row when |expected error| is below."),
+    calibration: str = CalibrationOpt,
+    samples: int = SamplesOpt,
+    seqlen: int = SeqlenOpt,
+    seed: int = SeedOpt,
+    batch_size: int = BatchOpt,
+    data_dir: str = DataDirOpt,
+    device: str = DeviceOpt,
+    output: Path = OutputOpt,
+    overwrite: bool = OverwriteOpt,
+    as_json: bool = JsonOpt,
+):
+    """Prune every decoder-block linear: N:M or unstructured, optionally refined by DSnoT.
+
+    Example: compress sparsify --pattern 2:4 --method wanda --dsnot MODEL -o out/s24
+    """
+    if (pattern is None) == (sparsity is None):
+        raise CompressorError("give exactly one of --pattern N:M or --sparsity F")
+    step = {"method": method, **({"pattern": pattern} if pattern else {"sparsity": sparsity})}
+    passes = [step]
+    if dsnot:
+        passes.append({"method": "dsnot", "max_cycles": max_cycles, "update_threshold": update_threshold})
+    label = pattern.replace(":", "of") if pattern else f"s{round(100 * sparsity)}"
+    tag = f"{method}-{label}" + ("-dsnot" if dsnot else "")
+    cal = _calibration(calibration, samples, seqlen, seed, data_dir, batch_size)
+    _run_job(model, {"passes": passes}, output, cal, device, overwrite, as_json, tag)
+
+
+@app.command()
 def run(
     recipe_path: Path = typer.Argument(..., metavar="RECIPE", help="Recipe YAML (see recipes/)."),
     model: str = typer.Argument(None, help=MODEL_HELP, show_default=False),

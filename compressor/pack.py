@@ -68,8 +68,27 @@ def weight_args(grid: IntGrid, in_features: int, act_order: bool) -> dict:
     return args
 
 
+def sparsity_config(records: dict[str, LinearState], ignore: list[str]) -> dict | None:
+    """compressed-tensors' sparsity metadata. Engines dropped the 2:4 storage formats, so pruned
+    weights are stored densely (zeros included) and this only records the structure."""
+    pruned = {name: state for name, state in records.items() if state.mask is not None}
+    if not pruned:
+        return None
+    patterns = {state.metrics.get("pattern", "unstructured") for state in pruned.values()}
+    zeros = sum(int((~state.mask).sum()) for state in pruned.values())
+    total = sum(state.mask.numel() for state in pruned.values())
+    return {
+        "format": "dense",
+        "sparsity_structure": patterns.pop() if len(patterns) == 1 else "unstructured",
+        "global_sparsity": zeros / total,
+        "targets": sorted(pruned),
+        "ignore": ignore,
+    }
+
+
 def quantization_config(records: dict[str, LinearState], ignore: list[str]) -> dict | None:
-    """config.json's quantization_config: one config group per distinct weight scheme."""
+    """config.json's quantization_config: one config group per distinct weight scheme, plus the
+    sparsity metadata when some linears were pruned."""
     schemes: dict[str, tuple[dict, list[str]]] = {}
     for name, state in records.items():
         if state.quant is None:
@@ -77,8 +96,10 @@ def quantization_config(records: dict[str, LinearState], ignore: list[str]) -> d
         args = weight_args(state.quant.grid, state.quant.codes.shape[1], state.quant.act_order)
         key = json.dumps(args, sort_keys=True)
         schemes.setdefault(key, (args, []))[1].append(name)
+    sparsity = sparsity_config(records, ignore)
     if not schemes:
-        return None
+        # Pruned only: transformers loads the dense weights; the config just describes them.
+        return {"quant_method": "compressed-tensors", "sparsity_config": sparsity} if sparsity else None
     groups = {
         f"group_{i}": QuantizationScheme(
             targets=names, weights=QuantizationArgs(**args), format="pack-quantized"
@@ -90,8 +111,10 @@ def quantization_config(records: dict[str, LinearState], ignore: list[str]) -> d
         format="pack-quantized",
         quantization_status="compressed",
         ignore=ignore,
-    )
-    return config.model_dump(exclude_none=True)
+    ).model_dump(exclude_none=True)
+    if sparsity:
+        config["sparsity_config"] = sparsity
+    return config
 
 
 def checkpoint_tensors(model, records: dict[str, LinearState]) -> dict[str, torch.Tensor]:

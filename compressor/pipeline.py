@@ -203,7 +203,7 @@ def _compress_linears(linears: dict, names: list[str], block_plan: Plan, stats) 
     """Apply each linear's steps; linears with identical steps go together where a pass can batch."""
     states = {
         name: LinearState(name=name, weight=linears[name].weight.data.float().clone(),
-                          dtype=linears[name].weight.dtype)
+                          dtype=linears[name].weight.dtype, original=linears[name].weight.data)
         for name in names
     }
     buckets: dict[str, list[str]] = {}
@@ -227,7 +227,7 @@ def _store(linear: torch.nn.Linear, state: LinearState) -> None:
     if not torch.isfinite(state.weight).all():
         raise CompressorError(f"{state.name}: compression produced NaN/Inf weights")
     linear.weight.data.copy_(state.weight.to(linear.weight.dtype))
-    state.weight = None
+    state.weight = state.original = None
     if state.quant is not None:
         q = state.quant
         q.codes, q.scale, q.zero = q.codes.cpu(), q.scale.cpu(), q.zero.cpu()

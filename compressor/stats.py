@@ -17,6 +17,7 @@ class InputStats:
     ):
         self.in_features = in_features
         self.tokens = 0
+        self.samples = 0  # calibration sequences seen (a [batch, seq, features] input adds batch)
         self.xtx = torch.zeros(in_features, in_features, device=device) if hessian else None
         # Per-column sums cost a full pass over the activations: kept only when a pass asks.
         self.sum = torch.zeros(in_features, dtype=torch.float64, device=device) if moments else None
@@ -24,6 +25,7 @@ class InputStats:
 
     @torch.no_grad()
     def add_batch(self, x: torch.Tensor) -> None:
+        self.samples += x.shape[0] if x.dim() == 3 else 1
         x = x.reshape(-1, self.in_features).float()
         self.tokens += x.shape[0]
         if self.xtx is not None:

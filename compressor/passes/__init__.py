@@ -46,6 +46,7 @@ class LinearState:
     dtype: torch.dtype  # the model's dtype, for the final weight and the stored scales
     quant: QuantizedWeight | None = None
     mask: torch.Tensor | None = None  # bool [out, in], True = kept (sparsity passes)
+    original: torch.Tensor | None = None  # the weight before any pass (DSnoT regrows from it)
     methods: list[str] = field(default_factory=list)
     metrics: dict = field(default_factory=dict)
 
@@ -58,7 +59,7 @@ class Step:
     args: dict = field(default_factory=dict)
 
 
-METHODS = ("rtn", "gptq")  # each is a module compressor/passes/<name>.py
+METHODS = ("rtn", "gptq", "magnitude", "wanda", "sparsegpt", "dsnot")  # compressor/passes/<name>.py
 
 
 def get_pass(method: str) -> ModuleType:
