@@ -132,3 +132,24 @@ def test_stacked_linears_equal_separate_solves():
         gptq.compress(alone, stats, args)
         torch.testing.assert_close(alone.weight, together[i].weight)
         assert torch.equal(alone.quant.codes, together[i].quant.codes)
+
+
+@pytest.mark.parametrize("act_order", [True, False])
+def test_the_pass_keeps_the_solvers_weights_not_a_rounding_of_the_originals(act_order):
+    """compress() must store GPTQ's error-compensated weights, which beat RTN on the layer output."""
+    from compressor.passes import rtn
+
+    torch.manual_seed(4)
+    x = correlated_inputs(width=96, seed=4)
+    stats = InputStats(96)
+    stats.add_batch(x)
+    weight = torch.randn(32, 96)
+    args = {"bits": 3, "group_size": 32, "symmetric": False, "act_order": act_order}
+    ours = LinearState("l", weight.clone(), torch.float32)
+    gptq.compress(ours, stats, args)
+    solved = solve(weight, stats.hessian(), IntGrid(bits=3, group_size=32, symmetric=False),
+                   GPTQOptions(act_order=act_order))
+    torch.testing.assert_close(ours.weight, solved.weight)
+    baseline = LinearState("l", weight.clone(), torch.float32)
+    rtn.compress(baseline, None, {"bits": 3, "group_size": 32, "symmetric": False})
+    assert output_error(x, weight, ours.weight) < 0.85 * output_error(x, weight, baseline.weight)

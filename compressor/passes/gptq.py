@@ -71,9 +71,11 @@ def compress_many(layers: list[LinearState], stats: InputStats | None, args: dic
                           for m, layer in zip(masks, layers, strict=True)])
     result = solve(weight, stats.hessian(), grid, options, layers[0].dtype, mask)
     rows = [layer.weight.shape[0] for layer in layers]
-    for layer, scale, zero, error in zip(
-        layers, result.scale.split(rows), result.zero.split(rows), result.row_error.split(rows), strict=True
+    for layer, weight, scale, zero, error in zip(
+        layers, result.weight.split(rows), result.scale.split(rows), result.zero.split(rows),
+        result.row_error.split(rows), strict=True,
     ):
+        layer.weight = weight  # on the grid already: the codes below are recovered exactly
         quantize_with_params(layer, grid, scale, zero, act_order=options.act_order)
         layer.methods.append("gptq")
         layer.metrics.update(gptq_error=float(error.sum()), gptq_damp=result.damp)
