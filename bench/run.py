@@ -42,6 +42,17 @@ def _prune(method: str, pattern: str, dsnot: bool) -> list[str]:
     return ["sparsify", "--method", method, *shape, "--dsnot" if dsnot else "--no-dsnot"]
 
 
+def _allocate(score: str, target: str) -> list[str]:
+    return ["quantize", "--method", "gptq", "--group-size", "128", "--asym", "--allocate", score,
+            "--budget", target]
+
+
+def _search(target: str) -> list[str]:
+    # One level database (GPTQ g128 asym at 2..6 bits) serves every search of the suite.
+    return ["search", "--budget", target, "--group-size", "128", "--asym", "--bits-levels", "2,3,4,5,6",
+            "--database", str(WORK / "search-database")]
+
+
 SUITES: dict[str, list[tuple[str, list[str]]]] = {
     "quantize": [
         ("rtn-w4g64-sym", _quant("rtn", 4, 64, True)),
@@ -62,6 +73,16 @@ SUITES: dict[str, list[tuple[str, list[str]]]] = {
         for method in ("magnitude", "wanda", "sparsegpt")
         for dsnot in (False, True)
     ] + [("2of4-w4-recipe", ["run", str(HERE.parent / "recipes" / "2of4-w4.yaml")])],
+    # Mixed precision at equal stored bits per weight: GPTQ g128 asymmetric levels throughout.
+    "search": [
+        ("gptq-w3g128-asym", _quant("gptq", 3, 128, False)),
+        ("gptq-w4g128-asym", _quant("gptq", 4, 128, False)),
+        ("gptq-w2g128-asym", _quant("gptq", 2, 128, False)),
+        *[(f"{score}-{target}", _allocate(score, target)) for target in ("3.5bpw", "2.5bpw")
+          for score in ("lim", "zd")],
+        ("evopress-3.5bpw", _search("3.5bpw")),
+        ("evopress-2.5bpw", _search("2.5bpw")),
+    ],
 }
 
 # llm-compressor 0.14 on this machine, same protocol (../shared/docs/REFERENCE.md).
@@ -135,12 +156,19 @@ def markdown(suite: str, rows: list[dict], environment: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run_suite(suite: str, only: list[str] | None, model: Path) -> str:
+def run_suite(suite: str, only: list[str] | None, model: Path, resume: bool = False) -> str:
     chosen = [row for row in SUITES[suite] if not only or row[0] in only]
     started = time.time()
     made = []
     for name, command in chosen:
+        # Each row's compression result is kept beside its checkpoint, so an interrupted suite can
+        # resume (--resume) without recompressing the rows it already finished.
+        record = WORK / f"{name}.made.json"
+        if resume and record.is_file() and (WORK / name).is_dir():
+            made.append(json.loads(record.read_text()))
+            continue
         made.append(compress_row(model, name, command))
+        record.write_text(json.dumps(made[-1]))
         print(f"[{time.time() - started:6.0f}s] {name}: compress {made[-1]['seconds']['compress']:.1f}s",
               flush=True)
     rows = []
@@ -167,10 +195,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("suite", choices=[*SUITES, "all"], nargs="?", default="all")
     parser.add_argument("--only", nargs="*", help="row names to run")
+    parser.add_argument("--resume", action="store_true", help="reuse rows compressed by an earlier run")
     args = parser.parse_args()
     model = prepare(WORK / "smollm2-fp32")
     for suite in SUITES if args.suite == "all" else [args.suite]:
-        print(run_suite(suite, args.only, model))
+        print(run_suite(suite, args.only, model, args.resume))
 
 
 if __name__ == "__main__":

@@ -1,10 +1,15 @@
 """What a compressed linear costs on disk, in bits: the one accounting used by reports, inspect and
-(later) search. It mirrors the packed layout written by compressor.pack exactly; a test checks the
+search. It mirrors the packed layout written by compressor.pack exactly; a test checks the
 two against each other.
 """
 
 from __future__ import annotations
 
+import math
+import re
+from dataclasses import dataclass
+
+from compressor.errors import CompressorError
 from compressor.grids import IntGrid
 
 DTYPE_BITS = {"float32": 32, "float16": 16, "bfloat16": 16}
@@ -38,3 +43,58 @@ def bits_per_weight(layers: list[tuple[int, int, IntGrid | None, int]]) -> dict:
     )
     levels = sum(o * i * (g.bits if g is not None else b) for o, i, g, b in layers)
     return {"stored": stored / numel, "levels": levels / numel, "weights": numel}
+
+
+BUDGET_KINDS = {
+    "bpw": "stored bits per weight (codes, scales, zero points), over the decoder-block linears",
+    "bits": "integer bits per weight averaged over the decoder-block linears (the figure papers quote)",
+    "sparsity": "fraction of the decoder-block linear weights pruned",
+}
+
+
+@dataclass(frozen=True)
+class Budget:
+    kind: str  # one of BUDGET_KINDS
+    value: float
+
+    def __str__(self) -> str:
+        return f"{self.value:g}{self.kind}"
+
+
+def parse_budget(text: str) -> Budget:
+    """'3.5bpw' (stored), '3.25bits' (integer-level average) or '0.5sparsity'."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*(bpw|bits|sparsity)\s*", str(text))
+    if not match:
+        raise CompressorError(
+            f"budget {text!r} not understood; write e.g. 3.5bpw (stored bits per weight), "
+            "3.25bits (integer-level average) or 0.5sparsity"
+        )
+    value, kind = float(match.group(1)), match.group(2)
+    if kind == "sparsity" and not 0 <= value < 1:
+        raise CompressorError(f"a sparsity budget must be in [0, 1), got {value}")
+    if kind != "sparsity" and value <= 0:
+        raise CompressorError(f"a bits budget must be positive, got {value}")
+    return Budget(kind, value)
+
+
+def linear_costs(
+    out_features: int, in_features: int, grid: IntGrid | None, dense_bits: int, kept: int
+) -> dict:
+    """What one compressed linear costs under each budget kind, as integers (so sums are exact)."""
+    numel = out_features * in_features
+    stored = numel * dense_bits
+    if grid is not None:
+        stored = quantized_linear_bits(out_features, in_features, grid, dense_bits)
+    return {"bpw": stored, "bits": numel * (grid.bits if grid else dense_bits), "sparsity": kept}
+
+
+def budget_limit(budget: Budget, weights: int) -> int:
+    """The largest total cost (as in linear_costs) that meets `budget` over `weights` weights."""
+    if budget.kind == "sparsity":
+        return math.floor((1 - budget.value) * weights + 1e-9)
+    return math.floor(budget.value * weights + 1e-9)
+
+
+def achieved(budget_kind: str, total_cost: int, weights: int) -> float:
+    """A total cost expressed in the budget's unit (bits per weight, or sparsity)."""
+    return 1 - total_cost / weights if budget_kind == "sparsity" else total_cost / weights

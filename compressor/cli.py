@@ -70,14 +70,15 @@ def _default_output(model: str | None, tag: str) -> Path:
     return Path("out") / f"{stem}-{tag}"
 
 
-def _run_job(model, recipe, output, calibration, device, overwrite, as_json, tag) -> None:
+def _run_job(model, recipe, output, calibration, device, overwrite, as_json, tag, allocation=None) -> None:
     from compressor.job import run_compression
     from compressor.model import resolve_source
 
     source = resolve_source(model)
     output = output or _default_output(model, tag)
     with progress_bar(not as_json) as (stage, advance):
-        result = run_compression(source, recipe, output, calibration, device, overwrite, stage, advance)
+        result = run_compression(source, recipe, output, calibration, device, overwrite, stage, advance,
+                                 allocation)
     summary = {"output": result.output, **result.manifest}
     _emit(summary, as_json, _print_job)
 
@@ -126,7 +127,14 @@ def _calibration(calibration, samples, seqlen, seed, data_dir, batch_size):
 @app.command()
 def quantize(
     model: str = typer.Argument(None, help=MODEL_HELP, show_default=False),
-    bits: int = typer.Option(4, "--bits", help="Integer bits per weight, 2 to 8."),
+    bits: float = typer.Option(
+        4, "--bits", help="Bits per weight, 2 to 8; fractional (3.5) with --allocate: two widths by layer."),
+    allocate: str = typer.Option(
+        None, "--allocate",
+        help="Mixed bits per decoder layer by importance: lim (input/output cosine, needs data) or zd "
+             "(weight z-scores, data-free). The most important layers get the higher width."),
+    budget: str = typer.Option(
+        None, "--budget", help="With --allocate, instead of --bits: e.g. 3.5bpw (stored bits per weight)."),
     group_size: int = typer.Option(
         128, "--group-size", help="Columns per scale group; 0 or -1 = per-channel. Ragged tails are fine."),
     symmetric: bool = typer.Option(True, "--sym/--asym", help="Symmetric grid, or with zero points."),
@@ -151,15 +159,27 @@ def quantize(
 
     Example: compress quantize --bits 4 --group-size 128 MODEL -o out/w4
     """
-    step = {"method": method, "bits": bits, "group_size": group_size, "symmetric": symmetric}
+    from compressor.budget import parse_budget
+
+    allocation = None
+    if allocate is not None:
+        target = parse_budget(budget) if budget else parse_budget(f"{bits}bits")
+        allocation = {"score": allocate, "budget": target}
+        bits = 4  # a placeholder for validation: the allocation picks the widths
+    elif budget is not None:
+        raise CompressorError("--budget needs --allocate lim|zd (or use `compress search`)")
+    elif bits != int(bits):
+        raise CompressorError(f"fractional --bits {bits:g} needs --allocate lim or --allocate zd")
+    step = {"method": method, "bits": int(bits), "group_size": group_size, "symmetric": symmetric}
     if mse:
         step["mse"] = True
     if method == "gptq":
         step.update(act_order=act_order, damp=damp)
     recipe = {"passes": [step]}
-    tag = f"{method}-w{bits}" + (f"g{group_size}" if group_size > 0 else "-channel")
+    width = f"{allocation['budget']}-{allocate}" if allocation else f"w{int(bits)}"
+    tag = f"{method}-{width}" + (f"g{group_size}" if group_size > 0 else "-channel")
     cal = _calibration(calibration, samples, seqlen, seed, data_dir, batch_size)
-    _run_job(model, recipe, output, cal, device, overwrite, as_json, tag)
+    _run_job(model, recipe, output, cal, device, overwrite, as_json, tag, allocation)
 
 
 @app.command()
@@ -225,6 +245,92 @@ def run(
     recipe = load_recipe(recipe_path)
     cal = _calibration(calibration, samples, seqlen, seed, data_dir, batch_size)
     _run_job(model, recipe, output, cal, device, overwrite, as_json, recipe_path.stem)
+
+
+@app.command()
+def search(
+    model: str = typer.Argument(None, help=MODEL_HELP, show_default=False),
+    budget: str = typer.Option(
+        None, "--budget",
+        help="Target: 3.5bpw (stored bits per weight: codes, scales, zeros), 3.25bits (code bits "
+             "only) or 0.5sparsity (with --levels sparsity)."),
+    levels: str = typer.Option("quant", "--levels", help="quant (GPTQ bit widths) or sparsity (SparseGPT)."),
+    bits_levels: str = typer.Option("2,3,4,5,6", "--bits-levels", help="Bit widths to choose from."),
+    group_size: int = typer.Option(128, "--group-size", help="Quant levels: columns per scale group."),
+    symmetric: bool = typer.Option(False, "--sym/--asym", help="Quant levels: symmetric or zero points."),
+    sparsity_step: float = typer.Option(
+        0.1, "--sparsity-step", help="Sparsity levels: 0.9 down to 0 by this step."),
+    granularity: str = typer.Option(
+        "fused", "--granularity",
+        help="fused: one level per vLLM fused group ({q,k,v}, {o}, {gate,up}, {down}), servable; "
+             "module: one per linear."),
+    generations: int = typer.Option(40, "--generations", min=0, help="EvoPress generations."),
+    offspring: int = typer.Option(12, "--offspring", min=1, help="Mutations scored per generation."),
+    stages: str = typer.Option(
+        "3x1024,1x4096", "--stages",
+        help="Selection stages SURVIVORSxTOKENS, fresh windows each; the parent joins the last."),
+    top_k: int = typer.Option(128, "--top-k", min=1, help="Dense probabilities kept per token for the KL."),
+    fitness_windows: int = typer.Option(64, "--fitness-windows", min=1, help="Pool of fitness windows."),
+    fitness_seqlen: int = typer.Option(512, "--fitness-seqlen", min=2, help="Tokens per fitness window."),
+    search_seed: int = typer.Option(0, "--search-seed", help="Seed of the evolution."),
+    database: Path = typer.Option(
+        None, "--database", help="Level database folder, reusable across searches (default OUT.search/)."),
+    resume: Path = typer.Option(
+        None, "--resume", help="Continue the interrupted search that was writing to this output folder."),
+    calibration: str = CalibrationOpt,
+    samples: int = SamplesOpt,
+    seqlen: int = SeqlenOpt,
+    seed: int = SeedOpt,
+    batch_size: int = BatchOpt,
+    data_dir: str = DataDirOpt,
+    device: str = DeviceOpt,
+    output: Path = OutputOpt,
+    overwrite: bool = OverwriteOpt,
+    as_json: bool = JsonOpt,
+):
+    """EvoPress search of per-layer levels under a budget; writes the winning packed checkpoint.
+
+    Example: compress search --budget 3.5bpw MODEL -o out/evo35   (then --resume out/evo35 after a crash)
+    """
+    from compressor.model import resolve_source
+    from compressor.search.evopress import SearchSettings, parse_stages
+    from compressor.search.run import SearchJob, load_resume, run_search
+
+    if resume is not None:
+        saved = load_resume(resume)
+        if budget is not None and budget.replace(" ", "") != saved["job"]["budget"]:
+            raise CompressorError(f"--resume: that search has budget {saved['job']['budget']}, not {budget}")
+        source, job, output = None, None, resume
+    else:
+        if budget is None:
+            raise CompressorError("give a --budget, e.g. --budget 3.5bpw (or --resume OUT)")
+        try:
+            widths = [int(b) for b in bits_levels.split(",")]
+        except ValueError:
+            raise CompressorError(f"--bits-levels must be integers separated by commas, got {bits_levels!r}")
+        settings = SearchSettings(generations=generations, offspring=offspring, stages=parse_stages(stages),
+                                  seed=search_seed)
+        job = SearchJob(budget=budget.replace(" ", ""), levels=levels, bits=widths, group_size=group_size,
+                        symmetric=symmetric, sparsity_step=sparsity_step, granularity=granularity,
+                        top_k=top_k, fitness_windows=fitness_windows, fitness_seqlen=fitness_seqlen,
+                        settings=settings)
+        job.validate()
+        source = resolve_source(model)
+        output = output or _default_output(model, f"evopress-{job.budget}")
+    cal = _calibration(calibration, samples, seqlen, seed, data_dir, batch_size)
+    with progress_bar(not as_json) as (stage, advance):
+        result = run_search(source, job, output, cal, device, overwrite, database, resume is not None,
+                            stage, advance)
+    summary = {"output": result.output, **result.manifest}
+    _emit(summary, as_json, _print_search)
+
+
+def _print_search(summary: dict) -> None:
+    _print_job(summary)
+    found = summary["search"]
+    out.print(f"  search: {found['generations']} generations, {found['evaluations']} evaluations, "
+              f"final KL {found['final_fitness_kl']}, budget {found['budget']} -> "
+              f"{found['achieved']:.4f}")
 
 
 @app.command("eval")
@@ -294,7 +400,13 @@ def _print_inspect(info: dict) -> None:
 
 def main() -> None:
     try:
-        app(standalone_mode=False)
+        # Without standalone mode, Typer returns (rather than raises) the status of an Exit, and
+        # turns Ctrl-C into Exit(130): pass it on, or an interrupted run would exit 0.
+        status = app(standalone_mode=False)
+        if isinstance(status, int) and status != 0:
+            if status == 130:
+                err.print("interrupted")
+            sys.exit(status)
     except CompressorError as error:
         err.print(f"[red]error:[/red] {error}", highlight=False, soft_wrap=True)
         sys.exit(2)

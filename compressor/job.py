@@ -66,8 +66,13 @@ def run_compression(
     overwrite: bool = False,
     on_stage: Callable[[str], None] | None = None,
     on_block: Callable[[int, int], None] | None = None,
+    allocation: dict | None = None,
 ) -> JobResult:
-    """Compress `source` as `recipe` says and write the checkpoint to `output`."""
+    """Compress `source` as `recipe` says and write the checkpoint to `output`.
+
+    `allocation` ({"score": "lim" | "zd", "budget": Budget}) spreads the recipe's single quantization
+    step over two bit widths, block by block, by layer importance (compressor.search.importance).
+    """
     stage = on_stage or (lambda _: None)
     # Everything that can be checked without the model is checked before loading it.
     check_output(output, overwrite)
@@ -79,11 +84,9 @@ def run_compression(
     start = time.perf_counter()
     stage(f"loading {source.label}")
     model, tokenizer = load_model(source)
-    plan = build_plan(model, recipe["passes"])
     seconds["load"] = time.perf_counter() - start
 
-    ids = None
-    if needs_data(plan):
+    def calibration_ids():
         start = time.perf_counter()
         stage(f"calibration: {calibration.samples} x {calibration.seqlen} tokens of {calibration.source}")
         ids = data.calibration_windows(
@@ -91,6 +94,21 @@ def run_compression(
             seed=calibration.seed, data_dir=data_dir,
         )
         seconds["calibration_data"] = time.perf_counter() - start
+        return ids
+
+    ids = None
+    if allocation is not None:
+        from compressor.search.importance import allocate_recipe
+
+        needs_ids = allocation["score"] == "lim" or needs_data(build_plan(model, recipe["passes"]))
+        ids = calibration_ids() if needs_ids else None
+        stage(f"scoring layer importance ({allocation['score']})")
+        passes, decided = allocate_recipe(model, recipe["passes"][0], allocation["budget"],
+                                          allocation["score"], ids)
+        recipe = {**recipe, "passes": passes, "allocation": decided}
+    plan = build_plan(model, recipe["passes"])
+    if ids is None and needs_data(plan):
+        ids = calibration_ids()
 
     start = time.perf_counter()
     stage(f"compressing {len(plan)} linears on {torch_device}")

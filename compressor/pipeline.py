@@ -25,7 +25,7 @@ from greenlet import greenlet
 
 from compressor.errors import CompressorError
 from compressor.model import block_linears, decoder_blocks
-from compressor.passes import LinearState, Step, get_pass
+from compressor.passes import LinearState, Step, apply_steps, get_pass
 from compressor.stats import InputStats
 
 Plan = dict[str, list[Step]]  # full module name -> the passes applied to it, in order
@@ -165,7 +165,7 @@ def _first_sample(obj, batch: int):
     return obj
 
 
-def _output_hidden(output) -> torch.Tensor:
+def output_hidden(output) -> torch.Tensor:
     return output[0] if isinstance(output, (tuple, list)) else output
 
 
@@ -210,13 +210,7 @@ def _compress_linears(linears: dict, names: list[str], block_plan: Plan, stats) 
     for name in names:
         buckets.setdefault(repr(block_plan[name]), []).append(name)
     for bucket in buckets.values():
-        for step in block_plan[bucket[0]]:
-            module = get_pass(step.method)
-            if hasattr(module, "compress_many"):
-                module.compress_many([states[n] for n in bucket], stats, step.args)
-            else:
-                for name in bucket:
-                    module.compress(states[name], stats, step.args)
+        apply_steps([states[n] for n in bucket], block_plan[bucket[0]], stats)
     for name, state in states.items():
         _store(linears[name], state)
     return states
@@ -233,6 +227,35 @@ def _store(linear: torch.nn.Linear, state: LinearState) -> None:
         q.codes, q.scale, q.zero = q.codes.cpu(), q.scale.cpu(), q.zero.cpu()
     if state.mask is not None:
         state.mask = state.mask.cpu()
+
+
+@torch.no_grad()
+def dense_block_statistics(block, inputs: BlockInputs, device, needed: set[str]):
+    """Run every chunk through the unchanged block, gathering each sub-group's input statistics.
+
+    For work that compresses each layer against the *dense* model's activations (the search's
+    level database) rather than sequentially. Returns (sub-groups, their statistics, block outputs).
+    """
+    linears = block_linears(block)
+    groups = linear_groups(block, inputs.hidden[0], inputs.kwargs[0], device)
+    stats = [
+        InputStats(linears[names[0]].in_features, hessian="hessian" in needed,
+                   moments="moments" in needed, device=device)
+        for names in groups
+    ]
+    handles = [
+        linears[names[0]].register_forward_pre_hook(lambda module, args, s=s: s.add_batch(args[0]))
+        for names, s in zip(groups, stats, strict=True)
+    ]
+    try:
+        outputs = [
+            output_hidden(block(hidden.to(device), **_to(kwargs, device)))
+            for hidden, kwargs in zip(inputs.hidden, inputs.kwargs, strict=True)
+        ]
+    finally:
+        for handle in handles:
+            handle.remove()
+    return groups, stats, outputs
 
 
 def _compress_block_without_data(block, block_plan: Plan) -> dict[str, LinearState]:
@@ -273,7 +296,7 @@ def _compress_block(block, block_plan: Plan, inputs: BlockInputs, device):
 
     def forward(chunk: int):
         hidden = inputs.hidden[chunk].to(device)
-        return _output_hidden(block(hidden, **_to(inputs.kwargs[chunk], device)))
+        return output_hidden(block(hidden, **_to(inputs.kwargs[chunk], device)))
 
     # The hook sits on the group's first-called linear (linear_groups keeps call order).
     handles = [

@@ -68,6 +68,17 @@ def get_pass(method: str) -> ModuleType:
     return importlib.import_module(f"compressor.passes.{method}")
 
 
+def apply_steps(layers: list[LinearState], steps: list[Step], stats) -> None:
+    """Apply the same steps to linears that share an input, batched where a pass can (compress_many)."""
+    for step in steps:
+        module = get_pass(step.method)
+        if hasattr(module, "compress_many"):
+            module.compress_many(layers, stats, step.args)
+        else:
+            for layer in layers:
+                module.compress(layer, stats, step.args)
+
+
 def grid_from_args(args: dict) -> IntGrid:
     """Validate and build an integer grid from user settings (bits, group_size, symmetric, mse)."""
     bits = args.get("bits", 4)

@@ -1,0 +1,296 @@
+"""`compress search`, end to end: level database, dense targets, EvoPress generations, checkpoint.
+
+Work that outlives one process sits in a work folder beside the output (OUT.search/ by default):
+
+    search.json        the job's settings (so --resume needs nothing else) and the search state
+    database/          the level database (reusable by other searches of the same model and levels)
+    targets.pt         the dense model's top-k log-probabilities on the fitness windows
+
+The state is written after every generation; `--resume` continues from the last one and, with the
+same seed, ends where an uninterrupted search would have. The final checkpoint is assembled from
+the database into the same packed format as `compress quantize` writes, via a staging folder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import yaml
+
+from compressor import budget, data
+from compressor.budget import Budget
+from compressor.errors import CompressorError
+from compressor.job import MANIFEST, RECIPE_FILE, Calibration, JobResult, build_manifest, peak_rss_mb
+from compressor.model import ModelSource, decoder_blocks, load_model
+from compressor.pack import check_output, save_checkpoint, staged_output
+from compressor.pipeline import resolve_device
+from compressor.search import evopress
+from compressor.search.database import LevelDatabase, build_database, quant_levels, sparsity_levels
+from compressor.search.fitness import DenseTargets, KLFitness
+
+STATE_FILE = "search.json"
+GRANULARITIES = ("fused", "module")
+
+
+@dataclass
+class SearchJob:
+    """What to search: plain data, saved with the state so a resume needs no arguments."""
+
+    budget: str  # "3.5bpw", "0.5sparsity", ...
+    levels: str = "quant"  # quant (GPTQ bit widths) or sparsity (SparseGPT sparsity levels)
+    bits: list[int] = field(default_factory=lambda: [2, 3, 4, 5, 6])
+    group_size: int = 128
+    symmetric: bool = False
+    sparsity_step: float = 0.1
+    granularity: str = "fused"  # one level per vLLM fused group ({q,k,v}, {o}, {gate,up}, {down})
+    top_k: int = 128  # dense probabilities kept per token for the KL
+    fitness_windows: int = 64  # pool of calibration windows the stages draw from
+    fitness_seqlen: int = 512
+    settings: evopress.SearchSettings = field(default_factory=evopress.SearchSettings)
+
+    def validate(self) -> Budget:
+        target = budget.parse_budget(self.budget)
+        if self.levels not in ("quant", "sparsity"):
+            raise CompressorError(f"unknown --levels {self.levels!r}; choose quant or sparsity")
+        if self.granularity not in GRANULARITIES:
+            raise CompressorError(f"unknown granularity {self.granularity!r}; choose fused or module")
+        if (target.kind == "sparsity") != (self.levels == "sparsity"):
+            raise CompressorError(f"a {target.kind} budget needs --levels "
+                                  f"{'sparsity' if target.kind == 'sparsity' else 'quant'}")
+        if self.top_k < 1 or self.fitness_windows < 1 or self.fitness_seqlen < 2:
+            raise CompressorError("--top-k, --fitness-windows must be positive and --fitness-seqlen >= 2")
+        self.level_list()
+        return target
+
+    def level_list(self):
+        if self.levels == "quant":
+            if not self.bits or any(not 2 <= b <= 8 for b in self.bits):
+                raise CompressorError(f"--bits-levels must be integers from 2 to 8, got {self.bits}")
+            return quant_levels(self.bits, self.group_size, self.symmetric)
+        if not 0 < self.sparsity_step < 1:
+            raise CompressorError(f"--sparsity-step must be in (0, 1), got {self.sparsity_step}")
+        return sparsity_levels(self.sparsity_step, highest=0.9)
+
+    def as_data(self) -> dict:
+        return {**asdict(self), "settings": self.settings.as_data()}
+
+    @classmethod
+    def from_data(cls, raw: dict) -> SearchJob:
+        settings = dict(raw["settings"])
+        settings["stages"] = tuple(evopress.Stage(**s) for s in settings["stages"])
+        return cls(**{**raw, "settings": evopress.SearchSettings(**settings)})
+
+
+def work_folder(output: Path) -> Path:
+    return output.with_name(output.name + ".search")
+
+
+def _save_json(path: Path, content: dict) -> None:
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(content, indent=1))
+    os.replace(partial, path)
+
+
+def load_resume(output: Path) -> dict:
+    path = work_folder(output) / STATE_FILE
+    if not path.is_file():
+        raise CompressorError(f"nothing to resume: {path} does not exist")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise CompressorError(f"{path} is not valid JSON: {error}")
+
+
+def units_of(database: LevelDatabase, granularity: str) -> list[list[str]]:
+    if granularity == "fused":
+        return database.groups
+    return [[name] for group in database.groups for name in group]
+
+
+def search_space(database: LevelDatabase, units: list[list[str]], target: Budget):
+    """Integer costs per (unit, level) and the budget's limit; refuses a budget no level meets."""
+    levels = range(len(database.levels))
+    costs = [[sum(database.cost(name, lv, target.kind) for name in unit) for lv in levels] for unit in units]
+    weights = sum(database.modules[name]["shape"][0] * database.modules[name]["shape"][1]
+                  for unit in units for name in unit)
+    space = evopress.Space(costs=costs, limit=budget.budget_limit(target, weights))
+    if space.uniform_total(0) > space.limit:
+        cheapest = budget.achieved(target.kind, space.uniform_total(0), weights)
+        raise CompressorError(
+            f"budget {target} cannot be met: the cheapest level ({database.levels[0]}) everywhere "
+            f"gives {cheapest:.4f}{target.kind}"
+        )
+    return space, weights
+
+
+def run_search(
+    source: ModelSource | None,
+    job: SearchJob,
+    output: Path,
+    calibration: Calibration,
+    device: str = "auto",
+    overwrite: bool = False,
+    database_folder: Path | None = None,
+    resume: bool = False,
+    on_stage: Callable[[str], None] | None = None,
+    on_progress: Callable[[int, int], None] | None = None,
+) -> JobResult:
+    stage = on_stage or (lambda _: None)
+    progress = on_progress or (lambda done, total: None)
+    output = Path(output)
+    work = work_folder(output)
+    if resume:
+        saved = load_resume(output)
+        source = ModelSource(**saved["source"])
+        job = SearchJob.from_data(saved["job"])
+        calibration = Calibration(**saved["calibration"])
+        database_folder = Path(saved["database"])
+        state = evopress.SearchState.from_data(saved["state"]) if saved.get("state") else None
+    else:
+        state = None
+    target = job.validate()
+    levels = job.level_list()
+    check_output(output, overwrite)
+    torch_device = resolve_device(device)
+    data_dir = data.resolve_data_dir(calibration.data_dir)
+    database_folder = Path(database_folder or work / "database")
+    seconds: dict[str, float] = {}
+
+    def save(current: evopress.SearchState | None) -> None:
+        _save_json(work / STATE_FILE, {
+            "source": asdict(source), "job": job.as_data(), "calibration": asdict(calibration),
+            "database": str(database_folder), "state": current.as_data() if current else None,
+        })
+
+    start = time.perf_counter()
+    stage(f"loading {source.label}")
+    model, tokenizer = load_model(source)
+    work.mkdir(parents=True, exist_ok=True)
+    save(state)
+    seconds["load"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    _, blocks = decoder_blocks(model)
+    database = LevelDatabase(database_folder) if (database_folder / "index.json").is_file() else None
+    if database is None or not database.complete(len(blocks)):
+        stage(f"level database: {len(levels)} levels x {len(blocks)} blocks")
+        ids = data.calibration_windows(tokenizer, calibration.source, calibration.samples, calibration.seqlen,
+                                       seed=calibration.seed, data_dir=data_dir)
+        identity = {"source": asdict(source), "calibration": asdict(calibration)}
+        database = build_database(model, ids, levels, database_folder, torch_device,
+                                  calibration.batch_size, identity, progress)
+    seconds["database"] = time.perf_counter() - start
+
+    units = units_of(database, job.granularity)
+    space, weights = search_space(database, units, target)
+
+    start = time.perf_counter()
+    model.to(torch_device)
+    targets = _dense_targets(model, tokenizer, job, calibration, data_dir, work, torch_device,
+                             stage, progress)
+    fitness = KLFitness(model, database, units, targets)
+    seconds["dense_targets"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    settings = job.settings
+    if state is None:
+        stage("choosing a start within the budget")
+        state = evopress.start(space, fitness, targets.pool, targets.seqlen, settings)
+        save(state)
+    while state.generation < settings.generations:
+        stage(f"EvoPress generation {state.generation + 1}/{settings.generations}"
+              + (f", best KL {state.parent_fitness:.4f}" if state.parent_fitness is not None else ""))
+        progress(state.generation, settings.generations)
+        state = evopress.generation(state, space, fitness, targets.pool, targets.seqlen, settings)
+        save(state)
+    progress(settings.generations, settings.generations)
+    seconds["search"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    stage(f"writing {output}")
+    fitness.apply(state.parent)
+    model.to("cpu")
+    chosen = {name: level for unit, level in zip(units, state.parent, strict=True) for name in unit}
+    records = {name: database.state(name, level) for name, level in chosen.items()}
+    recipe = plan_recipe(database, chosen)
+    ignore = sorted({n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)} - set(records))
+    total = space.total(state.parent)
+    summary = {
+        "budget": str(target), "achieved": budget.achieved(target.kind, total, weights),
+        "levels": database.levels, "granularity": job.granularity, "units": len(units),
+        "generations": state.generation, "evaluations": state.evaluations,
+        "final_fitness_kl": state.parent_fitness, "history": state.history,
+        "per_module_level": {name: database.levels[level] for name, level in chosen.items()},
+        "job": job.as_data(), "work_folder": str(work),
+    }
+    with staged_output(output, overwrite) as folder:
+        weight_bytes = save_checkpoint(model, tokenizer, records, folder, ignore)
+        manifest = build_manifest(model, source, recipe, records, calibration)
+        manifest["search"] = summary
+        manifest["device"] = str(torch_device)
+        manifest["threads"] = torch.get_num_threads()
+        manifest["size"] = {"weights_bytes": weight_bytes}
+        seconds["write"] = time.perf_counter() - start
+        # Comparable with the other commands' "compress": everything but loading and writing.
+        seconds["compress"] = seconds["database"] + seconds["dense_targets"] + seconds["search"]
+        manifest["seconds"] = {k: round(v, 3) for k, v in seconds.items()}
+        manifest["peak_rss_mb"] = round(peak_rss_mb(), 1)
+        (folder / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        (folder / RECIPE_FILE).write_text(yaml.safe_dump(recipe, sort_keys=False))
+        (folder / "levels.svg").write_text(levels_svg(units, state.parent, database))
+    return JobResult(output=str(output), manifest=manifest)
+
+
+def _dense_targets(model, tokenizer, job, calibration, data_dir, work, device, stage, progress):
+    """The fitness pool (a different seed from the database's calibration) and its dense targets."""
+    path = work / "targets.pt"
+    key = {"job": [job.top_k, job.fitness_windows, job.fitness_seqlen], "calibration": asdict(calibration)}
+    if path.is_file():
+        saved = torch.load(path, weights_only=True)
+        if saved["key"] == json.dumps(key):
+            targets = DenseTargets.__new__(DenseTargets)
+            targets.windows, targets.values = saved["windows"], saved["values"]
+            targets.indices, targets.rest, targets.device = saved["indices"], saved["rest"], device
+            return targets
+    windows = data.calibration_windows(tokenizer, calibration.source, job.fitness_windows, job.fitness_seqlen,
+                                       seed=calibration.seed + 1, data_dir=data_dir)
+    stage(f"dense model targets: {job.fitness_windows} x {job.fitness_seqlen} tokens, top-{job.top_k}")
+    targets = DenseTargets(model, windows, job.top_k, device, progress)
+    torch.save({"key": json.dumps(key), "windows": targets.windows, "values": targets.values,
+                "indices": targets.indices, "rest": targets.rest}, path)
+    return targets
+
+
+def plan_recipe(database: LevelDatabase, chosen: dict[str, int]) -> dict:
+    """The result as a recipe: one pass per level used, targeting its modules by name."""
+    passes = []
+    for level in range(len(database.levels)):
+        names = [name for name, lv in chosen.items() if lv == level]
+        steps = database.index["identity"]["levels"][level]["steps"]
+        for step in steps:
+            if names:
+                passes.append({**step, "targets": names})
+    return {"passes": passes, "levels": {name: database.levels[lv] for name, lv in chosen.items()}}
+
+
+def levels_svg(units: list[list[str]], levels: list[int], database: LevelDatabase) -> str:
+    """A bar per unit, height = its level, in model order: the plan at a glance."""
+    width, height, bar = 12 * len(units) + 60, 220, 10
+    top = len(database.levels) - 1 or 1
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}">',
+             '<style>text{font:11px sans-serif}</style>']
+    for number, (unit, level) in enumerate(zip(units, levels, strict=True)):
+        h = 20 + 160 * level / top
+        x = 50 + 12 * number
+        parts.append(f'<rect x="{x}" y="{190 - h:.1f}" width="{bar}" height="{h:.1f}" fill="#4878a8">'
+                     f'<title>{"+".join(unit)}: {database.levels[level]}</title></rect>')
+    for level, name in enumerate(database.levels):
+        parts.append(f'<text x="2" y="{190 - 20 - 160 * level / top + 4:.1f}">{name}</text>')
+    parts.append('<text x="50" y="210">units in model order (hover for names)</text></svg>')
+    return "\n".join(parts) + "\n"

@@ -1,0 +1,356 @@
+"""Mixed precision: budget accounting, importance allocation, the level database and EvoPress."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+
+from compressor import budget
+from compressor.errors import CompressorError
+from compressor.grids import IntGrid
+from compressor.passes import LinearState, Step, apply_steps
+from compressor.search import evopress
+from compressor.search.fitness import coarse_kl
+from compressor.search.importance import allocate_recipe, lim_scores, two_level_allocation, zd_scores
+from compressor.stats import InputStats
+
+# --- budget -----------------------------------------------------------------------------------
+
+def test_parse_budget():
+    assert budget.parse_budget("3.5bpw") == budget.Budget("bpw", 3.5)
+    assert budget.parse_budget("0.5sparsity") == budget.Budget("sparsity", 0.5)
+    assert budget.parse_budget(" 3.25 bits") == budget.Budget("bits", 3.25)
+    for bad in ("3.5", "bpw", "1.2sparsity", "-1bpw", "3,5bpw"):
+        with pytest.raises(CompressorError):
+            budget.parse_budget(bad)
+
+
+def test_linear_costs_hand_count():
+    # 96 x 96 at 3 bits, groups of 32, asymmetric, fp32 scales (a tiny model in float32):
+    # codes: 96 rows x ceil(96*3/32)=9 int32 words = 27,648 bits; scales 96 x 3 groups x 32 = 9,216;
+    # int8 zero points 96 x 3 x 8 = 2,304. Total 39,168 bits = 4.25 bits per weight.
+    grid = IntGrid(bits=3, group_size=32, symmetric=False)
+    costs = budget.linear_costs(96, 96, grid, 32, kept=96 * 96)
+    assert costs == {"bpw": 39168, "bits": 3 * 96 * 96, "sparsity": 96 * 96}
+    # Symmetric, bf16 scales, 576 columns in groups of 128 (ragged: 5 groups, the last of 64).
+    grid = IntGrid(bits=4, group_size=128, symmetric=True)
+    assert budget.linear_costs(10, 576, grid, 16, 0)["bpw"] == 10 * (576 * 4) + 10 * 5 * 16
+    assert budget.linear_costs(4, 8, None, 16, kept=20) == {"bpw": 512, "bits": 512, "sparsity": 20}
+    assert budget.budget_limit(budget.Budget("sparsity", 0.5), 1000) == 500
+    assert budget.budget_limit(budget.Budget("bpw", 3.5), 1000) == 3500
+
+
+# --- EvoPress ---------------------------------------------------------------------------------
+
+def _space(limit_bits_per_weight: float) -> evopress.Space:
+    """Units of three sizes, five integer bit levels; cost = numel * bits + a per-unit overhead."""
+    sizes = [1000] * 6 + [3000] * 4 + [500] * 5
+    costs = [[n * b + n // 10 for b in (2, 3, 4, 5, 6)] for n in sizes]
+    return evopress.Space(costs=costs, limit=round(limit_bits_per_weight * sum(sizes)))
+
+
+def test_mutation_keeps_the_total_exactly():
+    space = _space(3.5)
+    rng = random.Random(0)
+    parent = evopress.initial_candidates(space, rng, tries=1)[0]
+    total = space.total(parent)
+    assert total <= space.limit
+    moved = 0
+    for _ in range(5000):
+        child = evopress.mutate(parent, space, rng)
+        assert space.total(child) == total
+        assert all(0 <= lv < space.levels for lv in child)
+        moved += child != parent
+        parent = child
+    assert moved > 4000  # the walk really explores
+
+
+def test_initial_candidates_meet_the_budget():
+    space = _space(3.37)
+    starts = evopress.initial_candidates(space, random.Random(1), tries=5)
+    assert len(starts) > 1
+    for levels in starts:
+        assert space.total(levels) <= space.limit
+        assert set(levels) <= {1, 2}  # between the uniform 3-bit and 4-bit levels
+        # Raising any one unit again would break the budget only if it is already tight.
+    exact = _space(4.1)  # uniform 4 bits + the 0.1 overhead: met exactly by a uniform level
+    assert evopress.initial_candidates(exact, random.Random(0), 3) == [[2] * 15]
+    with pytest.raises(CompressorError):
+        evopress.initial_candidates(_space(1.0), random.Random(0), 3)
+
+
+def test_stages_parse_and_reject():
+    assert evopress.parse_stages("4x1024,1x4096") == (evopress.Stage(4, 1024), evopress.Stage(1, 4096))
+    for bad in ("4x1024", "1x10,2x20", "ax3,1x2", "0x5,1x5"):
+        with pytest.raises(CompressorError):
+            evopress.parse_stages(bad)
+
+
+def test_evolution_finds_the_known_optimum():
+    """A synthetic fitness with a known best allocation: unit u's loss falls as 2^-bits * weight_u."""
+    space = _space(3.5)
+    weight = [0.1] * 6 + [5.0, 0.1, 0.1, 0.1] + [3.0, 3.0, 0.1, 0.1, 0.1]
+
+    def fitness(levels, windows):
+        return sum(w * 2.0 ** -(lv + 2) for w, lv in zip(weight, levels, strict=True))
+
+    settings = evopress.SearchSettings(generations=150, offspring=8,
+                                       stages=(evopress.Stage(2, 10), evopress.Stage(1, 10)))
+    state = evopress.start(space, fitness, pool=4, seqlen=10, settings=settings)
+    first = fitness(state.parent, [])
+    for _ in range(settings.generations):
+        state = evopress.generation(state, space, fitness, 4, 10, settings)
+    assert space.total(state.parent) == space.total(evopress.start(space, fitness, 4, 10, settings).parent)
+    assert fitness(state.parent, []) < 0.5 * first
+    # The heavy units end at the top levels, light ones of the same size pay for them.
+    assert state.parent[6] == 4 and state.parent[10] >= 3 and state.parent[11] >= 3
+    # Monotone: the parent only ever changes for a better score on the same windows.
+    assert all(h["fitness"] >= state.parent_fitness - 1e-12 for h in state.history[-1:])
+
+
+def test_search_state_round_trips_through_json():
+    space = _space(3.5)
+    settings = evopress.SearchSettings(generations=3, offspring=4,
+                                       stages=(evopress.Stage(2, 10), evopress.Stage(1, 20)))
+
+    def fitness(levels, windows):
+        return sum(levels) * 0.001 + sum(windows) * 1e-6 - levels[0] * 0.01
+
+    state = evopress.start(space, fitness, 8, 10, settings)
+    straight = state
+    for _ in range(3):
+        straight = evopress.generation(straight, space, fitness, 8, 10, settings)
+    resumed = evopress.generation(state, space, fitness, 8, 10, settings)
+    resumed = evopress.SearchState.from_data(json.loads(json.dumps(resumed.as_data())))
+    for _ in range(2):
+        resumed = evopress.generation(resumed, space, fitness, 8, 10, settings)
+    assert resumed.parent == straight.parent and resumed.history == straight.history
+
+
+# --- fitness ----------------------------------------------------------------------------------
+
+def test_coarse_kl_is_exact_with_the_whole_vocabulary_and_a_lower_bound_otherwise():
+    torch.manual_seed(0)
+    logp = torch.log_softmax(torch.randn(7, 50) * 2, -1)
+    logq = torch.log_softmax(torch.randn(7, 50) * 2, -1)
+    full = (logp.exp() * (logp - logq)).sum(-1)
+    top, where = logp.topk(50, -1)
+    rest = torch.log1p(-top.exp().sum(-1).clamp(max=1 - 1e-7))
+    assert torch.allclose(coarse_kl(top, rest, where, logq), full, atol=1e-4)
+    top, where = logp.topk(5, -1)
+    rest = torch.log1p(-top.exp().sum(-1))
+    coarse = coarse_kl(top, rest, where, logq)
+    assert (coarse <= full + 1e-5).all() and (coarse > 0).all()
+
+
+# --- importance -------------------------------------------------------------------------------
+
+def test_two_level_allocation_raises_the_most_important_first():
+    scores = [0.1, 0.9, 0.5, 0.7]
+    raised = two_level_allocation(scores, [10] * 4, [15] * 4, limit=40 + 10)
+    assert raised == [False, True, False, True]
+    assert two_level_allocation(scores, [10] * 4, [15] * 4, limit=40) == [False] * 4
+
+
+def test_lim_scores_rank_an_identity_block_least_important(tokenizer):
+    from tests.conftest import make_model
+
+    model = make_model("llama")
+    with torch.no_grad():  # block 1 adds nothing to the residual stream: input == output
+        model.model.layers[1].self_attn.o_proj.weight.zero_()
+        model.model.layers[1].mlp.down_proj.weight.zero_()
+    ids = torch.randint(0, 300, (4, 16))
+    scores = lim_scores(model, ids)
+    assert scores[1] == pytest.approx(-1.0, abs=1e-5)
+    assert scores[0] > scores[1]
+
+
+def test_zd_scores_count_weights_beyond_one_sigma():
+    from tests.conftest import make_model
+
+    model = make_model("llama")
+    with torch.no_grad():
+        for linear in model.model.layers[0].modules():
+            if isinstance(linear, torch.nn.Linear):
+                # Two values, +-1: every weight sits exactly at one sigma, none beyond.
+                sign = torch.ones(linear.weight.numel())
+                sign[::2] = -1
+                linear.weight.copy_(sign.view_as(linear.weight))
+    scores = zd_scores(model)
+    assert scores[0] == 0.0
+    assert -0.5 < scores[1] < -0.2  # near-Gaussian init: about 32% beyond one sigma
+
+
+def test_allocate_recipe_meets_a_fractional_target_exactly():
+    from tests.conftest import make_model
+
+    model = make_model("llama")  # 2 blocks of equal size: 3.5 bits = one block at 3, one at 4
+    step = {"method": "rtn", "bits": 4, "group_size": 32, "symmetric": True}
+    passes, info = allocate_recipe(model, step, budget.Budget("bits", 3.5), "zd", None)
+    assert sorted(info["bits_per_block"]) == [3, 4] and info["achieved"] == 3.5
+    assert {p["bits"] for p in passes} == {3, 4}
+    most_important = max(range(2), key=lambda b: info["scores"][b])
+    assert info["bits_per_block"][most_important] == 4
+    with pytest.raises(CompressorError, match="nearest"):
+        allocate_recipe(model, step, budget.Budget("bits", 3.3), "zd", None)
+    with pytest.raises(CompressorError, match="cannot be met"):
+        allocate_recipe(model, step, budget.Budget("bpw", 1.5), "zd", None)
+
+
+# --- level database -----------------------------------------------------------------------------
+
+def test_database_levels_equal_the_passes_run_directly(tmp_path):
+    from compressor.search.database import LevelDatabase, build_database, quant_levels, sparsity_levels
+    from tests.conftest import make_model
+
+    model = make_model("qwen2")
+    ids = torch.randint(0, 300, (6, 24))
+    levels = quant_levels([2, 4], group_size=32, symmetric=False) + sparsity_levels(0.5, 0.5)
+    database = build_database(model, ids, levels, tmp_path / "db")
+    assert database.levels == ["w2", "w4", "s50", "dense"]
+    assert len(database.groups) == 8
+    assert database.groups[0] == [f"model.layers.0.self_attn.{n}_proj" for n in "qkv"]
+
+    # Level w4 of block 0's [q, k, v] equals GPTQ run directly on the dense block's inputs.
+    block = model.model.layers[0]
+    stats = InputStats(96)
+    captured = []
+    handle = block.self_attn.q_proj.register_forward_pre_hook(lambda m, a: captured.append(a[0]))
+    model(input_ids=ids)
+    handle.remove()
+    stats.add_batch(torch.cat(captured))
+    names = ["q_proj", "k_proj", "v_proj"]
+    states = [LinearState(name=n, weight=getattr(block.self_attn, n).weight.float().clone(),
+                          dtype=torch.float32) for n in names]
+    apply_steps(states, [Step("gptq", {"bits": 4, "group_size": 32, "symmetric": False})], stats)
+    for name, state in zip(names, states, strict=True):
+        stored = database.state(f"model.layers.0.self_attn.{name}", 1)
+        assert torch.equal(stored.quant.codes, state.quant.codes)
+        assert torch.allclose(stored.weight, state.weight, atol=1e-6)
+    sparse = database.state("model.layers.1.mlp.down_proj", 2)
+    assert sparse.quant is None and (sparse.weight == 0).float().mean() == 0.5
+    assert torch.equal(sparse.weight == 0, ~sparse.mask)
+    dense = database.state("model.layers.1.mlp.down_proj", 3)
+    assert torch.equal(dense.weight, model.model.layers[1].mlp.down_proj.weight)
+    # Costs follow the budget module: 2 bits cost less than 4, sparsity counts kept weights.
+    assert database.cost("model.layers.1.mlp.down_proj", 0, "bpw") < database.cost(
+        "model.layers.1.mlp.down_proj", 1, "bpw")
+    assert database.cost("model.layers.1.mlp.down_proj", 2, "sparsity") == 96 * 160 // 2
+    # A rebuild in the same folder is a no-op resume; other settings are refused.
+    again = build_database(model, ids, levels, tmp_path / "db")
+    assert again.index["modules"] == LevelDatabase(tmp_path / "db").index["modules"]
+    with pytest.raises(CompressorError, match="other settings"):
+        build_database(model, ids, levels[:2], tmp_path / "db")
+
+
+# --- end to end ---------------------------------------------------------------------------------
+
+SEARCH_ARGS = ["--budget", "3.5bpw", "--group-size", "32", "--bits-levels", "2,3,4", "--samples", "4",
+               "--seqlen", "32", "--fitness-windows", "6", "--fitness-seqlen", "32",
+               "--stages", "2x64,1x96", "--generations", "4", "--offspring", "3", "--json"]
+
+
+def test_search_writes_a_loadable_checkpoint_and_resumes_identically(
+        llama_dir, calibration_file, tmp_path, capsys, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    from compressor.search.database import LevelDatabase
+    from tests.test_cli import run_cli
+
+    args = ["search", llama_dir, *SEARCH_ARGS, "--calibration", calibration_file]
+    code, stdout, stderr = run_cli([*args, "-o", tmp_path / "a"], capsys, monkeypatch)
+    assert code == 0, stderr
+    summary = json.loads(stdout)
+    found = summary["search"]
+    assert found["generations"] == 4 and len(found["history"]) == 4
+    assert found["achieved"] <= 3.5 and summary["bpw"]["stored"] == pytest.approx(found["achieved"])
+    levels = found["per_module_level"]
+    # Fused groups share a level: q, k, v together and gate, up together.
+    for block in (0, 1):
+        attn = {levels[f"model.layers.{block}.self_attn.{n}_proj"] for n in "qkv"}
+        mlp = {levels[f"model.layers.{block}.mlp.{n}_proj"] for n in ("gate", "up")}
+        assert len(attn) == 1 and len(mlp) == 1
+
+    # The checkpoint loads in transformers and computes what the database's levels compute.
+    database = LevelDatabase(tmp_path / "a.search" / "database")
+    expected = AutoModelForCausalLM.from_pretrained(llama_dir).eval()
+    with torch.no_grad():
+        for name, level in levels.items():
+            expected.get_submodule(name).weight.copy_(database.weight(name, database.levels.index(level)))
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "a").eval()
+    ids = torch.randint(0, 300, (2, 20))
+    with torch.no_grad():
+        assert torch.allclose(loaded(ids).logits, expected(ids).logits, atol=1e-4)
+    assert (tmp_path / "a" / "levels.svg").read_text().startswith("<svg")
+    assert "targets" in (tmp_path / "a" / "recipe.yaml").read_text()
+
+    # Interrupted after two generations, then resumed: the same checkpoint, byte for byte.
+    import compressor.search.evopress as evo
+
+    real, calls = evo.generation, []
+
+    def flaky(*a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(evo, "generation", flaky)
+    code, _, _ = run_cli([*args, "-o", tmp_path / "b"], capsys, monkeypatch)
+    assert code == 130 and not (tmp_path / "b").exists()
+    monkeypatch.setattr(evo, "generation", real)
+    code, stdout, stderr = run_cli(["search", "--resume", tmp_path / "b", "--json"], capsys, monkeypatch)
+    assert code == 0, stderr
+    assert json.loads(stdout)["search"]["history"] == found["history"]
+    weights = [(tmp_path / run / "model.safetensors").read_bytes() for run in ("a", "b")]
+    assert weights[0] == weights[1]
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--budget", "0.5bpw"], "cannot be met"),
+    (["--budget", "3.5"], "not understood"),
+    (["--budget", "0.5sparsity"], "needs --levels sparsity"),
+    (["--budget", "3bpw", "--bits-levels", "2,9"], "from 2 to 8"),
+    (["--budget", "3bpw", "--stages", "2x10"], "last selection stage"),
+    (["--budget", "3bpw", "--granularity", "layer"], "granularity"),
+    ([], "give a --budget"),
+])
+def test_search_bad_input(llama_dir, calibration_file, tmp_path, capsys, monkeypatch, extra, message):
+    from tests.test_cli import run_cli
+
+    code, _, stderr = run_cli(["search", llama_dir, "--calibration", calibration_file, "--samples", "4",
+                               "--seqlen", "32", "-o", tmp_path / "x", *extra], capsys, monkeypatch)
+    assert code == 2 and message in stderr and len(stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "x").exists()
+
+
+def test_resume_without_a_search(tmp_path, capsys, monkeypatch):
+    from tests.test_cli import run_cli
+
+    code, _, stderr = run_cli(["search", "--resume", tmp_path / "nothing"], capsys, monkeypatch)
+    assert code == 2 and "nothing to resume" in stderr
+
+
+def test_quantize_allocate_lim(llama_dir, calibration_file, tmp_path, capsys, monkeypatch):
+    from tests.test_cli import run_cli
+
+    code, stdout, stderr = run_cli(
+        ["quantize", llama_dir, "--bits", "3.5", "--allocate", "lim", "--group-size", "32", "--method", "rtn",
+         "--calibration", calibration_file, "--samples", "4", "--seqlen", "32", "-o", tmp_path / "m",
+         "--json"], capsys, monkeypatch)
+    assert code == 0, stderr
+    summary = json.loads(stdout)
+    assert summary["bpw"]["levels"] == 3.5
+    decided = summary["recipe"]["allocation"]
+    assert sorted(decided["bits_per_block"]) == [3, 4] and decided["score"] == "lim"
+    bits = {name: m["bits"] for name, m in summary["modules"].items()}
+    assert {b for n, b in bits.items() if ".layers.0." in n} == {decided["bits_per_block"][0]}
+    refused = [(["--bits", "3.5"], "needs --allocate"), (["--bits", "3.3", "--allocate", "zd"], "nearest"),
+               (["--allocate", "xx", "--bits", "3.5"], "unknown importance")]
+    for bad, message in refused:
+        code, _, stderr = run_cli(["quantize", llama_dir, *bad, "--method", "rtn", "--group-size", "32",
+                                   "-o", tmp_path / "bad"], capsys, monkeypatch)
+        assert code == 2 and message in stderr, stderr
