@@ -210,7 +210,7 @@ def test_database_levels_equal_the_passes_run_directly(tmp_path):
     ids = torch.randint(0, 300, (6, 24))
     levels = quant_levels([2, 4], group_size=32, symmetric=False) + sparsity_levels(0.5, 0.5)
     database = build_database(model, ids, levels, tmp_path / "db")
-    assert database.levels == ["w2", "w4", "s50", "dense"]
+    assert database.levels == ["w2", "w4", "s50.0", "dense"]
     assert len(database.groups) == 8
     assert database.groups[0] == [f"model.layers.0.self_attn.{n}_proj" for n in "qkv"]
 
@@ -354,3 +354,26 @@ def test_quantize_allocate_lim(llama_dir, calibration_file, tmp_path, capsys, mo
         code, _, stderr = run_cli(["quantize", llama_dir, *bad, "--method", "rtn", "--group-size", "32",
                                    "-o", tmp_path / "bad"], capsys, monkeypatch)
         assert code == 2 and message in stderr, stderr
+
+
+def test_sparsity_levels_keep_the_kept_count_exact_under_mutation(tmp_path):
+    from compressor.search.database import build_database, sparsity_levels
+    from compressor.search.run import search_space, units_of
+    from tests.conftest import make_model
+
+    model = make_model("llama")  # input widths 96 and 160: steps snap to multiples of 1/32
+    levels = sparsity_levels(0.1, 0.9, widths=[96, 160])
+    assert levels[-2].steps[0].args["sparsity"] == 3 / 32 and levels[-1].name == "dense"
+    database = build_database(model, torch.randint(0, 300, (4, 16)), levels, tmp_path / "db")
+    for granularity in ("fused", "module"):
+        units = units_of(database, granularity)
+        space, weights = search_space(database, units, budget.Budget("sparsity", 0.5))
+        rng = random.Random(0)
+        parent = evopress.initial_candidates(space, rng, 1)[0]
+        total = space.total(parent)
+        assert total <= space.limit and 1 - total / weights >= 0.5
+        for _ in range(2000):
+            parent = evopress.mutate(parent, space, rng)
+            assert space.total(parent) == total
+    with pytest.raises(CompressorError, match="cannot be met"):
+        search_space(database, units, budget.Budget("sparsity", 0.95))

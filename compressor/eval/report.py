@@ -28,7 +28,10 @@ def _compression_lines(compression: dict) -> list[str]:
         ("bits", "bits"),
         ("group_size", "group size"),
         ("symmetric", "symmetric"),
-        ("bpw", "bits per weight"),
+        ("bpw", "stored bits per weight"),
+        ("code_bits", "code bits per weight"),
+        ("allocation", "allocation"),
+        ("search", "search"),
         ("size_mb", "size (MB)"),
     ]
     return [f"- {label}: {compression[key]}" for key, label in labels if key in compression]

@@ -134,13 +134,24 @@ def evaluate(
 def _compression_summary(manifest: dict | None) -> dict | None:
     if manifest is None:
         return None
-    passes = manifest.get("recipe", {}).get("passes", [])
+    recipe = manifest.get("recipe", {})
+    passes = recipe.get("passes", [])
     first = passes[0] if passes else {}
-    return {
-        "method": "+".join(p.get("method", "?") for p in passes),
-        "bits": first.get("bits"),
+    widths = sorted({p["bits"] for p in passes if p.get("bits") is not None})
+    summary = {
+        "method": "+".join(dict.fromkeys(p.get("method", "?") for p in passes)),
+        # Mixed precision (allocation or search) lists its widths: "3/4".
+        "bits": "/".join(map(str, widths)) if len(widths) > 1 else first.get("bits"),
         "group_size": first.get("group_size"),
         "symmetric": first.get("symmetric"),
         "bpw": round(manifest.get("bpw", {}).get("stored", 0.0), 4),
+        "code_bits": round(manifest.get("bpw", {}).get("levels", 0.0), 4),
         "size_mb": round(manifest.get("size", {}).get("weights_bytes", 0) / 2**20, 1),
     }
+    if "allocation" in recipe:
+        summary["allocation"] = f"{recipe['allocation']['score']} for {recipe['allocation']['budget']}"
+    if "search" in manifest:
+        found = manifest["search"]
+        summary["search"] = (f"EvoPress for {found['budget']} ({found['generations']} generations, "
+                             f"final KL {found['final_fitness_kl']:.4f})")
+    return summary

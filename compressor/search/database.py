@@ -17,6 +17,7 @@ keeps dequantized fp16 copies (100-200 GB for a 7B model); safetensors files are
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,15 +65,21 @@ def quant_levels(bits: list[int], group_size: int = 128, symmetric: bool = False
     return levels
 
 
-def sparsity_levels(step: float = 0.1, highest: float = 0.9, method: str = "sparsegpt") -> list[Level]:
-    """Unstructured sparsity from `highest` down to dense, cheapest (sparsest) first.
+def sparsity_levels(step: float = 0.1, highest: float = 0.9, widths: list[int] | None = None,
+                    method: str = "sparsegpt") -> list[Level]:
+    """Unstructured sparsity from about `highest` down to dense, cheapest (sparsest) first.
 
-    The levels are equally spaced, so raising one layer and lowering another of the same shape
-    keeps the total count of kept weights unchanged (up to per-row rounding, which the search checks).
+    Each level prunes a fixed *count* more weights per row than the one above it, so raising one
+    layer and lowering another of the same shape keeps the total exactly (EvoPress). For that the
+    step is snapped to a multiple of 1/g, g = gcd of the input widths: k * step * width is then an
+    integer for every layer (576 and 1536 columns: steps of 1/192, so 0.1 becomes 19/192).
     """
-    count = int(round(highest / step))
-    fractions = [round(k * step, 6) for k in range(count, 0, -1)]
-    levels = [Level(f"s{round(100 * f)}", (Step(method, {"sparsity": f}),)) for f in fractions]
+    if widths:
+        unit = math.gcd(*widths)
+        step = max(1, round(step * unit)) / unit
+    count = int(highest / step + 1e-9)
+    fractions = [k * step for k in range(count, 0, -1)]
+    levels = [Level(f"s{100 * f:.1f}", (Step(method, {"sparsity": f}),)) for f in fractions]
     for level in levels:
         get_pass(method).validate(level.steps[0].args)
     return levels + [Level("dense", ())]

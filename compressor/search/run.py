@@ -27,7 +27,7 @@ from compressor import budget, data
 from compressor.budget import Budget
 from compressor.errors import CompressorError
 from compressor.job import MANIFEST, RECIPE_FILE, Calibration, JobResult, build_manifest, peak_rss_mb
-from compressor.model import ModelSource, decoder_blocks, load_model
+from compressor.model import ModelSource, block_linears, decoder_blocks, load_model
 from compressor.pack import check_output, save_checkpoint, staged_output
 from compressor.pipeline import resolve_device
 from compressor.search import evopress
@@ -68,14 +68,14 @@ class SearchJob:
         self.level_list()
         return target
 
-    def level_list(self):
+    def level_list(self, widths: list[int] | None = None):
         if self.levels == "quant":
             if not self.bits or any(not 2 <= b <= 8 for b in self.bits):
                 raise CompressorError(f"--bits-levels must be integers from 2 to 8, got {self.bits}")
             return quant_levels(self.bits, self.group_size, self.symmetric)
         if not 0 < self.sparsity_step < 1:
             raise CompressorError(f"--sparsity-step must be in (0, 1), got {self.sparsity_step}")
-        return sparsity_levels(self.sparsity_step, highest=0.9)
+        return sparsity_levels(self.sparsity_step, highest=0.9, widths=widths)
 
     def as_data(self) -> dict:
         return {**asdict(self), "settings": self.settings.as_data()}
@@ -155,7 +155,6 @@ def run_search(
     else:
         state = None
     target = job.validate()
-    levels = job.level_list()
     check_output(output, overwrite)
     torch_device = resolve_device(device)
     data_dir = data.resolve_data_dir(calibration.data_dir)
@@ -177,6 +176,7 @@ def run_search(
 
     start = time.perf_counter()
     _, blocks = decoder_blocks(model)
+    levels = job.level_list(sorted({m.in_features for b in blocks for m in block_linears(b).values()}))
     database = LevelDatabase(database_folder) if (database_folder / "index.json").is_file() else None
     if database is None or not database.complete(len(blocks)):
         stage(f"level database: {len(levels)} levels x {len(blocks)} blocks")
