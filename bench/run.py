@@ -53,6 +53,12 @@ def _search(target: str) -> list[str]:
             "--database", str(WORK / "search-database")]
 
 
+def _sparsity_search(target: float) -> list[str]:
+    # SparseGPT levels from ~90% down to dense in steps of ~10%, one database for both targets.
+    return ["search", "--budget", f"{target}sparsity", "--levels", "sparsity",
+            "--database", str(WORK / "search-sparsity-database")]
+
+
 SUITES: dict[str, list[tuple[str, list[str]]]] = {
     "quantize": [
         ("rtn-w4g64-sym", _quant("rtn", 4, 64, True)),
@@ -82,6 +88,18 @@ SUITES: dict[str, list[tuple[str, list[str]]]] = {
           for score in ("lim", "zd")],
         ("evopress-3.5bpw", _search("3.5bpw")),
         ("evopress-2.5bpw", _search("2.5bpw")),
+    ],
+    # Per-layer sparsity at equal total sparsity: uniform SparseGPT, LIM / ZD (+-10% by importance),
+    # EvoPress over SparseGPT levels.
+    "search-sparsity": [
+        row
+        for target in (0.5, 0.7)
+        for row in [
+            (f"sparsegpt-{target}", ["sparsify", "--method", "sparsegpt", "--sparsity", str(target)]),
+            *[(f"sparsegpt-{target}-{score}", ["sparsify", "--method", "sparsegpt", "--sparsity", str(target),
+                                                "--allocate", score]) for score in ("lim", "zd")],
+            (f"evopress-{target}sparsity", _sparsity_search(target)),
+        ]
     ],
 }
 

@@ -194,9 +194,19 @@ def sparsify(
         "wanda", "--method", help="magnitude (no data), wanda, or sparsegpt (with weight update)."),
     dsnot: bool = typer.Option(
         False, "--dsnot/--no-dsnot", help="Refine the mask with DSnoT prune-and-grow (needs data)."),
+    allocate: str = typer.Option(
+        None, "--allocate",
+        help="With --sparsity: spread it over decoder layers by importance, lim or zd; the most "
+             "important half pruned at F - spread, the rest at F + spread (same total)."),
+    spread: float = typer.Option(0.1, "--spread", help="With --allocate: how far layers move from F."),
+    dsnot_criterion: str = typer.Option(
+        "error", "--dsnot-criterion",
+        help="DSnoT swap rule: 'error' (the row's calibration reconstruction error, mean and variance "
+             "together; never raises it) or 'expectation' (the paper's rule)."),
     max_cycles: int = typer.Option(50, "--max-cycles", min=0, help="DSnoT: swap cycles per row."),
     update_threshold: float = typer.Option(
-        0.1, "--update-threshold", min=0.0, help="DSnoT: stop a row when |expected error| is below."),
+        0.1, "--update-threshold", min=0.0,
+        help="DSnoT 'expectation': stop a row when |expected error| is below this."),
     calibration: str = CalibrationOpt,
     samples: int = SamplesOpt,
     seqlen: int = SeqlenOpt,
@@ -217,11 +227,17 @@ def sparsify(
     step = {"method": method, **({"pattern": pattern} if pattern else {"sparsity": sparsity})}
     passes = [step]
     if dsnot:
-        passes.append({"method": "dsnot", "max_cycles": max_cycles, "update_threshold": update_threshold})
+        passes.append({"method": "dsnot", "criterion": dsnot_criterion, "max_cycles": max_cycles,
+                       "update_threshold": update_threshold})
+    allocation = None
+    if allocate is not None:
+        if pattern is not None:
+            raise CompressorError("--allocate spreads an unstructured --sparsity, not an N:M --pattern")
+        allocation = {"score": allocate, "spread": spread}
     label = pattern.replace(":", "of") if pattern else f"s{round(100 * sparsity)}"
-    tag = f"{method}-{label}" + ("-dsnot" if dsnot else "")
+    tag = f"{method}-{label}" + (f"-{allocate}" if allocate else "") + ("-dsnot" if dsnot else "")
     cal = _calibration(calibration, samples, seqlen, seed, data_dir, batch_size)
-    _run_job(model, {"passes": passes}, output, cal, device, overwrite, as_json, tag)
+    _run_job(model, {"passes": passes}, output, cal, device, overwrite, as_json, tag, allocation)
 
 
 @app.command()

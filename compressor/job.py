@@ -70,8 +70,10 @@ def run_compression(
 ) -> JobResult:
     """Compress `source` as `recipe` says and write the checkpoint to `output`.
 
-    `allocation` ({"score": "lim" | "zd", "budget": Budget}) spreads the recipe's single quantization
-    step over two bit widths, block by block, by layer importance (compressor.search.importance).
+    `allocation` ({"score": "lim" | "zd", "budget": Budget}) spreads the recipe's first step, a
+    quantization, over two bit widths, block by block, by layer importance; with {"score", "spread"}
+    instead it spreads an unstructured pruning step over sparsity +- spread
+    (compressor.search.importance).
     """
     stage = on_stage or (lambda _: None)
     # Everything that can be checked without the model is checked before loading it.
@@ -98,14 +100,18 @@ def run_compression(
 
     ids = None
     if allocation is not None:
-        from compressor.search.importance import allocate_recipe
+        from compressor.search.importance import allocate_recipe, allocate_sparsity_recipe
 
         needs_ids = allocation["score"] == "lim" or needs_data(build_plan(model, recipe["passes"]))
         ids = calibration_ids() if needs_ids else None
         stage(f"scoring layer importance ({allocation['score']})")
-        passes, decided = allocate_recipe(model, recipe["passes"][0], allocation["budget"],
-                                          allocation["score"], ids)
-        recipe = {**recipe, "passes": passes, "allocation": decided}
+        first, rest = recipe["passes"][0], recipe["passes"][1:]
+        if "spread" in allocation:
+            passes, decided = allocate_sparsity_recipe(model, first, allocation["score"], ids,
+                                                       allocation["spread"])
+        else:
+            passes, decided = allocate_recipe(model, first, allocation["budget"], allocation["score"], ids)
+        recipe = {**recipe, "passes": passes + rest, "allocation": decided}
     plan = build_plan(model, recipe["passes"])
     if ids is None and needs_data(plan):
         ids = calibration_ids()

@@ -64,7 +64,7 @@ def test_counts_pattern_and_eps(label, args):
     layer, stats, x, dense, pattern = make_case(args)
     before = layer.mask.clone()
     eps_before = row_eps(dense, before, stats)
-    dsnot.compress(layer, stats, {})
+    dsnot.compress(layer, stats, {"criterion": "expectation"})
 
     assert layer.mask.dtype == torch.bool and layer.mask.shape == before.shape
     assert torch.equal((~layer.mask).sum(1), (~before).sum(1))
@@ -83,11 +83,81 @@ def test_counts_pattern_and_eps(label, args):
     assert layer.metrics["sparsity"] == pattern.sparsity and layer.metrics["pattern"] == pattern.label
 
 
+def row_errors(x: torch.Tensor, dense: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Each output's mean squared reconstruction error on the calibration inputs, in float64."""
+    x = x.double()
+    return ((x @ (dense.double() - weight.double()).T) ** 2).mean(0)
+
+
+@pytest.mark.parametrize(("label", "args"), PATTERNS)
+def test_error_criterion_never_raises_any_row_error(label, args):
+    layer, stats, x, dense, pattern = make_case(args)
+    before = layer.mask.clone()
+    errors_before = row_errors(x, dense, dense * before)
+    dsnot.compress(layer, stats, {})  # criterion "error" is the default
+
+    assert torch.equal((~layer.mask).sum(1), (~before).sum(1))
+    assert mask_holds(layer.mask, pattern)
+    assert torch.equal(layer.weight, dense * layer.mask)
+    errors_after = row_errors(x, dense, layer.weight)
+    assert (errors_after <= errors_before * (1 + 1e-9)).all()
+    # Magnitude masks ignore the inputs: the swaps recover a good part of the error.
+    assert errors_after.sum() < 0.8 * errors_before.sum()
+    assert layer.metrics["dsnot_swaps"] > 0 and 0 < layer.metrics["dsnot_cycles"] <= 50
+    # The reported objective is the layer error with H = 2/N X^T X (2x the mean squared error).
+    assert layer.metrics["dsnot_before"] == pytest.approx(2 * float(errors_before.sum()), rel=1e-4)
+    assert layer.metrics["dsnot_after"] == pytest.approx(2 * float(errors_after.sum()), rel=1e-4)
+
+
+def test_error_criterion_beats_the_papers_rule_on_the_calibration_error():
+    results = {}
+    for criterion in ("error", "expectation"):
+        layer, stats, x, dense, _ = make_case({"pattern": "2:4"})
+        dsnot.compress(layer, stats, {"criterion": criterion})
+        results[criterion] = float(row_errors(x, dense, layer.weight).sum())
+    assert results["error"] < results["expectation"]
+
+
+def test_error_criterion_keeps_a_sparsegpt_update():
+    """Kept weights carry an update: the error is measured against it, and kept weights keep it."""
+    layer, stats, x, dense, pattern = make_case({"sparsity": 0.5}, seed=3)
+    gen = torch.Generator().manual_seed(7)
+    updated = (dense + 0.3 * torch.randn(dense.shape, generator=gen)) * layer.mask
+    layer.weight = updated.clone()
+    before = layer.mask.clone()
+    errors_before = row_errors(x, dense, updated)
+    dsnot.compress(layer, stats, {})
+
+    after = layer.mask
+    assert torch.equal((~after).sum(1), (~before).sum(1))
+    assert (row_errors(x, dense, layer.weight) <= errors_before * (1 + 1e-9)).all()
+    assert layer.metrics["dsnot_swaps"] > 0
+    kept = before & after
+    regrown = after & ~before
+    assert regrown.any()
+    assert torch.equal(layer.weight[kept], updated[kept])
+    assert torch.equal(layer.weight[regrown], dense[regrown])
+    assert (layer.weight[~after] == 0).all()
+
+
+def test_error_criterion_on_a_ragged_tail_and_zero_cycles():
+    layer, stats, x, dense, pattern = make_case({"pattern": "2:4"}, cols=130)
+    before = layer.mask.clone()
+    dsnot.compress(layer, stats, {})
+    assert mask_holds(layer.mask, pattern) and layer.metrics["dsnot_swaps"] > 0
+    assert (row_errors(x, dense, layer.weight) <= row_errors(x, dense, dense * before) * (1 + 1e-9)).all()
+
+    layer, stats, _, dense, _ = make_case({"pattern": "2:4"})
+    before = layer.mask.clone()
+    dsnot.compress(layer, stats, {"max_cycles": 0})
+    assert torch.equal(layer.mask, before) and layer.metrics["dsnot_swaps"] == 0
+
+
 def test_ragged_nm_tail_keeps_pattern():
     args = {"pattern": "2:4"}
     layer, stats, _, dense, pattern = make_case(args, cols=130)
     before = layer.mask.clone()
-    dsnot.compress(layer, stats, {"power": 0.0, "update_threshold": 0.0})
+    dsnot.compress(layer, stats, {"criterion": "expectation", "power": 0.0, "update_threshold": 0.0})
     assert mask_holds(before, pattern) and mask_holds(layer.mask, pattern)
     assert layer.metrics["dsnot_swaps"] > 0
     assert (row_eps(dense, layer.mask, stats).abs() <= row_eps(dense, before, stats).abs() + 1e-9).all()
@@ -103,7 +173,7 @@ def test_zero_cycles_and_high_threshold_leave_mask():
 
     layer, stats, _, _, _ = make_case({"sparsity": 0.5})
     before = layer.mask.clone()
-    dsnot.compress(layer, stats, {"update_threshold": 1e9})
+    dsnot.compress(layer, stats, {"criterion": "expectation", "update_threshold": 1e9})
     assert torch.equal(layer.mask, before) and layer.metrics["dsnot_swaps"] == 0
 
 
@@ -117,9 +187,10 @@ def test_max_cycles_bounds_swaps_per_row():
 
 def test_pass_interface():
     assert dsnot.needs_data({}) is True
-    assert dsnot.statistics({}) == {"hessian", "moments"}
+    assert dsnot.statistics({}) == {"hessian"}
+    assert dsnot.statistics({"criterion": "expectation"}) == {"moments"}
     dsnot.validate({})
-    dsnot.validate({"max_cycles": 0, "update_threshold": 0, "power": 0.5})
+    dsnot.validate({"criterion": "expectation", "max_cycles": 0, "update_threshold": 0, "power": 0.5})
 
 
 @pytest.mark.parametrize(
@@ -127,6 +198,7 @@ def test_pass_interface():
     [
         {"max_cycles": -1}, {"max_cycles": 1.5}, {"max_cycles": True}, {"update_threshold": -0.1},
         {"update_threshold": "x"}, {"power": "1"}, {"power": float("nan")}, {"cycles": 3},
+        {"criterion": "mse"},
     ],
 )
 def test_bad_args(args):
@@ -151,7 +223,11 @@ def test_errors():
     no_moments = InputStats(16, hessian=True, moments=False)
     no_moments.add_batch(torch.randn(8, 16))
     with pytest.raises(CompressorError, match="moments"):
-        dsnot.compress(layer, no_moments, {})
+        dsnot.compress(layer, no_moments, {"criterion": "expectation"})
+    no_hessian = InputStats(16, hessian=False, moments=True)
+    no_hessian.add_batch(torch.randn(8, 16))
+    with pytest.raises(CompressorError, match="Hessian"):
+        dsnot.compress(layer, no_hessian, {})
 
     layer, stats, _, _, _ = make_case({"sparsity": 0.5}, rows=4, cols=16, tokens=32)
     layer.original = None

@@ -14,7 +14,13 @@ from compressor.grids import IntGrid
 from compressor.passes import LinearState, Step, apply_steps
 from compressor.search import evopress
 from compressor.search.fitness import coarse_kl
-from compressor.search.importance import allocate_recipe, lim_scores, two_level_allocation, zd_scores
+from compressor.search.importance import (
+    allocate_recipe,
+    allocate_sparsity_recipe,
+    lim_scores,
+    two_level_allocation,
+    zd_scores,
+)
 from compressor.stats import InputStats
 
 # --- budget -----------------------------------------------------------------------------------
@@ -198,6 +204,46 @@ def test_allocate_recipe_meets_a_fractional_target_exactly():
         allocate_recipe(model, step, budget.Budget("bits", 3.3), "zd", None)
     with pytest.raises(CompressorError, match="cannot be met"):
         allocate_recipe(model, step, budget.Budget("bpw", 1.5), "zd", None)
+
+
+def test_allocate_sparsity_spreads_the_target_exactly():
+    from tests.conftest import make_model
+
+    model = make_model("llama")  # 2 equal blocks: 0.5 = one block at 0.4, the other at 0.6
+    passes, info = allocate_sparsity_recipe(model, {"method": "magnitude", "sparsity": 0.5}, "zd", None)
+    assert sorted(info["sparsity_per_block"]) == [0.4, 0.6]
+    most_important = max(range(2), key=lambda b: info["scores"][b])
+    assert info["sparsity_per_block"][most_important] == 0.4
+    assert {p["sparsity"] for p in passes} == {0.4, 0.6} and all(p["method"] == "magnitude" for p in passes)
+    # Hand count: the linears' per-row pruned counts at 0.4 and 0.6 average to 0.5 exactly here.
+    assert info["achieved"] == pytest.approx(0.5, abs=1e-12)
+    for bad, message in [({"method": "magnitude", "pattern": "2:4"}, "N:M"),
+                         ({"method": "magnitude", "sparsity": 0.05}, "spread")]:
+        with pytest.raises(CompressorError, match=message):
+            allocate_sparsity_recipe(model, bad, "zd", None)
+    with pytest.raises(CompressorError, match="unknown importance"):
+        allocate_sparsity_recipe(model, {"method": "magnitude", "sparsity": 0.5}, "xx", None)
+
+
+def test_sparsify_allocate_lim(llama_dir, calibration_file, tmp_path, capsys, monkeypatch):
+    from tests.test_cli import run_cli
+
+    code, stdout, stderr = run_cli(
+        ["sparsify", llama_dir, "--sparsity", "0.5", "--allocate", "lim", "--spread", "0.2",
+         "--method", "wanda", "--dsnot", "--calibration", calibration_file, "--samples", "4",
+         "--seqlen", "32", "-o", tmp_path / "s", "--json"], capsys, monkeypatch)
+    assert code == 0, stderr
+    summary = json.loads(stdout)
+    decided = summary["recipe"]["allocation"]
+    assert sorted(decided["sparsity_per_block"]) == [0.3, 0.7] and decided["score"] == "lim"
+    for name, entry in summary["modules"].items():
+        block = int(name.split(".layers.")[1].split(".")[0])
+        assert entry["methods"] == ["wanda", "dsnot"]
+        assert entry["sparsity"] == pytest.approx(decided["sparsity_per_block"][block], abs=0.02)
+    code, _, stderr = run_cli(
+        ["sparsify", llama_dir, "--pattern", "2:4", "--allocate", "zd", "-o", tmp_path / "b"],
+        capsys, monkeypatch)
+    assert code == 2 and "N:M" in stderr
 
 
 # --- level database -----------------------------------------------------------------------------

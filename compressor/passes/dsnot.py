@@ -1,37 +1,36 @@
 """DSnoT (Zhang et al., "Dynamic Sparse No Training"): training-free prune-and-grow on an existing mask.
 
 An earlier pruning step (magnitude, Wanda, SparseGPT) leaves a mask; DSnoT swaps pruned and kept weights
-within each output row so that the row's *expected* reconstruction error shrinks, with no backprop and
-no weight update: a regrown weight gets its original (dense) value back. The per-row pruned count, and
-for N:M every M-block's count, stays exactly what it was.
+within each output row so that the row's reconstruction error shrinks, with no backprop and no weight
+update: a regrown weight gets its original (dense) value back. The per-row pruned count, and for N:M
+every M-block's count, stays exactly what it was. Each cycle makes at most one swap (one grow, one
+prune in the same M-block) per row; a row that finds no useful swap stops for good; at most max_cycles.
 
-Notation, per input column j: mean_j and var_j of the calibration inputs, wanda_j = sqrt(E[x_j^2]).
-With W the original dense weights and c_ij = W_ij * mean_j, the expected error of output i is
+Two criteria pick the swaps (`criterion`):
 
-    eps_i = E[y_i - y_hat_i] = sum over pruned j of c_ij.
+* "error" (default): the row's reconstruction error on the calibration inputs,
+      err_i = E[(d_i . x)^2] = (E[d_i . x])^2 + Var[d_i . x] = d_i H d_i^T,
+  where d_i = W0_i - W_i is what the row is missing (W0 dense, W current) and H = E[x x^T] the
+  layer's input second moments, i.e. DSnoT's expected error and its variance term together, exactly.
+  Per block it grows the pruned weight whose return lowers err_i most and prunes, in exchange, the
+  kept weight of the same block that raises it least; the swap is made only if err_i drops. So err_i
+  never increases: on SmolLM2-135M the paper's rule below made every Wanda and SparseGPT mask worse
+  (bench/results/sparsity.md), this one cannot make the calibration error worse.
+* "expectation": the paper's rule (zyxxmu/DSnoT). Per input column j, mean_j and var_j of the inputs,
+  wanda_j = sqrt(E[x_j^2]); with c_ij = W0_ij * mean_j the expected error is
+      eps_i = E[y_i - y_hat_i] = sum over pruned j of c_ij.
+  Regrowing g gives eps' = eps - c_ig, pruning p gives eps'' = eps' + c_ip. Grow the pruned weight
+  with the largest sign(eps) * c_ij / var_j^power; prune, among kept weights whose c has the sign
+  opposite to eps' and that leave |eps''| below |eps'| and below |eps| before the cycle, the one with
+  the smallest Wanda score |W_ij| * wanda_j. A row with |eps_i| <= update_threshold stops. As in the
+  official code, mean_j is the sum over tokens divided by the number of calibration samples (the
+  per-token mean times the sequence length), so update_threshold = 0.1 means what it means there.
+  N:M: each block proposes its best grow and matching prune; the row takes the best grow among the
+  blocks where such a swap exists. Unstructured masks are one block per row.
 
-Sign convention (the one thing easy to get backwards):
-  * regrowing a pruned weight g removes it from the pruned set:  eps' = eps - c_ig
-  * pruning a kept weight p adds it to the pruned set:            eps'' = eps' + c_ip
-So the grow step takes the pruned weight with the largest W_ij * mean_j / var_j^p when eps > 0 (its
-c is most positive and cancels a positive eps) and the smallest when eps < 0. The prune step then
-takes, among kept weights whose pruning moves eps' toward zero -- c_ip of the sign OPPOSITE to eps'
-(the error after the grow), with |eps' + c_ip| < |eps'| -- the one with the smallest Wanda score
-|W_ij| * wanda_j. A swap is applied only if it also lowers |eps| below its value before the cycle,
-so |eps_i| never increases; a row with |eps_i| <= update_threshold, or with no such swap, stops for good.
-
-N:M: the weight pruned in exchange comes from the regrown weight's own M-block; each block proposes
-its best grow candidate and its matching prune candidate, and the row takes the best grow among the
-blocks where such a swap exists. Unstructured masks are the same computation with one block per row.
-
-As in the official code (zyxxmu/DSnoT), "mean_j" is the sum over tokens of x_j divided by the number
-of calibration samples (the per-token mean times the sequence length), so update_threshold = 0.1
-means what it means there.
-
-Beyond the official code: after SparseGPT the kept weights carry its OBS update. They keep it here:
-with W the current weights and W0 the dense ones, eps_i = sum_j (W0_ij - W_ij) * mean_j (the same
-formula as above when W = W0 * mask), regrown weights come back with their dense value, and a
-pruned-in-exchange weight contributes its current value. (The official code resets to W0 * mask.)
+Beyond the official code: after SparseGPT the kept weights carry its OBS update, and they keep it
+here (d_i above uses the current weights; the official code resets to W0 * mask); regrown weights
+come back with their dense value. Every linear is refined, the MLP included.
 """
 
 from __future__ import annotations
@@ -45,10 +44,12 @@ from compressor.passes import LinearState, check_keys
 from compressor.sparsity import Pattern, parse_nm
 from compressor.stats import InputStats
 
-KEYS = {"max_cycles", "update_threshold", "power"}
-DEFAULTS = {"max_cycles": 50, "update_threshold": 0.1, "power": 1.0}
+KEYS = {"criterion", "max_cycles", "update_threshold", "power"}
+CRITERIA = ("error", "expectation")
+DEFAULTS = {"criterion": "error", "max_cycles": 50, "update_threshold": 0.1, "power": 1.0}
 _VAR_EPS = 1e-8  # guards var_j^p against constant input columns
 _CHUNK_ELEMENTS = 1 << 22  # rows are independent: process them in chunks to bound memory
+_RELATIVE_GAIN = 1e-9  # "error": a swap must lower err_i by more than rounding noise, or cycles loop
 
 
 def needs_data(args: dict) -> bool:
@@ -56,7 +57,8 @@ def needs_data(args: dict) -> bool:
 
 
 def statistics(args: dict) -> set[str]:
-    return {"hessian", "moments"}
+    # "error" needs the full input second moments; "expectation" only per-column sums.
+    return {"hessian"} if _settings(args)[0] == "error" else {"moments"}
 
 
 def _number(name: str, value, minimum: float | None = None) -> float:
@@ -67,14 +69,17 @@ def _number(name: str, value, minimum: float | None = None) -> float:
     return float(value)
 
 
-def _settings(args: dict) -> tuple[int, float, float]:
+def _settings(args: dict) -> tuple[str, int, float, float]:
     check_keys("dsnot", args, KEYS)
+    criterion = args.get("criterion", DEFAULTS["criterion"])
+    if criterion not in CRITERIA:
+        raise CompressorError(f"dsnot: criterion must be one of {', '.join(CRITERIA)}, got {criterion!r}")
     cycles = args.get("max_cycles", DEFAULTS["max_cycles"])
     if isinstance(cycles, bool) or not isinstance(cycles, int) or cycles < 0:
         raise CompressorError(f"dsnot: max_cycles must be an integer >= 0, got {cycles!r}")
     threshold = _number("update_threshold", args.get("update_threshold", DEFAULTS["update_threshold"]), 0.0)
     power = _number("power", args.get("power", DEFAULTS["power"]))
-    return cycles, threshold, power
+    return criterion, cycles, threshold, power
 
 
 def validate(args: dict) -> None:
@@ -96,11 +101,11 @@ def _block_of(pattern) -> int | None:
 
 
 def compress(layer: LinearState, stats: InputStats | None, args: dict) -> None:
-    max_cycles, threshold, power = _settings(args)
+    criterion, max_cycles, threshold, power = _settings(args)
     if layer.mask is None:
         raise CompressorError("dsnot refines a mask: put it after magnitude, wanda or sparsegpt")
     if stats is None or stats.tokens == 0:
-        raise CompressorError("dsnot needs calibration data (input means and variances)")
+        raise CompressorError("dsnot needs calibration data (input statistics)")
     if layer.quant is not None:
         raise CompressorError("dsnot changes which weights are kept: put it before quantization")
     original = getattr(layer, "original", None)
@@ -111,20 +116,22 @@ def compress(layer: LinearState, stats: InputStats | None, args: dict) -> None:
             f"dsnot: dense weight {tuple(original.shape)} and mask {tuple(layer.mask.shape)} differ"
         )
     block = _block_of(layer.metrics.get("pattern"))
-    try:
-        mean = stats.column_mean()
-        var = stats.column_variance()
-        energy = stats.column_energy()
-    except ValueError as exc:
-        raise CompressorError(f"dsnot: {exc}")
-
     dense = original.detach().float()
     current = layer.weight.float() * layer.mask
     device = dense.device
-    # The official statistic: sum over tokens / samples = per-token mean x tokens per sample.
-    mean = mean.to(device, torch.float64) * (stats.tokens / max(stats.samples, 1))
-    var_p = var.to(device, torch.float64).clamp_min(_VAR_EPS).pow(power)
-    wanda = energy.to(device, torch.float64).clamp_min(0).sqrt()
+    try:
+        if criterion == "error":
+            # The scale of H does not matter (only signs of changes do); float64 keeps them exact.
+            inputs = (stats.hessian().to(device, torch.float64),)
+        else:
+            # The official statistic: sum over tokens / samples = per-token mean x tokens per sample.
+            mean = stats.column_mean().to(device, torch.float64) * (stats.tokens / max(stats.samples, 1))
+            var_p = stats.column_variance().to(device, torch.float64).clamp_min(_VAR_EPS).pow(power)
+            wanda = stats.column_energy().to(device, torch.float64).clamp_min(0).sqrt()
+            inputs = (mean, var_p, wanda, threshold)
+    except ValueError as exc:
+        raise CompressorError(f"dsnot ({criterion}): {exc}")
+    refine = _refine_error if criterion == "error" else _refine_expectation
 
     mask = layer.mask.to(device=device, dtype=torch.bool).clone()
     rows, cols = mask.shape
@@ -132,50 +139,129 @@ def compress(layer: LinearState, stats: InputStats | None, args: dict) -> None:
     padded = -(-cols // width) * width
     step = max(1, _CHUNK_ELEMENTS // max(padded, 1))
     cycles = swaps = 0
+    before = after = 0.0
     for start in range(0, rows, step):
         part = slice(start, min(start + step, rows))
-        keep, used, done = _refine(
-            dense[part].double(), current[part].double(), mask[part], mean, var_p, wanda, width,
-            threshold, max_cycles,
+        keep, used, done, objective = refine(
+            dense[part].double(), current[part].double(), mask[part], width, max_cycles, *inputs
         )
         mask[part] = keep
         cycles, swaps = max(cycles, used), swaps + done
+        before, after = before + objective[0], after + objective[1]
 
     # Weights kept throughout keep their current value (a SparseGPT update); regrown ones the dense.
     layer.weight = torch.where(layer.mask, current, dense) * mask
     layer.mask = mask
     layer.methods.append("dsnot")
-    layer.metrics.update(dsnot_cycles=cycles, dsnot_swaps=swaps)
+    # The criterion's objective summed over rows, before and after: "error" sum_i d_i H d_i^T with
+    # H = 2/N sum x x^T (GPTQ's convention), "expectation" sum_i |eps_i|.
+    layer.metrics.update(dsnot_cycles=cycles, dsnot_swaps=swaps, dsnot_before=before, dsnot_after=after)
+
+
+def _blocks(cols: int, width: int, device) -> tuple[int, int, torch.Tensor, torch.Tensor]:
+    """(blocks, pad, block start columns, validity of each padded position) for rows cut in M-blocks."""
+    blocks = -(-cols // width)
+    pad = blocks * width - cols
+    valid = torch.nn.functional.pad(torch.ones(1, cols, dtype=torch.bool, device=device), (0, pad))
+    return blocks, pad, torch.arange(blocks, device=device) * width, valid.reshape(1, blocks, width)
 
 
 @torch.no_grad()
-def _refine(
-    dense: torch.Tensor, current: torch.Tensor, mask: torch.Tensor, mean: torch.Tensor,
-    var_p: torch.Tensor, wanda: torch.Tensor, width: int, threshold: float, max_cycles: int,
-) -> tuple[torch.Tensor, int, int]:
-    """Swap loop for a chunk of rows, in float64. Returns (new mask, cycles run, swaps made).
+def _refine_error(
+    dense: torch.Tensor, current: torch.Tensor, mask: torch.Tensor, width: int, max_cycles: int,
+    hessian: torch.Tensor,
+) -> tuple[torch.Tensor, int, int, tuple[float, float]]:
+    """Swap loop on err_i = d_i H d_i^T for a chunk of rows, in float64.
+
+    With r_i = d_i H, changing d_i by delta at columns g and p changes err_i by
+        (delta_g^2 H_gg + 2 delta_g r_g) + (delta_p^2 H_pp + 2 delta_p (r_p + delta_g H_gp)).
+    Regrowing g sets d_g to 0 (delta_g = -d_g); pruning p loses its current value (delta_p = W_p).
+    Everything lives in a [rows, blocks * width] layout (zero padding past the last column) so that
+    each cycle is a handful of full passes; the parts of the scores that change only where a swap
+    happens (the squared terms, +inf where a column cannot take part) are kept up to date in place.
+    """
+    rows, cols = dense.shape
+    blocks, pad, offsets, valid3 = _blocks(cols, width, dense.device)
+    padded = blocks * width
+
+    def padded_cols(t: torch.Tensor, fill=0.0) -> torch.Tensor:
+        return torch.nn.functional.pad(t, (0, pad), value=fill)
+
+    h = padded_cols(hessian)  # [cols, padded]: row g of H
+    flat_h = h.reshape(-1)
+    diag = padded_cols(hessian.diagonal())
+    valid = valid3.reshape(1, padded)
+    dense = padded_cols(dense)
+    weight = padded_cols(current)
+    missing = dense - weight  # d
+    response = missing[:, :cols] @ h  # r, zero in the padding
+    keep = padded_cols(mask, False)
+    grow_base = torch.where(valid & ~keep, missing.square() * diag, math.inf)
+    prune_base = torch.where(keep, weight.square() * diag, math.inf)
+    error = (missing * response).sum(1)
+    start_error = float(error.sum())
+    in_block = offsets[:, None] + torch.arange(width, device=dense.device)  # [blocks, width]
+
+    def blocked(t: torch.Tensor) -> torch.Tensor:
+        return t.view(rows, blocks, width)
+
+    active = torch.ones(rows, dtype=torch.bool, device=dense.device)
+    cycles = swaps = 0
+    while cycles < max_cycles and bool(active.any()):
+        cycles += 1
+        # Grow: per block, the pruned weight whose return lowers err most on its own.
+        grow_delta, grow_idx = blocked(torch.addcmul(grow_base, missing, response, value=-2)).min(2)
+        grow_col = offsets + grow_idx  # [rows, blocks]
+        delta_g = -missing.gather(1, grow_col)
+        # Prune: the kept weight of the same block that raises err least, given that grow.
+        h_gp = flat_h[grow_col[..., None] * padded + in_block]  # H[g, p] for p in g's block
+        shifted = torch.addcmul(blocked(response), delta_g[..., None], h_gp)
+        prune_delta, prune_idx = torch.addcmul(blocked(prune_base), blocked(weight), shifted, value=2).min(2)
+        total, chosen = (grow_delta + prune_delta).min(1)
+        # inf (no swap in any block) never passes; a row whose best swap does not help stops for good.
+        active &= total < -_RELATIVE_GAIN * error.abs()
+        at = active.nonzero().squeeze(1)
+        block = chosen[at]
+        g, p = grow_col[at, block], offsets[block] + prune_idx[at, block]
+        dg, dp = -missing[at, g], weight[at, p]
+        response[at] += dg[:, None] * h[g] + dp[:, None] * h[p]
+        missing[at, g], missing[at, p] = 0.0, dense[at, p]
+        weight[at, g], weight[at, p] = dense[at, g], 0.0
+        keep[at, g], keep[at, p] = True, False
+        grow_base[at, g], grow_base[at, p] = math.inf, dense[at, p].square() * diag[p]
+        prune_base[at, p], prune_base[at, g] = math.inf, dense[at, g].square() * diag[g]
+        error[at] += total[at]
+        swaps += int(at.numel())
+
+    return keep[:, :cols], cycles, swaps, (start_error, float(error.sum()))
+
+
+@torch.no_grad()
+def _refine_expectation(
+    dense: torch.Tensor, current: torch.Tensor, mask: torch.Tensor, width: int, max_cycles: int,
+    mean: torch.Tensor, var_p: torch.Tensor, wanda: torch.Tensor, threshold: float,
+) -> tuple[torch.Tensor, int, int, tuple[float, float]]:
+    """The paper's swap loop for a chunk of rows, in float64. Returns (new mask, cycles, swaps).
 
     `dense` gives the value a regrown weight comes back with, `current` (zero where pruned) the
     value a kept weight takes away when it is pruned in exchange.
     """
     rows, cols = dense.shape
-    blocks = -(-cols // width)
-    pad = blocks * width - cols
+    blocks, pad, offsets, valid3 = _blocks(cols, width, dense.device)
 
-    def shaped(t: torch.Tensor, fill) -> torch.Tensor:
-        return torch.nn.functional.pad(t, (0, pad), value=fill).reshape(t.shape[0], blocks, width)
+    def shaped(t: torch.Tensor) -> torch.Tensor:  # padding columns: zero, never kept nor pruned
+        return torch.nn.functional.pad(t, (0, pad)).reshape(t.shape[0], blocks, width)
 
     grow_c = dense * mean  # what regrowing j removes from eps
     prune_c = current * mean  # what pruning a kept j adds to eps
     eps = ((dense - current) * mean).sum(1)  # expected error per row
-    grow_c3 = shaped(grow_c, 0.0)
-    prune_c3 = shaped(prune_c, 0.0)
-    grow3 = shaped(grow_c / var_p, 0.0)
-    prune3 = shaped(current.abs() * wanda, 0.0)
-    valid3 = shaped(torch.ones(1, cols, dtype=torch.bool, device=dense.device), False)
-    keep3 = shaped(mask, False)  # padding columns are neither kept nor pruned (valid3 is False)
-    offsets = torch.arange(blocks, device=dense.device) * width
+    grow_c3 = shaped(grow_c)
+    prune_c3 = shaped(prune_c)
+    grow3 = shaped(grow_c / var_p)
+    prune3 = shaped(current.abs() * wanda)
+    keep3 = shaped(mask)
 
+    start_eps = float(eps.abs().sum())
     active = eps.abs() > threshold
     cycles = swaps = 0
     while cycles < max_cycles and bool(active.any()):
@@ -211,4 +297,4 @@ def _refine(
         active[idx[~go]] = False
         active[rows_go] = eps[rows_go].abs() > threshold
 
-    return keep3.reshape(rows, -1)[:, :cols], cycles, swaps
+    return keep3.reshape(rows, -1)[:, :cols], cycles, swaps, (start_eps, float(eps.abs().sum()))

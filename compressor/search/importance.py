@@ -21,6 +21,7 @@ from compressor.errors import CompressorError
 from compressor.model import block_linears, decoder_blocks
 from compressor.passes import QUANT_KEYS, grid_from_args
 from compressor.pipeline import output_hidden
+from compressor.sparsity import check_sparsity, pattern_from_args, pruned_per_row
 
 SCORES = ("lim", "zd")
 
@@ -99,6 +100,26 @@ def _block_cost(model, block_names: list[str], step: dict, bits: int, kind: str)
     return total
 
 
+def _importance(model, score: str, calibration_ids) -> list[float]:
+    if score not in SCORES:
+        raise CompressorError(f"unknown importance score {score!r}; choose one of: {', '.join(SCORES)}")
+    if score == "zd":
+        return zd_scores(model)
+    if calibration_ids is None:
+        raise CompressorError("--allocate lim needs calibration data")
+    return lim_scores(model, calibration_ids)
+
+
+def _per_block_passes(prefix: str, step: dict, key: str, value_per_block: list) -> list[dict]:
+    """One pass per distinct value, targeting its blocks by regex (the saved recipe reproduces it)."""
+    passes = []
+    for value in sorted(set(value_per_block)):
+        chosen = [str(i) for i, v in enumerate(value_per_block) if v == value]
+        regex = "re:^" + re.escape(prefix) + r"\.(" + "|".join(chosen) + r")\."
+        passes.append({**step, key: value, "targets": [regex]})
+    return passes
+
+
 def allocate_recipe(
     model, step: dict, target: budget.Budget, score: str, calibration_ids
 ) -> tuple[list, dict]:
@@ -123,12 +144,7 @@ def allocate_recipe(
                               f"{cheapest:.3f}{target.kind}")
     lo = max(fitting)
     hi = min(lo + 1, 8)
-    if score == "lim":
-        if calibration_ids is None:
-            raise CompressorError("--allocate lim needs calibration data")
-        scores = lim_scores(model, calibration_ids)
-    else:
-        scores = zd_scores(model)
+    scores = _importance(model, score, calibration_ids)
     raised = two_level_allocation(scores, costs[lo], costs[hi], limit) if hi > lo else [False] * len(blocks)
     total = sum(costs[hi][i] if up else costs[lo][i] for i, up in enumerate(raised))
     reached = budget.achieved(target.kind, total, weights)
@@ -139,11 +155,47 @@ def allocate_recipe(
             f"nearest: {reached:.4g} or {reached + step_size:.4g}"
         )
     bits_per_block = [hi if up else lo for up in raised]
-    passes = []
-    for bits in sorted(set(bits_per_block)):
-        chosen = [str(i) for i, b in enumerate(bits_per_block) if b == bits]
-        regex = "re:^" + re.escape(prefix) + r"\.(" + "|".join(chosen) + r")\."
-        passes.append({**step, "bits": bits, "targets": [regex]})
     info = {"score": score, "scores": scores, "bits_per_block": bits_per_block,
             "budget": str(target), "achieved": reached}
-    return passes, info
+    return _per_block_passes(prefix, step, "bits", bits_per_block), info
+
+
+def _kept(model, block_names: list[str], sparsity: float) -> int:
+    pattern = pattern_from_args({"sparsity": sparsity})
+    total = 0
+    for name in block_names:
+        out_features, in_features = model.get_submodule(name).weight.shape
+        total += out_features * (in_features - pruned_per_row(in_features, pattern))
+    return total
+
+
+def allocate_sparsity_recipe(
+    model, step: dict, score: str, calibration_ids, spread: float = 0.1
+) -> tuple[list, dict]:
+    """Expand one unstructured pruning step into per-block sparsities target +- spread.
+
+    The most important blocks are pruned less (target - spread), as many as the budget allows; the
+    rest more (target + spread). The total kept count never exceeds the uniform setting's; with
+    equal-shaped blocks half go each way and the average is exactly the target.
+    """
+    if "sparsity" not in step or "pattern" in step:
+        raise CompressorError("--allocate spreads an unstructured --sparsity over layers, not an N:M pattern")
+    target = check_sparsity(step["sparsity"])
+    if not 0 < spread <= min(target, 0.99 - target) + 1e-9:
+        raise CompressorError(
+            f"--spread {spread:g} must be positive and keep {target:g} +- spread within [0, 0.99]"
+        )
+    prefix, blocks = decoder_blocks(model)
+    names = [[f"{prefix}.{i}.{n}" for n in block_linears(b)] for i, b in enumerate(blocks)]
+    weights = sum(model.get_submodule(n).weight.numel() for block in names for n in block)
+    limit = sum(_kept(model, block, target) for block in names)  # the uniform setting's kept count
+    lo, hi = round(target + spread, 6), round(target - spread, 6)  # lo = cheaper = sparser
+    cost_lo = [_kept(model, block, lo) for block in names]
+    cost_hi = [_kept(model, block, hi) for block in names]
+    scores = _importance(model, score, calibration_ids)
+    spared = two_level_allocation(scores, cost_lo, cost_hi, limit)
+    total = sum(cost_hi[i] if up else cost_lo[i] for i, up in enumerate(spared))
+    sparsity_per_block = [hi if up else lo for up in spared]
+    info = {"score": score, "scores": scores, "sparsity_per_block": sparsity_per_block,
+            "budget": f"{target:g}sparsity", "achieved": budget.achieved("sparsity", total, weights)}
+    return _per_block_passes(prefix, step, "sparsity", sparsity_per_block), info
