@@ -9,6 +9,7 @@ runs of a suite go first, back to back, so their timings share the same quiet ma
 
     python bench/run.py quantize                 # one suite
     python bench/run.py sparsity --only wanda-2of4 wanda-2of4-dsnot
+    python bench/run.py fp4
     python bench/run.py all
 """
 
@@ -103,6 +104,23 @@ SUITES: dict[str, list[tuple[str, list[str]]]] = {
     ],
 }
 
+
+def _fp4(number_format: str, group: int = 0) -> list[str]:
+    return ["quantize", "--format", number_format, *(["--group-size", str(group)] if group else [])]
+
+
+# 4-bit floats against INT4: block-scaled NVFP4 / MXFP4, and LLM-FP4's per-channel (or per-64)
+# format and bias search against plain E2M1 at the same layout and bits.
+SUITES["fp4"] = [
+    ("nvfp4", _fp4("nvfp4")),
+    ("mxfp4", _fp4("mxfp4")),
+    ("e2m1-ch", _fp4("e2m1")),
+    ("llm-fp4-ch", _fp4("fp4")),
+    ("e2m1-g64", _fp4("e2m1", 64)),
+    ("llm-fp4-g64", _fp4("fp4", 64)),
+    ("gptq-w4g64-sym", _quant("gptq", 4, 64, True)),
+]
+
 # llm-compressor 0.14 on this machine, same protocol (../shared/docs/REFERENCE.md).
 REFERENCE = {
     "dense": {"ppl": 21.813},
@@ -118,6 +136,10 @@ REFERENCE = {
     "sparsegpt-2of4": {"ppl": 89.644, "seconds": 319.6},
     "wanda-2of4": {"ppl": 187.670, "seconds": 209.6},
     "magnitude-2of4": {"note": "refused by the reference"},
+    # bitsandbytes 0.50.2 blockwise absmax, blocks of 64 (4.5 stored bits per weight).
+    "e2m1-g64": {"ppl": 33.577, "note": "bitsandbytes FP4 bs64"},
+    "llm-fp4-g64": {"ppl": 33.577, "note": "bitsandbytes FP4 bs64"},
+    "nvfp4": {"ppl": 27.546, "note": "bitsandbytes NF4 bs64"},
 }
 
 
@@ -163,6 +185,8 @@ def markdown(suite: str, rows: list[dict], environment: dict) -> str:
     for row in rows:
         ref = REFERENCE.get(row["name"], {})
         ref_ppl = f"{ref['ppl']:.3f}" if ref.get("ppl") else ref.get("note", "")
+        if ref.get("ppl") and ref.get("note"):
+            ref_ppl += f" ({ref['note']})"
         lines.append(
             f"| {row['name']} | {row['ppl']:.3f} | {row['ppl'] / row['dense_ppl']:.2f} "
             f"| {row['kl']:.4f} | {100 * row['top1']:.1f}% | {row['compress_seconds']:.1f} "

@@ -136,9 +136,16 @@ def quantize(
     budget: str = typer.Option(
         None, "--budget", help="With --allocate, instead of --bits: e.g. 3.5bpw (stored bits per weight)."),
     group_size: int = typer.Option(
-        128, "--group-size", help="Columns per scale group; 0 or -1 = per-channel. Ragged tails are fine."),
+        None, "--group-size", show_default=False,
+        help="Columns per scale group; 0 or -1 = per-channel. Ragged tails are fine. Default 128; "
+             "with --format fp4/e2m1 columns per exponent bias, default per-channel."),
     symmetric: bool = typer.Option(True, "--sym/--asym", help="Symmetric grid, or with zero points."),
     method: str = typer.Option("gptq", "--method", help="gptq (calibrated) or rtn (round to nearest)."),
+    number_format: str = typer.Option(
+        "int", "--format",
+        help="int (integer grid, the options above), or 4-bit floats: nvfp4 (E2M1, FP8 scale per 16), "
+             "mxfp4 (E2M1, power-of-two scale per 32), fp4 (LLM-FP4: per-channel format E3M0/E2M1/E1M2 "
+             "and exponent bias searched on calibration data), e2m1 (plain per-channel E2M1)."),
     act_order: bool = typer.Option(
         True, "--act-order/--no-act-order",
         help="GPTQ: quantize columns by descending Hessian diagonal (static groups)."),
@@ -155,12 +162,31 @@ def quantize(
     overwrite: bool = OverwriteOpt,
     as_json: bool = JsonOpt,
 ):
-    """Quantize the weights of every decoder-block linear (GPTQ or RTN) and write a packed checkpoint.
+    """Quantize the weights of every decoder-block linear (GPTQ or RTN, or a 4-bit float format)
+    and write a packed checkpoint.
 
-    Example: compress quantize --bits 4 --group-size 128 MODEL -o out/w4
+    Examples: compress quantize --bits 4 --group-size 128 MODEL -o out/w4;
+    compress quantize --format nvfp4 MODEL -o out/nvfp4
     """
     from compressor.budget import parse_budget
+    from compressor.fpgrids import float_grid
 
+    if number_format.lower() != "int":
+        float_grid(number_format)  # an unknown name fails here, before any work
+        if allocate is not None or budget is not None or bits != 4:
+            raise CompressorError(f"--format {number_format} is 4-bit: no --bits other than 4, "
+                                  "--allocate or --budget")
+        step = {"method": "fp4", "format": number_format.lower()}
+        tag = step["format"]
+        if group_size not in (None, 0, -1) and step["format"] in ("fp4", "e2m1"):
+            step["group_size"] = group_size
+            tag += f"-g{group_size}"
+        elif group_size not in (None, 0, -1):
+            raise CompressorError(f"--format {number_format} has a fixed block size; drop --group-size")
+        cal = _calibration(calibration, samples, seqlen, seed, data_dir, batch_size)
+        _run_job(model, {"passes": [step]}, output, cal, device, overwrite, as_json, tag, None)
+        return
+    group_size = 128 if group_size is None else group_size
     allocation = None
     if allocate is not None:
         target = parse_budget(budget) if budget else parse_budget(f"{bits}bits")
@@ -404,7 +430,9 @@ def _print_inspect(info: dict) -> None:
         table.add_column(column)
     for row in info["modules"]:
         group = row["group_size"]
-        table.add_row(row["module"], str(row["bits"]),
+        number_format = row.get("format", "int")
+        bits = str(row["bits"]) if number_format == "int" else f"{row['bits']} {number_format}"
+        table.add_row(row["module"], bits,
                       "-" if group is None else ("channel" if group == 0 else str(group)),
                       "-" if row["symmetric"] is None else ("sym" if row["symmetric"] else "asym"),
                       "x".join(map(str, row["shape"])), f"{row['bpw']:.3f}")

@@ -18,7 +18,7 @@ No model-specific code: sub-groups are discovered by which linears receive the s
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 from greenlet import greenlet
@@ -223,8 +223,10 @@ def _store(linear: torch.nn.Linear, state: LinearState) -> None:
     linear.weight.data.copy_(state.weight.to(linear.weight.dtype))
     state.weight = state.original = None
     if state.quant is not None:
-        q = state.quant
-        q.codes, q.scale, q.zero = q.codes.cpu(), q.scale.cpu(), q.zero.cpu()
+        for item in fields(state.quant):
+            value = getattr(state.quant, item.name)
+            if isinstance(value, torch.Tensor):
+                setattr(state.quant, item.name, value.cpu())
     if state.mask is not None:
         state.mask = state.mask.cpu()
 
