@@ -105,20 +105,22 @@ SUITES: dict[str, list[tuple[str, list[str]]]] = {
 }
 
 
-def _fp4(number_format: str, group: int = 0) -> list[str]:
-    return ["quantize", "--format", number_format, *(["--group-size", str(group)] if group else [])]
+def _fp4(number_format: str, group: int = 0, act_bits: int | None = None) -> list[str]:
+    return ["quantize", "--format", number_format, *(["--group-size", str(group)] if group else []),
+            *(["--act-bits", str(act_bits)] if act_bits else [])]
 
 
-# 4-bit floats against INT4: block-scaled NVFP4 / MXFP4, and LLM-FP4's per-channel (or per-64)
-# format and bias search against plain E2M1 at the same layout and bits.
+# 4-bit floats (INT4 g64 GPTQ is in the quantize suite): block-scaled NVFP4 / MXFP4, and LLM-FP4's
+# format and bias search against plain E2M1 at the same layout and bits; W4A8 / W4A4 simulated.
 SUITES["fp4"] = [
     ("nvfp4", _fp4("nvfp4")),
     ("mxfp4", _fp4("mxfp4")),
-    ("e2m1-ch", _fp4("e2m1")),
-    ("llm-fp4-ch", _fp4("fp4")),
     ("e2m1-g64", _fp4("e2m1", 64)),
     ("llm-fp4-g64", _fp4("fp4", 64)),
-    ("gptq-w4g64-sym", _quant("gptq", 4, 64, True)),
+    ("e2m1-ch", _fp4("e2m1")),
+    ("llm-fp4-ch", _fp4("fp4")),
+    ("llm-fp4-ch-a8", _fp4("fp4", act_bits=8)),
+    ("llm-fp4-ch-a4", _fp4("fp4", act_bits=4)),
 ]
 
 # llm-compressor 0.14 on this machine, same protocol (../shared/docs/REFERENCE.md).

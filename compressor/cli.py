@@ -146,6 +146,10 @@ def quantize(
         help="int (integer grid, the options above), or 4-bit floats: nvfp4 (E2M1, FP8 scale per 16), "
              "mxfp4 (E2M1, power-of-two scale per 32), fp4 (LLM-FP4: per-channel format E3M0/E2M1/E1M2 "
              "and exponent bias searched on calibration data), e2m1 (plain per-channel E2M1)."),
+    act_bits: int = typer.Option(
+        None, "--act-bits",
+        help="With --format fp4/e2m1: also quantize each linear's input to 8 or 4-bit floats "
+             "(LLM-FP4 W4A8 / W4A4), simulated in the forward pass: no kernel runs it."),
     act_order: bool = typer.Option(
         True, "--act-order/--no-act-order",
         help="GPTQ: quantize columns by descending Hessian diagonal (static groups)."),
@@ -178,6 +182,9 @@ def quantize(
                                   "--allocate or --budget")
         step = {"method": "fp4", "format": number_format.lower()}
         tag = step["format"]
+        if act_bits is not None:
+            step["act_bits"] = act_bits
+            tag += f"-a{act_bits}"
         if group_size not in (None, 0, -1) and step["format"] in ("fp4", "e2m1"):
             step["group_size"] = group_size
             tag += f"-g{group_size}"
@@ -186,6 +193,8 @@ def quantize(
         cal = _calibration(calibration, samples, seqlen, seed, data_dir, batch_size)
         _run_job(model, {"passes": [step]}, output, cal, device, overwrite, as_json, tag, None)
         return
+    if act_bits is not None:
+        raise CompressorError("--act-bits needs --format fp4 or --format e2m1")
     group_size = 128 if group_size is None else group_size
     allocation = None
     if allocate is not None:

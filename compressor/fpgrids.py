@@ -50,7 +50,10 @@ class FloatFormat:
 
 
 E3M0, E2M1, E1M2 = FloatFormat(3, 0), FloatFormat(2, 1), FloatFormat(1, 2)
+E4M3, E5M2 = FloatFormat(4, 3), FloatFormat(5, 2)
 FP4_FORMATS = {f.name: f for f in (E3M0, E2M1, E1M2)}
+# Formats searched for simulated activation quantization, by bit width (LLM-FP4's W4A8 / W4A4).
+ACT_FORMATS = {8: (E4M3, E5M2), 4: (E2M1, E3M0, E1M2)}
 E2M1_BIAS = 1.0  # the standard E2M1 (OCP MX, NVFP4): largest value 6
 
 
@@ -117,6 +120,17 @@ def fp_dequantize(
 def fp_round(x: torch.Tensor, fmt: FloatFormat, bias: torch.Tensor | float) -> torch.Tensor:
     """x rounded onto the grid and back (float32)."""
     return fp_dequantize(fp_quantize(x, fmt, bias), fmt, bias)
+
+
+def fp_round_fast(x: torch.Tensor, fmt: FloatFormat, bias: torch.Tensor | float) -> torch.Tensor:
+    """fp_round in x's dtype without building codes: for searches and simulated activations.
+    Agrees with fp_round except at float32 rounding of exact ties."""
+    bias = torch.as_tensor(bias, dtype=x.dtype, device=x.device)
+    top = (2 - 2.0**-fmt.mantissa) * torch.exp2((2**fmt.exponent - 1) - bias)
+    magnitude = torch.minimum(x.abs(), top)
+    binade = torch.floor(torch.log2(magnitude) + bias).clamp_(min=1)
+    step = torch.exp2(binade - fmt.mantissa - bias)
+    return torch.copysign(torch.round(magnitude / step) * step, x)
 
 
 # --- block-scaled E2M1: NVFP4 and MXFP4 -------------------------------------------------------

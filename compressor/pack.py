@@ -75,6 +75,10 @@ def pack_float_linear(q: FloatWeight) -> dict[str, torch.Tensor]:
         tensors["weight_scale"] = q.scale.float().contiguous()
         tensors["weight_format"] = q.row_format.to(torch.uint8)
         tensors["weight_shape"] = torch.tensor(list(q.codes.shape), dtype=torch.int64)
+        if q.act_bits is not None:  # simulated input quantizer (compressor.fp4load installs it)
+            tensors["input_shift"] = q.act_shift.to(torch.int8).clone()  # shared within a group
+            tensors["input_bias"] = torch.tensor([q.act_bias], dtype=torch.float32)
+            tensors["input_format"] = torch.tensor([q.act_format], dtype=torch.uint8)
     return tensors
 
 
@@ -160,12 +164,18 @@ def own_format_config(quantized: dict, own: list[str], sparsity: dict | None) ->
     own quant_method, and compressor.model.load_model reconstructs the weights."""
     if len(own) != len(quantized):
         raise CompressorError("LLM-FP4 (fp4 / e2m1) layers cannot share a checkpoint with other formats")
-    grids = {quantized[name].grid for name in own}
-    if len(grids) > 1:
-        raise CompressorError("an LLM-FP4 checkpoint holds one format and group size")
-    grid = grids.pop()
+    schemes = {(quantized[name].grid, quantized[name].act_bits) for name in own}
+    if len(schemes) > 1:
+        raise CompressorError("an LLM-FP4 checkpoint holds one format, group size and act_bits")
+    grid, act_bits = schemes.pop()
     config = {"quant_method": OWN_QUANT_METHOD, "format": grid.format, "group_size": grid.block,
               "targets": sorted(own), "row_formats": [f.name for f in fpgrids.ROW_FORMATS]}
+    if act_bits is not None:
+        config["input_activations"] = {
+            "num_bits": act_bits, "formats": [f.name for f in fpgrids.ACT_FORMATS[act_bits]],
+            "strategy": "tensor, with a per-channel power-of-two pre-shift folded into the weight",
+            "simulated": True,
+        }
     if sparsity:
         config["sparsity_config"] = sparsity
     return config

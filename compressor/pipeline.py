@@ -63,7 +63,7 @@ def needs_data(plan: Plan) -> bool:
 
 
 def statistics_needed(steps: list[Step]) -> set[str]:
-    """Which input statistics ("hessian", "moments") the steps of some linears ask for."""
+    """Which input statistics ("hessian", "moments", "samples") the steps of some linears ask for."""
     needed: set[str] = set()
     for step in steps:
         module = get_pass(step.method)
@@ -242,7 +242,7 @@ def dense_block_statistics(block, inputs: BlockInputs, device, needed: set[str])
     groups = linear_groups(block, inputs.hidden[0], inputs.kwargs[0], device)
     stats = [
         InputStats(linears[names[0]].in_features, hessian="hessian" in needed,
-                   moments="moments" in needed, device=device)
+                   moments="moments" in needed, samples="samples" in needed, device=device)
         for names in groups
     ]
     handles = [
@@ -289,7 +289,8 @@ def _compress_block(block, block_plan: Plan, inputs: BlockInputs, device):
             if index not in stats:
                 stats[index] = InputStats(
                     x.shape[-1], hessian="hessian" in needed[index],
-                    moments="moments" in needed[index], device=device,
+                    moments="moments" in needed[index], samples="samples" in needed[index],
+                    device=device,
                 )
             stats[index].add_batch(x)
             driver.switch(index)  # wait here until the sub-group is compressed

@@ -213,3 +213,101 @@ def test_cli_quantize_nvfp4_json_and_inspect(llama_dir, tmp_path, capsys, monkey
     assert summary["bpw"]["stored"] == pytest.approx(4.5, abs=0.01)
     with safe_open(str(out / "model.safetensors"), "pt") as handle:
         assert "model.layers.0.mlp.down_proj.weight_global_scale" in handle.keys()
+
+
+# ---- simulated activation quantization (W4A8 / W4A4) ---------------------------------------------
+
+
+def outlier_inputs(tokens=2048, cols=64, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(tokens, cols, generator=gen)
+    x[:, :3] *= 40  # a few outlier channels, as in LLM activations
+    return x
+
+
+def test_activation_search_pre_shift_and_bits():
+    x = outlier_inputs()
+    w = torch.randn(32, 64)
+    found = {bits: fp4.activation_search(x, w, bits, steps=40) for bits in (8, 4)}
+    shift = found[8]["shift"].float()
+    assert found[8]["shift"].dtype == torch.int8 and (shift[:3] == 0).all() and (shift[3:] >= 4).all()
+    shifted_max = (x.abs().amax(0) * torch.exp2(shift))
+    assert (shifted_max > shifted_max.max() / 2).all()  # every channel in the top binade
+
+    def output_error(bits, use_shift=True):
+        params = found[bits]
+        fmt = fpgrids.ACT_FORMATS[bits][params["format"]]
+        s = params["shift"].float() if use_shift else torch.zeros(64)
+        bias = params["bias"] if use_shift else float(fpgrids.default_bias(fmt, x.abs().max()))
+        q = fpgrids.fp_round_fast(x * torch.exp2(s), fmt, bias) * torch.exp2(-s)
+        return float(((q - x) @ w.T).square().mean())
+
+    assert output_error(8) < 0.1 * output_error(4)  # two more mantissa bits: about 1/16
+    assert output_error(4) < 0.5 * output_error(4, use_shift=False)  # the pre-shift pays off
+
+
+def test_w4a8_checkpoint_reloads_with_the_simulated_quantizer(tmp_path):
+    from compressor.pack import save_checkpoint
+    from compressor.pipeline import compress_model
+    from compressor.plan import build_plan
+
+    from .conftest import make_model, make_tokenizer
+
+    model = make_model("llama")
+    dense = make_model("llama")
+    ids = torch.randint(0, 320, (4, 32), generator=torch.Generator().manual_seed(0))
+    recipe = [{"method": "fp4", "format": "fp4", "act_bits": 8, "steps": 10}]
+    records = compress_model(model, build_plan(model, recipe), ids)
+    save_checkpoint(model, make_tokenizer(), records, tmp_path, ignore=["lm_head"])
+    config = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
+    assert config["input_activations"]["num_bits"] == 8 and config["input_activations"]["simulated"]
+    reloaded, _ = load_model(ModelSource(str(tmp_path)))
+    with torch.no_grad():
+        weights_only = model(ids).logits
+    # The in-memory model holds unshifted weights; add the same input rounding by hand.
+    for name, state in records.items():
+        q = state.quant
+        fmt = fpgrids.ACT_FORMATS[8][q.act_format]
+        multiplier = torch.exp2(q.act_shift.float())
+
+        def hook(linear, args, fmt=fmt, bias=q.act_bias, multiplier=multiplier):
+            return (fpgrids.fp_round_fast(args[0] * multiplier, fmt, bias) / multiplier,)
+
+        model.get_submodule(name).register_forward_pre_hook(hook)
+    with torch.no_grad():
+        simulated, loaded, reference = model(ids).logits, reloaded(ids).logits, dense(ids).logits
+    assert torch.allclose(simulated, loaded, rtol=1e-5, atol=1e-5)
+    # Rounding the inputs to 8-bit floats costs something, but little next to the 4-bit weights.
+    kl = {label: float(torch.nn.functional.kl_div(
+        logits.log_softmax(-1), reference.log_softmax(-1), log_target=True, reduction="batchmean"))
+        for label, logits in (("w4a8", loaded), ("w4", weights_only))}
+    assert kl["w4"] < kl["w4a8"] < 3 * kl["w4"] + 0.05
+
+
+def test_activation_settings_are_checked(llama_dir, tmp_path, capsys, monkeypatch):
+    with pytest.raises(CompressorError, match="act_bits must be 4 or 8"):
+        fp4.validate({"format": "fp4", "act_bits": 6})
+    with pytest.raises(CompressorError, match="needs format fp4 or e2m1"):
+        fp4.validate({"format": "nvfp4", "act_bits": 8})
+    assert fp4.needs_data({"format": "e2m1", "act_bits": 8}) and not fp4.needs_data({"format": "e2m1"})
+    code, _, stderr = run_cli(["quantize", str(llama_dir), "--act-bits", "8", "-o", str(tmp_path / "o")],
+                              capsys, monkeypatch)
+    assert code == 2 and "--act-bits needs --format fp4" in stderr
+
+
+def test_cli_w4a8_eval_report_says_activations_are_simulated(
+        llama_dir, calibration_file, tmp_path, capsys, monkeypatch, isolated_cache):
+    out = tmp_path / "w4a8"
+    code, stdout, stderr = run_cli(
+        ["quantize", llama_dir, "--format", "e2m1", "--act-bits", "8", "--calibration", calibration_file,
+         "--samples", "4", "--seqlen", "32", "-o", out, "--json"], capsys, monkeypatch)
+    assert code == 0, stderr
+    assert json.loads(stdout)["modules"]["model.layers.0.mlp.down_proj"]["act_format"] in ("E4M3", "E5M2")
+    text = tmp_path / "eval.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 200)
+    code, stdout, stderr = run_cli(
+        ["eval", out, "--dataset", text, "--seqlen", "64", "--windows", "2", "--kl-seqlen", "32",
+         "--kl-windows", "2", "--json"], capsys, monkeypatch)
+    assert code == 0, stderr
+    report = (out / "eval.md").read_text()
+    assert "format: e2m1" in report and "SIMULATED" in report

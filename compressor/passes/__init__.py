@@ -7,7 +7,7 @@ A pass is a module with two functions, so the one sequential pipeline can drive 
     compress(layer: LinearState, stats, args)     update layer in place (weight, quantization, mask)
 
 and optionally
-    statistics(args) -> set[str]                  {"hessian", "moments"}; default {"hessian"}
+    statistics(args) -> set[str]                  {"hessian", "moments", "samples"}; default {"hessian"}
     compress_many(layers, stats, args)            several linears sharing an input at once
 
 Several steps may apply to the same linear in order (for example prune, then quantize the
@@ -48,6 +48,13 @@ class FloatWeight:
     global_scale: torch.Tensor | None = None  # nvfp4: float32 [1]
     row_format: torch.Tensor | None = None  # fp4 / e2m1: uint8 [out], index into ROW_FORMATS
     act_order: bool = False
+    # Simulated activation quantization (fp4 / e2m1 with act_bits): the input x becomes
+    # fp_round(x * 2^act_shift, ACT_FORMATS[act_bits][act_format], act_bias); the weight's columns
+    # carry 2^-act_shift already.
+    act_bits: int | None = None
+    act_format: int | None = None
+    act_bias: float | None = None
+    act_shift: torch.Tensor | None = None  # int8 [in]
 
 
 @dataclass

@@ -25,9 +25,10 @@ from compressor.fpgrids import E2M1, ROW_FORMATS, FloatFormat
 from compressor.passes import FloatWeight, LinearState, check_keys
 from compressor.stats import InputStats
 
-KEYS = {"format", "group_size", "formats", "steps", "refine"}
+KEYS = {"format", "group_size", "formats", "steps", "refine", "act_bits"}
 DEFAULTS = {"format": "nvfp4", "group_size": 0, "formats": ["E3M0", "E2M1", "E1M2"], "steps": 100,
-            "refine": 4}
+            "refine": 4, "act_bits": None}
+MAX_SHIFT = 8  # largest per-channel pre-shift of an activation channel (x 2^8)
 
 
 def _settings(args: dict) -> dict:
@@ -43,15 +44,21 @@ def _settings(args: dict) -> dict:
         value = settings[key]
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise CompressorError(f"fp4: {key} must be a positive integer, got {value!r}")
+    if settings["act_bits"] is not None:
+        if settings["act_bits"] not in fpgrids.ACT_FORMATS:
+            raise CompressorError(f"act_bits must be 4 or 8, got {settings['act_bits']!r}")
+        if settings["grid"].format not in ("fp4", "e2m1"):
+            raise CompressorError("activation quantization (act_bits) needs format fp4 or e2m1")
     return settings
 
 
 def needs_data(args: dict) -> bool:
-    return str(args.get("format", DEFAULTS["format"])).lower() == "fp4"
+    fmt = str(args.get("format", DEFAULTS["format"])).lower()
+    return fmt == "fp4" or args.get("act_bits") is not None
 
 
 def statistics(args: dict) -> set[str]:
-    return {"hessian"}
+    return {"hessian", "samples"} if args.get("act_bits") is not None else {"hessian"}
 
 
 def validate(args: dict) -> None:
@@ -61,7 +68,31 @@ def validate(args: dict) -> None:
 
 
 def compress(layer: LinearState, stats: InputStats | None, args: dict) -> None:
+    compress_many([layer], stats, args)
+
+
+def compress_many(layers: list[LinearState], stats: InputStats | None, args: dict) -> None:
+    """Linears that share an input ([q,k,v], [gate,up]) share its activation quantizer, as one
+    quantized tensor would feed them all, and the Hessian."""
     settings = _settings(args)
+    grid = settings["grid"]
+    needs_stats = grid.format == "fp4" or settings["act_bits"] is not None
+    if needs_stats and (stats is None or stats.tokens == 0):
+        raise CompressorError(f"{grid.format} with these settings needs calibration data")
+    activation = hessian = None
+    if settings["act_bits"] is not None:
+        weights = torch.cat([layer.weight.float() for layer in layers])
+        activation = activation_search(stats.sample_rows(), weights, settings["act_bits"], settings["steps"])
+    if grid.format == "fp4":
+        hessian = stats.hessian()
+        if activation is not None:  # the layers now see x * 2^shift
+            multiplier = torch.exp2(activation["shift"].float())
+            hessian = hessian * multiplier[:, None] * multiplier[None, :]
+    for layer in layers:
+        _compress_one(layer, hessian, settings, activation)
+
+
+def _compress_one(layer: LinearState, hessian, settings: dict, activation: dict | None) -> None:
     grid = settings["grid"]
     w = layer.weight.float()
     global_scale = row_format = None
@@ -73,10 +104,10 @@ def compress(layer: LinearState, stats: InputStats | None, args: dict) -> None:
         codes = fpgrids.block_quantize(w, fpgrids.mx_scale(scale))
     else:
         width = _group_width(w.shape[1], grid.block)
+        if activation is not None:
+            w = w * torch.exp2(-activation["shift"].float())  # the pre-shift, folded into the columns
         if grid.format == "fp4":
-            if stats is None or stats.tokens == 0:
-                raise CompressorError("the LLM-FP4 search (format fp4) needs calibration data")
-            row_format, bias = search(w, stats.hessian(), settings["formats"], width,
+            row_format, bias = search(w, hessian, settings["formats"], width,
                                       settings["steps"], settings["refine"])
         else:
             row_format = torch.full((w.shape[0],), ROW_FORMATS.index(E2M1), dtype=torch.uint8)
@@ -87,7 +118,18 @@ def compress(layer: LinearState, stats: InputStats | None, args: dict) -> None:
         codes = codes.where(layer.mask, torch.zeros_like(codes))  # code 0 is +0 in every format
     quant = FloatWeight(grid=grid, codes=codes, scale=scale, global_scale=global_scale,
                         row_format=row_format)
+    if activation is not None:
+        quant.act_bits = settings["act_bits"]
+        quant.act_format, quant.act_bias = activation["format"], activation["bias"]
+        quant.act_shift = activation["shift"]
+        layer.metrics["act_format"] = fpgrids.ACT_FORMATS[quant.act_bits][quant.act_format].name
     layer.weight = dequantize(quant)
+    if activation is not None:
+        # The stored weight carries 2^-shift in its columns and the loader's input quantizer
+        # multiplies x by 2^shift. Powers of two are exact, so the model in memory keeps the
+        # unshifted weight: the pipeline's later layers see the layer without its input rounding
+        # (which only a hook could add), and nothing else changes.
+        layer.weight = layer.weight * torch.exp2(activation["shift"].float())
     layer.quant = quant
     layer.methods.append("fp4")
     if row_format is not None:
@@ -122,15 +164,6 @@ def _group_absmax(w: torch.Tensor, width: int) -> torch.Tensor:
     return w.reshape(w.shape[0], -1, width).abs().amax(-1).clamp(min=1e-12)
 
 
-def _round_fast(w: torch.Tensor, fmt: FloatFormat, bias: torch.Tensor) -> torch.Tensor:
-    """fpgrids.fp_round in float32 without the codes: ten times faster, for screening only."""
-    top = (2 - 2.0**-fmt.mantissa) * torch.exp2((2**fmt.exponent - 1) - bias)
-    magnitude = torch.minimum(w.abs(), top)
-    binade = torch.floor(torch.log2(magnitude) + bias).clamp_(min=1)
-    step = torch.exp2(binade - fmt.mantissa - bias)
-    return torch.copysign(torch.round(magnitude / step) * step, w)
-
-
 def _error(w: torch.Tensor, row_format: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """Weight error d = Q(w) - w of a configuration, exactly as it will be stored."""
     scale = torch.exp2(-bias).float()
@@ -163,7 +196,7 @@ def search(
         screened = torch.empty(steps, rows, groups)
         for j, factor in enumerate(factors.tolist()):
             bias = fpgrids.default_bias(fmt, absmax * factor).float().unsqueeze(-1)
-            error = _round_fast(w_groups, fmt, bias) - w_groups
+            error = fpgrids.fp_round_fast(w_groups, fmt, bias) - w_groups
             screened[j] = (error.square() * diagonal).sum(-1)
         shortlist[ROW_FORMATS.index(fmt)] = screened.topk(min(refine, steps), 0, largest=False).indices
 
@@ -214,3 +247,40 @@ def search(
                 hd[better] += delta[better] @ hessian[cols_g, :]
                 best_error = best_error + torch.where(better, change, torch.zeros_like(change))
     return best_format, best_bias
+
+
+def activation_search(samples: torch.Tensor, weight: torch.Tensor, bits: int, steps: int = 100) -> dict:
+    """LLM-FP4's activation quantizer for the linears sharing an input (weight: their rows
+    stacked): a per-tensor format and exponent bias, after a per-channel pre-shift by a power of two.
+
+    Activation outliers sit in a few channels; LLM-FP4 gives each channel its own bias, split into
+    one real-valued tensor bias and an integer per-channel offset that is moved into the weight's
+    column (x_c * 2^s_c times W[:, c] * 2^-s_c leaves the product unchanged). Here s_c scales each
+    channel's largest value into the top binade of the tensor's largest; the tensor bias and the
+    format are then searched over largest values absmax x linspace(0.01, 1.2, steps) to minimise
+    the output error, approximated by the squared activation error weighted by each column's
+    energy in the shifted weight (cross-channel terms dropped: one matmul per candidate saved).
+    """
+    x = samples.float()
+    channel_max = x.abs().amax(0).clamp(min=1e-8)
+    shift = torch.floor(torch.log2(channel_max.max() / channel_max)).clamp(0, MAX_SHIFT)
+    x = x * torch.exp2(shift)
+    column_energy = (weight.float() * torch.exp2(-shift)).square().sum(0)
+    absmax = float(x.abs().max().clamp(min=1e-8))
+    factors = torch.linspace(0.01, 1.2, steps).tolist()
+    best = (float("inf"), 0, 0.0)
+    for index, fmt in enumerate(fpgrids.ACT_FORMATS[bits]):
+        def error_at(j: int, fmt=fmt) -> tuple[float, float]:
+            bias = float(fpgrids.default_bias(fmt, torch.tensor(absmax * factors[j])))
+            error = ((fpgrids.fp_round_fast(x, fmt, bias) - x).square().sum(0) * column_energy).sum()
+            return float(error), bias
+
+        # Every 5th candidate, then all candidates around the best of those (the error is close
+        # to unimodal in the largest value): a fifth of the work.
+        coarse = min(range(0, steps, 5), key=lambda j: error_at(j)[0])
+        for j in range(max(coarse - 4, 0), min(coarse + 5, steps)):
+            error, bias = error_at(j)
+            if error < best[0]:
+                best = (error, index, bias)
+    return {"format": best[1], "bias": best[2], "shift": shift.to(torch.int8)}
+
