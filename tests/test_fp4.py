@@ -119,11 +119,11 @@ def test_search_is_never_worse_than_plain_e2m1_on_any_row(group_size):
 def test_search_with_one_format_and_bias_matches_a_brute_force_over_the_same_candidates():
     w, x, stats = synthetic_layer(rows=12, cols=64, seed=1)
     hessian = stats.hessian()
-    fmt_index, bias = fp4.search(w, hessian, [E2M1], steps=30, refine=30)  # refine all: exact
+    fmt_index, bias = fp4.search(w, hessian, [E2M1], steps=20, refine=20)  # all shortlisted: exact
     assert (fmt_index == ROW_FORMATS.index(E2M1)).all()
     absmax = w.abs().amax(1, keepdim=True)
     best = torch.full((12,), float("inf"), dtype=torch.float64)
-    for factor in torch.linspace(0.01, 1.2, 30).tolist() + [1.0]:
+    for factor in torch.linspace(0.01, 1.2, 20).tolist() + [1.0]:
         b = fpgrids.default_bias(E2M1, absmax * factor)
         scale = torch.exp2(-b).float()
         d = fpgrids.fp_round(w / scale, E2M1, 0.0) * scale - w
