@@ -121,6 +121,8 @@ SUITES["fp4"] = [
     ("llm-fp4-ch", _fp4("fp4")),
     ("llm-fp4-ch-a8", _fp4("fp4", act_bits=8)),
     ("llm-fp4-ch-a4", _fp4("fp4", act_bits=4)),
+    ("bnb-nf4-bs64", ["bnb-nf4"]),
+    ("bnb-fp4-bs64", ["bnb-fp4"]),
 ]
 
 # llm-compressor 0.14 on this machine, same protocol (../shared/docs/REFERENCE.md).
@@ -142,6 +144,8 @@ REFERENCE = {
     "e2m1-g64": {"ppl": 33.577, "note": "bitsandbytes FP4 bs64"},
     "llm-fp4-g64": {"ppl": 33.577, "note": "bitsandbytes FP4 bs64"},
     "nvfp4": {"ppl": 27.546, "note": "bitsandbytes NF4 bs64"},
+    "bnb-nf4-bs64": {"ppl": 27.546, "seconds": 0.5},
+    "bnb-fp4-bs64": {"ppl": 33.577, "seconds": 0.9},
 }
 
 
@@ -154,6 +158,12 @@ def compress(*args: str) -> dict:
 
 
 def compress_row(model: Path, name: str, command: list[str]) -> dict:
+    if command[0].startswith("bnb-"):  # a baseline through bitsandbytes (bench/baselines.py)
+        done = subprocess.run([sys.executable, str(HERE / "baselines.py"), command[0], str(model),
+                               str(WORK / name)], capture_output=True, text=True)
+        if done.returncode != 0:
+            raise SystemExit(f"baseline {command[0]} failed:\n{done.stderr}")
+        return json.loads(done.stdout.strip().splitlines()[-1])
     return compress(*command, str(model), *CALIBRATION, "-o", str(WORK / name), "--overwrite")
 
 
