@@ -2,17 +2,18 @@
 
     format: nvfp4   E2M1 codes, FP8 scale per 16 inputs, a global scale (no data needed)
             mxfp4   E2M1 codes, power-of-two scale per 32 inputs (no data needed)
-            e2m1    E2M1 per output channel, bias from the row's absmax (no data needed)
-            fp4     LLM-FP4 (Liu et al., 2023): per output channel, the format among
-                    `formats` (E3M0, E2M1, E1M2) and the exponent bias that minimise the row's
-                    output error on the calibration inputs
+            e2m1    E2M1 with the bias from the absmax of each row (or group_size columns)
+            fp4     LLM-FP4 (Liu et al., 2023): per output channel the format among `formats`
+                    (E3M0, E2M1, E1M2), per channel or group the exponent bias, minimising the
+                    row's output error on the calibration inputs
+    act_bits: 8 | 4 (fp4, e2m1) also quantize the inputs, simulated (activation_search)
 
 The LLM-FP4 search follows the paper's candidate set: for each format, the largest value swept over
-linspace(0.01, 1.2, steps) x the row's absmax (each fixes a bias). Its objective, the mean squared
-error of the row's output, is exactly d H d^T for the row's weight error d (H = 2/N X^T X), so rows
-are searched independently. Scoring every candidate that way costs a matmul each; instead all are
-screened with H's diagonal, and the `refine` best per row plus the plain E2M1 choice are scored
-exactly. The plain choice among them means the search is never worse than `e2m1` on any row.
+linspace(0.01, 1.2, steps) x the absmax (each fixes a bias). Its objective, the mean squared error
+of a row's output, is exactly d H d^T for the row's weight error d (H = 2/N X^T X), so rows are
+searched independently. Scoring every candidate that way costs a matmul each; instead all are
+screened with H's diagonal, and the `refine` best plus the plain E2M1 choice are scored exactly.
+The plain choice among them means the search is never worse than `e2m1` on any row.
 """
 
 from __future__ import annotations
