@@ -13,7 +13,7 @@ from compressor.errors import CompressorError
 from compressor.fpgrids import FloatGrid
 from compressor.grids import IntGrid
 from compressor.model import OWN_QUANT_METHOD
-from compressor.pack import INDEX_NAME, WEIGHTS_NAME
+from compressor.pack import INDEX_NAME, WEIGHTS_NAME, tensor_files
 from compressor.sparsity import Pattern, parse_nm
 
 BYTES = {"F32": 4, "F16": 2, "BF16": 2, "I32": 4, "I64": 8, "I8": 1, "U8": 1, "F64": 8, "BOOL": 1}
@@ -123,14 +123,6 @@ def _packed_layout(name: str, shape: list[int], scheme_of: dict, original: dict,
     return out_features, in_features, grid
 
 
-def _tensor_files(folder: Path) -> dict[str, Path]:
-    if (folder / INDEX_NAME).is_file():
-        index = json.loads((folder / INDEX_NAME).read_text())
-        return {key: folder / name for key, name in index["weight_map"].items()}
-    with safe_open(str(folder / WEIGHTS_NAME), framework="pt") as handle:
-        return {key: folder / WEIGHTS_NAME for key in handle.keys()}
-
-
 def _read(files: dict[str, Path], key: str) -> torch.Tensor:
     with safe_open(str(files[key]), framework="pt") as handle:
         return handle.get_tensor(key)
@@ -157,7 +149,7 @@ def verify_sparsity(folder: Path, config: dict, scheme_of: dict, original: dict,
     """Check that every pruned tensor really has the recorded structure; annotate the rows."""
     structure = config.get("sparsity_structure", "unstructured")
     pattern = None if structure == "unstructured" else Pattern(0.0, *parse_nm(structure))
-    files = _tensor_files(folder)
+    files = tensor_files(folder)
     by_module = {row["module"]: row for row in rows}
     zeros = total = 0
     for name in config.get("targets", []):

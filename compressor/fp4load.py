@@ -18,7 +18,6 @@ dequantized exactly as the compression pass computed them (so logits match bit f
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -26,22 +25,12 @@ from safetensors import safe_open
 
 from compressor import fpgrids
 from compressor.errors import CompressorError
-
-INDEX_NAME = "model.safetensors.index.json"
-WEIGHTS_NAME = "model.safetensors"
-
-
-def _tensor_files(folder: Path) -> dict[str, Path]:
-    if (folder / INDEX_NAME).is_file():
-        index = json.loads((folder / INDEX_NAME).read_text())
-        return {key: folder / name for key, name in index["weight_map"].items()}
-    with safe_open(str(folder / WEIGHTS_NAME), framework="pt") as handle:
-        return {key: folder / WEIGHTS_NAME for key in handle.keys()}
+from compressor.pack import tensor_files
 
 
 def read_state_dict(folder: Path) -> dict[str, torch.Tensor]:
     tensors = {}
-    for key, path in _tensor_files(folder).items():
+    for key, path in tensor_files(folder).items():
         with safe_open(str(path), framework="pt") as handle:
             tensors[key] = handle.get_tensor(key)
     return tensors

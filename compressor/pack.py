@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
 from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
+from safetensors import safe_open
 from safetensors.torch import save_file
 
 from compressor import fpgrids
@@ -224,6 +225,15 @@ def write_shards(tensors: dict[str, torch.Tensor], folder: Path, max_bytes: int 
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (folder / INDEX_NAME).write_text(json.dumps(index, indent=2))
     return sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+
+
+def tensor_files(folder: Path) -> dict[str, Path]:
+    """Tensor name -> the safetensors file holding it, for a checkpoint written by write_shards."""
+    if (folder / INDEX_NAME).is_file():
+        index = json.loads((folder / INDEX_NAME).read_text())
+        return {key: folder / name for key, name in index["weight_map"].items()}
+    with safe_open(str(folder / WEIGHTS_NAME), framework="pt") as handle:
+        return {key: folder / WEIGHTS_NAME for key in handle.keys()}
 
 
 def check_output(output: Path, overwrite: bool) -> None:
