@@ -323,6 +323,10 @@ def search(
     top_k: int = typer.Option(128, "--top-k", min=1, help="Dense probabilities kept per token for the KL."),
     fitness_windows: int = typer.Option(64, "--fitness-windows", min=1, help="Pool of fitness windows."),
     fitness_seqlen: int = typer.Option(512, "--fitness-seqlen", min=2, help="Tokens per fitness window."),
+    fitness_dtype: str = typer.Option(
+        "bfloat16", "--fitness-dtype",
+        help="Precision of the forwards that score candidates (bfloat16 is several times faster on "
+             "CPUs with AMX/AVX512-BF16 and on GPUs; float32 elsewhere). The checkpoint is unaffected."),
     search_seed: int = typer.Option(0, "--search-seed", help="Seed of the evolution."),
     database: Path = typer.Option(
         None, "--database", help="Level database folder, reusable across searches (default OUT.search/)."),
@@ -364,6 +368,7 @@ def search(
         job = SearchJob(budget=budget.replace(" ", ""), levels=levels, bits=widths, group_size=group_size,
                         symmetric=symmetric, sparsity_step=sparsity_step, granularity=granularity,
                         top_k=top_k, fitness_windows=fitness_windows, fitness_seqlen=fitness_seqlen,
+                        fitness_dtype=fitness_dtype,
                         settings=settings)
         job.validate()
         source = resolve_source(model)
