@@ -27,4 +27,6 @@ demo: setup
 	compress inspect out/demo-w4
 
 bench:
+	# The bitsandbytes baselines of the fp4 suite; --no-deps keeps the CPU torch in place.
+	$(PYTHON) -m pip install -q --no-deps 'bitsandbytes>=0.50'
 	$(PYTHON) bench/run.py all

@@ -9,6 +9,7 @@ runs of a suite go first, back to back, so their timings share the same quiet ma
 
     python bench/run.py quantize                 # one suite
     python bench/run.py sparsity --only wanda-2of4 wanda-2of4-dsnot
+    python bench/run.py fp4
     python bench/run.py all
 """
 
@@ -103,6 +104,27 @@ SUITES: dict[str, list[tuple[str, list[str]]]] = {
     ],
 }
 
+
+def _fp4(number_format: str, group: int = 0, act_bits: int | None = None) -> list[str]:
+    return ["quantize", "--format", number_format, *(["--group-size", str(group)] if group else []),
+            *(["--act-bits", str(act_bits)] if act_bits else [])]
+
+
+# 4-bit floats (INT4 g64 GPTQ is in the quantize suite): block-scaled NVFP4 / MXFP4, and LLM-FP4's
+# format and bias search against plain E2M1 at the same layout and bits; W4A8 / W4A4 simulated.
+SUITES["fp4"] = [
+    ("nvfp4", _fp4("nvfp4")),
+    ("mxfp4", _fp4("mxfp4")),
+    ("e2m1-g64", _fp4("e2m1", 64)),
+    ("llm-fp4-g64", _fp4("fp4", 64)),
+    ("e2m1-ch", _fp4("e2m1")),
+    ("llm-fp4-ch", _fp4("fp4")),
+    ("llm-fp4-ch-a8", _fp4("fp4", act_bits=8)),
+    ("llm-fp4-ch-a4", _fp4("fp4", act_bits=4)),
+    ("bnb-nf4-bs64", ["bnb-nf4"]),
+    ("bnb-fp4-bs64", ["bnb-fp4"]),
+]
+
 # llm-compressor 0.14 on this machine, same protocol (../shared/docs/REFERENCE.md).
 REFERENCE = {
     "dense": {"ppl": 21.813},
@@ -118,6 +140,12 @@ REFERENCE = {
     "sparsegpt-2of4": {"ppl": 89.644, "seconds": 319.6},
     "wanda-2of4": {"ppl": 187.670, "seconds": 209.6},
     "magnitude-2of4": {"note": "refused by the reference"},
+    # bitsandbytes 0.50.2 blockwise absmax, blocks of 64 (4.5 stored bits per weight).
+    "e2m1-g64": {"ppl": 33.577, "note": "bitsandbytes FP4 bs64"},
+    "llm-fp4-g64": {"ppl": 33.577, "note": "bitsandbytes FP4 bs64"},
+    "nvfp4": {"ppl": 27.546, "note": "bitsandbytes NF4 bs64"},
+    "bnb-nf4-bs64": {"ppl": 27.546, "seconds": 0.5},
+    "bnb-fp4-bs64": {"ppl": 33.577, "seconds": 0.9},
 }
 
 
@@ -130,6 +158,12 @@ def compress(*args: str) -> dict:
 
 
 def compress_row(model: Path, name: str, command: list[str]) -> dict:
+    if command[0].startswith("bnb-"):  # a baseline through bitsandbytes (bench/baselines.py)
+        done = subprocess.run([sys.executable, str(HERE / "baselines.py"), command[0], str(model),
+                               str(WORK / name)], capture_output=True, text=True)
+        if done.returncode != 0:
+            raise SystemExit(f"baseline {command[0]} failed:\n{done.stderr}")
+        return json.loads(done.stdout.strip().splitlines()[-1])
     return compress(*command, str(model), *CALIBRATION, "-o", str(WORK / name), "--overwrite")
 
 
@@ -163,6 +197,8 @@ def markdown(suite: str, rows: list[dict], environment: dict) -> str:
     for row in rows:
         ref = REFERENCE.get(row["name"], {})
         ref_ppl = f"{ref['ppl']:.3f}" if ref.get("ppl") else ref.get("note", "")
+        if ref.get("ppl") and ref.get("note"):
+            ref_ppl += f" ({ref['note']})"
         lines.append(
             f"| {row['name']} | {row['ppl']:.3f} | {row['ppl'] / row['dense_ppl']:.2f} "
             f"| {row['kl']:.4f} | {100 * row['top1']:.1f}% | {row['compress_seconds']:.1f} "

@@ -10,6 +10,7 @@ import re
 from dataclasses import dataclass
 
 from compressor.errors import CompressorError
+from compressor.fpgrids import FloatGrid
 from compressor.grids import IntGrid
 
 DTYPE_BITS = {"float32": 32, "float16": 16, "bfloat16": 16}
@@ -20,8 +21,24 @@ def packed_words(count: int, bits: int) -> int:
     return -(-count * bits // 32)
 
 
-def quantized_linear_bits(out_features: int, in_features: int, grid: IntGrid, scale_bits: int) -> int:
+def float_linear_bits(out_features: int, in_features: int, grid: FloatGrid) -> int:
+    """4-bit float codes (two per byte) + their scales, as compressor.pack writes them."""
+    bits = out_features * -(-in_features // 2) * 8
+    if grid.format in ("nvfp4", "mxfp4"):
+        bits += out_features * grid.num_groups(in_features) * 8  # FP8 or E8M0 scale per block
+        bits += 32 if grid.format == "nvfp4" else 0  # float32 global scale
+    else:
+        # LLM-FP4: a float32 scale (2^-bias) per group, a format index per row
+        bits += out_features * (grid.num_groups(in_features) * 32 + 8)
+    return bits
+
+
+def quantized_linear_bits(
+    out_features: int, in_features: int, grid: IntGrid | FloatGrid, scale_bits: int
+) -> int:
     """Codes + scales (+ zero points when asymmetric) of one pack-quantized linear."""
+    if isinstance(grid, FloatGrid):
+        return float_linear_bits(out_features, in_features, grid)
     groups = grid.num_groups(in_features)
     bits = out_features * packed_words(in_features, grid.bits) * 32
     bits += out_features * groups * scale_bits

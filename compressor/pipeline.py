@@ -18,7 +18,7 @@ No model-specific code: sub-groups are discovered by which linears receive the s
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 from greenlet import greenlet
@@ -63,7 +63,7 @@ def needs_data(plan: Plan) -> bool:
 
 
 def statistics_needed(steps: list[Step]) -> set[str]:
-    """Which input statistics ("hessian", "moments") the steps of some linears ask for."""
+    """Which input statistics ("hessian", "moments", "samples") the steps of some linears ask for."""
     needed: set[str] = set()
     for step in steps:
         module = get_pass(step.method)
@@ -223,8 +223,10 @@ def _store(linear: torch.nn.Linear, state: LinearState) -> None:
     linear.weight.data.copy_(state.weight.to(linear.weight.dtype))
     state.weight = state.original = None
     if state.quant is not None:
-        q = state.quant
-        q.codes, q.scale, q.zero = q.codes.cpu(), q.scale.cpu(), q.zero.cpu()
+        for item in fields(state.quant):
+            value = getattr(state.quant, item.name)
+            if isinstance(value, torch.Tensor):
+                setattr(state.quant, item.name, value.cpu())
     if state.mask is not None:
         state.mask = state.mask.cpu()
 
@@ -240,7 +242,7 @@ def dense_block_statistics(block, inputs: BlockInputs, device, needed: set[str])
     groups = linear_groups(block, inputs.hidden[0], inputs.kwargs[0], device)
     stats = [
         InputStats(linears[names[0]].in_features, hessian="hessian" in needed,
-                   moments="moments" in needed, device=device)
+                   moments="moments" in needed, samples="samples" in needed, device=device)
         for names in groups
     ]
     handles = [
@@ -287,7 +289,8 @@ def _compress_block(block, block_plan: Plan, inputs: BlockInputs, device):
             if index not in stats:
                 stats[index] = InputStats(
                     x.shape[-1], hessian="hessian" in needed[index],
-                    moments="moments" in needed[index], device=device,
+                    moments="moments" in needed[index], samples="samples" in needed[index],
+                    device=device,
                 )
             stats[index].add_batch(x)
             driver.switch(index)  # wait here until the sub-group is compressed

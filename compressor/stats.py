@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import torch
 
+SAMPLE_STRIDE = 8
+MAX_SAMPLE_ROWS = 2048
+
 
 class InputStats:
     def __init__(
         self, in_features: int, hessian: bool = True, moments: bool = False,
-        device: str | torch.device = "cpu",
+        device: str | torch.device = "cpu", samples: bool = False,
     ):
         self.in_features = in_features
         self.tokens = 0
@@ -22,6 +25,9 @@ class InputStats:
         # Per-column sums cost a full pass over the activations: kept only when a pass asks.
         self.sum = torch.zeros(in_features, dtype=torch.float64, device=device) if moments else None
         self.sum_sq = torch.zeros(in_features, dtype=torch.float64, device=device) if moments else None
+        # Activation quantization needs the inputs themselves: every SAMPLE_STRIDE-th token, capped.
+        self.rows: list[torch.Tensor] | None = [] if samples else None
+        self.kept_rows = 0
 
     @torch.no_grad()
     def add_batch(self, x: torch.Tensor) -> None:
@@ -33,6 +39,16 @@ class InputStats:
         if self.sum is not None:
             self.sum += x.sum(0, dtype=torch.float64)
             self.sum_sq += x.square().sum(0, dtype=torch.float64)
+        if self.rows is not None and self.kept_rows < MAX_SAMPLE_ROWS:
+            kept = x[::SAMPLE_STRIDE][: MAX_SAMPLE_ROWS - self.kept_rows]
+            self.rows.append(kept.clone())
+            self.kept_rows += kept.shape[0]
+
+    def sample_rows(self) -> torch.Tensor:
+        """A strided subsample of the input rows seen, [<= MAX_SAMPLE_ROWS, in_features]."""
+        if not self.rows:
+            raise ValueError("no input samples were kept (samples=False, or no data)")
+        return torch.cat(self.rows)
 
     def _add_upper_xtx(self, x: torch.Tensor) -> None:
         """xtx += x^T x, computing only the tiles on and above the diagonal (a third less work)."""

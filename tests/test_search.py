@@ -362,6 +362,7 @@ def test_search_writes_a_loadable_checkpoint_and_resumes_identically(
     (["--budget", "3bpw", "--bits-levels", "2,9"], "from 2 to 8"),
     (["--budget", "3bpw", "--stages", "2x10"], "last selection stage"),
     (["--budget", "3bpw", "--granularity", "layer"], "granularity"),
+    (["--budget", "3bpw", "--fitness-dtype", "float16"], "--fitness-dtype"),
     ([], "give a --budget"),
 ])
 def test_search_bad_input(llama_dir, calibration_file, tmp_path, capsys, monkeypatch, extra, message):

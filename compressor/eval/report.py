@@ -25,7 +25,9 @@ def _protocol(label: str, ppl: dict) -> str:
 def _compression_lines(compression: dict) -> list[str]:
     labels = [
         ("method", "method"),
+        ("format", "format"),
         ("bits", "bits"),
+        ("activations", "activations"),
         ("group_size", "group size"),
         ("symmetric", "symmetric"),
         ("bpw", "stored bits per weight"),

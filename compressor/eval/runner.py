@@ -148,6 +148,11 @@ def _compression_summary(manifest: dict | None) -> dict | None:
         "code_bits": round(manifest.get("bpw", {}).get("levels", 0.0), 4),
         "size_mb": round(manifest.get("size", {}).get("weights_bytes", 0) / 2**20, 1),
     }
+    if first.get("method") == "fp4":
+        summary["format"] = first.get("format", "nvfp4")
+        if first.get("act_bits"):
+            summary["activations"] = (f"{first['act_bits']}-bit floats per tensor, SIMULATED in the "
+                                      "forward pass (no kernel runs them)")
     if "allocation" in recipe:
         summary["allocation"] = f"{recipe['allocation']['score']} for {recipe['allocation']['budget']}"
     if "search" in manifest:

@@ -7,7 +7,7 @@ A pass is a module with two functions, so the one sequential pipeline can drive 
     compress(layer: LinearState, stats, args)     update layer in place (weight, quantization, mask)
 
 and optionally
-    statistics(args) -> set[str]                  {"hessian", "moments"}; default {"hessian"}
+    statistics(args) -> set[str]                  {"hessian", "moments", "samples"}; default {"hessian"}
     compress_many(layers, stats, args)            several linears sharing an input at once
 
 Several steps may apply to the same linear in order (for example prune, then quantize the
@@ -23,6 +23,7 @@ from types import ModuleType
 import torch
 
 from compressor.errors import CompressorError
+from compressor.fpgrids import FloatGrid
 from compressor.grids import IntGrid
 
 
@@ -38,13 +39,32 @@ class QuantizedWeight:
 
 
 @dataclass
+class FloatWeight:
+    """4-bit floating-point codes and their scales (compressor.fpgrids), ready to be packed."""
+
+    grid: FloatGrid
+    codes: torch.Tensor  # uint8 [out, in], 4-bit codes: sign in bit 3
+    scale: torch.Tensor  # nvfp4: FP8 values [out, in/16]; mxfp4: E8M0 uint8 [out, in/32]; fp4: [out, 1]
+    global_scale: torch.Tensor | None = None  # nvfp4: float32 [1]
+    row_format: torch.Tensor | None = None  # fp4 / e2m1: uint8 [out], index into ROW_FORMATS
+    act_order: bool = False
+    # Simulated activation quantization (fp4 / e2m1 with act_bits): the input x becomes
+    # fp_round(x * 2^act_shift, ACT_FORMATS[act_bits][act_format], act_bias); the weight's columns
+    # carry 2^-act_shift already.
+    act_bits: int | None = None
+    act_format: int | None = None
+    act_bias: float | None = None
+    act_shift: torch.Tensor | None = None  # int8 [in]
+
+
+@dataclass
 class LinearState:
     """One linear layer as the passes see it: a float32 working copy of its weight and what was done."""
 
     name: str
     weight: torch.Tensor  # float32 [out, in]
     dtype: torch.dtype  # the model's dtype, for the final weight and the stored scales
-    quant: QuantizedWeight | None = None
+    quant: QuantizedWeight | FloatWeight | None = None
     mask: torch.Tensor | None = None  # bool [out, in], True = kept (sparsity passes)
     original: torch.Tensor | None = None  # the weight before any pass (DSnoT regrows from it)
     methods: list[str] = field(default_factory=list)
@@ -59,7 +79,7 @@ class Step:
     args: dict = field(default_factory=dict)
 
 
-METHODS = ("rtn", "gptq", "magnitude", "wanda", "sparsegpt", "dsnot")  # compressor/passes/<name>.py
+METHODS = ("rtn", "gptq", "fp4", "magnitude", "wanda", "sparsegpt", "dsnot")  # compressor/passes/<name>.py
 
 
 def get_pass(method: str) -> ModuleType:

@@ -1,0 +1,102 @@
+"""Loading a checkpoint in the LLM-FP4 layout, which no engine reads: each row of a linear has its
+own 4-bit format (E3M0, E2M1 or E1M2) and exponent bias, stored as
+
+    weight_packed  uint8 [out, in/2]   two codes per byte, the even column in the low nibble
+    weight_format  uint8 [out]         index into quantization_config["row_formats"]
+    weight_scale   float32 [out, groups]  2^-bias per (row, group of in/groups columns)
+    weight_shape   int64 [2]
+
+and, when the activations were quantized too (simulated: no kernel runs it), the input quantizer:
+
+    input_shift    int8 [in]     x is multiplied by 2^shift per channel (the weight holds 2^-shift)
+    input_bias     float32 [1]   the tensor's exponent bias
+    input_format   uint8 [1]     index into quantization_config["input_activations"]["formats"]
+
+The model is built from its config and every weight is filled from the files, the packed linears
+dequantized exactly as the compression pass computed them (so logits match bit for bit).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from compressor import fpgrids
+from compressor.errors import CompressorError
+from compressor.pack import tensor_files
+
+
+def read_state_dict(folder: Path) -> dict[str, torch.Tensor]:
+    tensors = {}
+    for key, path in tensor_files(folder).items():
+        with safe_open(str(path), framework="pt") as handle:
+            tensors[key] = handle.get_tensor(key)
+    return tensors
+
+
+def dequantized_state_dict(folder: Path, qconfig: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """The checkpoint's tensors with every packed linear replaced by its float32 weight, and the
+    input quantizers (module -> (format, bias, shift)) of the linears that have one."""
+    names = qconfig.get("row_formats")
+    if names != [f.name for f in fpgrids.ROW_FORMATS]:
+        raise CompressorError(f"unsupported LLM-FP4 row formats {names!r}")
+    tensors = read_state_dict(folder)
+    activations = qconfig.get("input_activations")
+    quantizers = {}
+    for module in qconfig.get("targets", []):
+        try:
+            packed = tensors.pop(f"{module}.weight_packed")
+            row_format = tensors.pop(f"{module}.weight_format")
+            scale = tensors.pop(f"{module}.weight_scale")
+            shape = tensors.pop(f"{module}.weight_shape").tolist()
+        except KeyError as missing:
+            raise CompressorError(f"{folder}: {module} lacks tensor {missing}")
+        codes = fpgrids.unpack_nibbles(packed)
+        if list(codes.shape) != shape or row_format.shape[0] != shape[0]:
+            raise CompressorError(f"{folder}: {module} packed tensors do not match shape {shape}")
+        tensors[f"{module}.weight"] = fpgrids.row_dequantize(codes, row_format, scale)
+        if activations:
+            formats = [fpgrids.FloatFormat(int(n[1]), int(n[3])) for n in activations["formats"]]
+            fmt = formats[int(tensors.pop(f"{module}.input_format")[0])]
+            bias = float(tensors.pop(f"{module}.input_bias")[0])
+            quantizers[module] = (fmt, bias, tensors.pop(f"{module}.input_shift"))
+    return tensors, quantizers
+
+
+def install_input_quantizers(model, quantizers: dict) -> None:
+    """Simulated activation quantization: a forward pre-hook rounds each listed linear's input."""
+    for module, (fmt, bias, shift) in quantizers.items():
+        multiplier = torch.exp2(shift.float())
+
+        def hook(linear, args, fmt=fmt, bias=bias, multiplier=multiplier):
+            x = args[0]
+            return (fpgrids.fp_round_fast(x * multiplier.to(x.device, x.dtype), fmt, bias),) + args[1:]
+
+        model.get_submodule(module).register_forward_pre_hook(hook)
+
+
+def load_llm_fp4(folder: Path, config, dtype):
+    """A transformers model with the LLM-FP4 weights dequantized into it."""
+    from transformers import AutoModelForCausalLM
+
+    qconfig = config.quantization_config
+    config.__dict__.pop("quantization_config", None)
+    if dtype in (None, "auto"):
+        dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32
+        dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    tensors, quantizers = dequantized_state_dict(folder, qconfig)
+    state = {k: v.to(dtype) for k, v in tensors.items()}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = {k for k in missing if k.endswith("lm_head.weight")} if config.tie_word_embeddings else set()
+    if set(missing) - tied or unexpected:
+        raise CompressorError(
+            f"{folder}: checkpoint does not fit the model (missing {sorted(set(missing) - tied)[:3]}, "
+            f"unexpected {unexpected[:3]})"
+        )
+    model.tie_weights()
+    install_input_quantizers(model, quantizers)
+    model.config.quantization_config = qconfig  # kept for reports; the weights are dense now
+    return model
