@@ -89,6 +89,8 @@ SUITES: dict[str, list[tuple[str, list[str]]]] = {
           for score in ("lim", "zd")],
         ("evopress-3.5bpw", _search("3.5bpw")),
         ("evopress-2.5bpw", _search("2.5bpw")),
+        # The same search scored in float32 (the default is bfloat16): quality and time of each.
+        ("evopress-3.5bpw-fp32-fitness", [*_search("3.5bpw"), "--fitness-dtype", "float32"]),
     ],
     # Per-layer sparsity at equal total sparsity: uniform SparseGPT, LIM / ZD (+-10% by importance),
     # EvoPress over SparseGPT levels.
