@@ -21,6 +21,14 @@ def run_cli(args, capsys, monkeypatch):
     return code, captured.out, captured.err
 
 
+def run_small_eval(folder, tmp_path, capsys, monkeypatch, windows=2):
+    """`compress eval FOLDER --json` on a short local text: seqlen 64, KL on 2 x 32 tokens."""
+    text = tmp_path / "eval.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 200)
+    return run_cli(["eval", folder, "--dataset", text, "--seqlen", "64", "--windows", str(windows),
+                    "--kl-seqlen", "32", "--kl-windows", "2", "--json"], capsys, monkeypatch)
+
+
 def test_quantize_eval_inspect_round(llama_dir, calibration_file, tmp_path, capsys, monkeypatch,
                                      isolated_cache):
     out = tmp_path / "w4"
@@ -37,11 +45,7 @@ def test_quantize_eval_inspect_round(llama_dir, calibration_file, tmp_path, caps
     assert manifest["modules"]["model.layers.0.mlp.down_proj"]["methods"] == ["gptq"]
     assert (out / "recipe.yaml").is_file()
 
-    text = tmp_path / "eval.txt"
-    text.write_text("the quick brown fox jumps over the lazy dog. " * 200)
-    code, stdout, stderr = run_cli(
-        ["eval", out, "--dataset", text, "--seqlen", "64", "--windows", "4", "--kl-seqlen", "32",
-         "--kl-windows", "2", "--json"], capsys, monkeypatch)
+    code, stdout, stderr = run_small_eval(out, tmp_path, capsys, monkeypatch, windows=4)
     assert code == 0, stderr
     result = json.loads(stdout)
     assert result["perplexity"]["windows"] == 4 and result["perplexity"]["seqlen"] == 64

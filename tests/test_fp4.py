@@ -19,7 +19,7 @@ from compressor.pack import pack_linear
 from compressor.passes import LinearState, fp4
 from compressor.stats import InputStats
 
-from .test_cli import run_cli
+from .test_cli import run_cli, run_small_eval
 
 FORMATS = ["nvfp4", "mxfp4", "e2m1", "fp4"]
 
@@ -303,11 +303,7 @@ def test_cli_w4a8_eval_report_says_activations_are_simulated(
          "--samples", "4", "--seqlen", "32", "-o", out, "--json"], capsys, monkeypatch)
     assert code == 0, stderr
     assert json.loads(stdout)["modules"]["model.layers.0.mlp.down_proj"]["act_format"] in ("E4M3", "E5M2")
-    text = tmp_path / "eval.txt"
-    text.write_text("the quick brown fox jumps over the lazy dog. " * 200)
-    code, stdout, stderr = run_cli(
-        ["eval", out, "--dataset", text, "--seqlen", "64", "--windows", "2", "--kl-seqlen", "32",
-         "--kl-windows", "2", "--json"], capsys, monkeypatch)
+    code, stdout, stderr = run_small_eval(out, tmp_path, capsys, monkeypatch)
     assert code == 0, stderr
     report = (out / "eval.md").read_text()
     assert "format: e2m1" in report and "SIMULATED" in report
