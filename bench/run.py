@@ -107,13 +107,14 @@ SUITES: dict[str, list[tuple[str, list[str]]]] = {
 }
 
 
-def _fp4(number_format: str, group: int = 0, act_bits: int | None = None) -> list[str]:
+def _fp4(number_format: str, group: int = 0, act_bits: int | None = None, gptq: bool = False) -> list[str]:
     return ["quantize", "--format", number_format, *(["--group-size", str(group)] if group else []),
-            *(["--act-bits", str(act_bits)] if act_bits else [])]
+            *(["--act-bits", str(act_bits)] if act_bits else []), *(["--method", "gptq"] if gptq else [])]
 
 
 # 4-bit floats (INT4 g64 GPTQ is in the quantize suite): block-scaled NVFP4 / MXFP4, and LLM-FP4's
-# format and bias search against plain E2M1 at the same layout and bits; W4A8 / W4A4 simulated.
+# format and bias search against plain E2M1 at the same layout and bits; W4A8 / W4A4 simulated;
+# the same grids rounded in GPTQ's error-feedback loop (-gptq) instead of to nearest.
 SUITES["fp4"] = [
     ("nvfp4", _fp4("nvfp4")),
     ("mxfp4", _fp4("mxfp4")),
@@ -123,6 +124,10 @@ SUITES["fp4"] = [
     ("llm-fp4-ch", _fp4("fp4")),
     ("llm-fp4-ch-a8", _fp4("fp4", act_bits=8)),
     ("llm-fp4-ch-a4", _fp4("fp4", act_bits=4)),
+    ("nvfp4-gptq", _fp4("nvfp4", gptq=True)),
+    ("mxfp4-gptq", _fp4("mxfp4", gptq=True)),
+    ("e2m1-g64-gptq", _fp4("e2m1", 64, gptq=True)),
+    ("llm-fp4-g64-gptq", _fp4("fp4", 64, gptq=True)),
     ("bnb-nf4-bs64", ["bnb-nf4"]),
     ("bnb-fp4-bs64", ["bnb-fp4"]),
 ]

@@ -140,7 +140,10 @@ def quantize(
         help="Columns per scale group; 0 or -1 = per-channel. Ragged tails are fine. Default 128; "
              "with --format fp4/e2m1 columns per exponent bias, default per-channel."),
     symmetric: bool = typer.Option(True, "--sym/--asym", help="Symmetric grid, or with zero points."),
-    method: str = typer.Option("gptq", "--method", help="gptq (calibrated) or rtn (round to nearest)."),
+    method: str = typer.Option(
+        None, "--method", show_default=False,
+        help="gptq (error feedback, calibrated) or rtn (round to nearest). Default gptq for int, rtn "
+             "for 4-bit floats (--method gptq runs GPTQ's loop on the float grid)."),
     number_format: str = typer.Option(
         "int", "--format",
         help="int (integer grid, the options above), or 4-bit floats: nvfp4 (E2M1, FP8 scale per 16), "
@@ -182,6 +185,11 @@ def quantize(
                                   "--allocate or --budget")
         step = {"method": "fp4", "format": number_format.lower()}
         tag = step["format"]
+        if method not in (None, "rtn", "gptq"):
+            raise CompressorError(f"unknown --method {method!r} for --format; choose rtn or gptq")
+        if method == "gptq":
+            step.update(gptq=True, act_order=act_order, damp=damp)
+            tag += "-gptq"
         if act_bits is not None:
             step["act_bits"] = act_bits
             tag += f"-a{act_bits}"
@@ -196,6 +204,7 @@ def quantize(
     if act_bits is not None:
         raise CompressorError("--act-bits needs --format fp4 or --format e2m1")
     group_size = 128 if group_size is None else group_size
+    method = method or "gptq"
     allocation = None
     if allocate is not None:
         target = parse_budget(budget) if budget else parse_budget(f"{bits}bits")
@@ -327,6 +336,10 @@ def search(
         "bfloat16", "--fitness-dtype",
         help="Precision of the forwards that score candidates (bfloat16 is several times faster on "
              "CPUs with AMX/AVX512-BF16 and on GPUs; float32 elsewhere). The checkpoint is unaffected."),
+    warm_starts: str = typer.Option(
+        "lim,zd", "--warm-starts",
+        help="Importance allocations scored as starting points beside random ones (lim, zd; "
+             "'' for random starts only)."),
     search_seed: int = typer.Option(0, "--search-seed", help="Seed of the evolution."),
     database: Path = typer.Option(
         None, "--database", help="Level database folder, reusable across searches (default OUT.search/)."),
@@ -369,6 +382,7 @@ def search(
                         symmetric=symmetric, sparsity_step=sparsity_step, granularity=granularity,
                         top_k=top_k, fitness_windows=fitness_windows, fitness_seqlen=fitness_seqlen,
                         fitness_dtype=fitness_dtype,
+                        warm_starts=[s.strip() for s in warm_starts.split(",") if s.strip()],
                         settings=settings)
         job.validate()
         source = resolve_source(model)

@@ -88,6 +88,32 @@ def test_initial_candidates_meet_the_budget():
         evopress.initial_candidates(_space(1.0), random.Random(0), 3)
 
 
+def test_ranked_start_lowers_the_least_important_units():
+    space = _space(3.37)
+    importance = [0.3, 0.9, 0.1, 0.5, 0.7, 0.2, 0.8, 0.05, 0.6, 0.4, 0.35, 0.15, 0.95, 0.25, 0.45]
+    levels = evopress.ranked_start(space, importance)
+    assert space.total(levels) <= space.limit and set(levels) == {1, 2}
+    lowered = [importance[u] for u, lv in enumerate(levels) if lv == 1]
+    kept = [importance[u] for u, lv in enumerate(levels) if lv == 2]
+    assert max(lowered) < min(kept)
+    # Raising the most important lowered unit back would break the budget: no slack is wasted.
+    unit = max((u for u, lv in enumerate(levels) if lv == 1), key=importance.__getitem__)
+    assert space.total([lv + (u == unit) for u, lv in enumerate(levels)]) > space.limit
+
+
+def test_start_takes_the_best_scoring_warm_start():
+    space = _space(3.37)
+    favourite = evopress.ranked_start(space, list(range(15)))
+
+    def fitness(levels, windows):
+        return sum(abs(a - b) for a, b in zip(levels, favourite, strict=True))
+
+    settings = evopress.SearchSettings(stages=(evopress.Stage(1, 10),))
+    state = evopress.start(space, fitness, 4, 10, settings, warm={"lim": favourite})
+    assert state.parent == favourite and state.history[0]["start"] == "lim"
+    assert state.parent_fitness == 0 and len(state.history[0]["starts"]) == 1 + settings.initial_tries
+
+
 def test_stages_parse_and_reject():
     assert evopress.parse_stages("4x1024,1x4096") == (evopress.Stage(4, 1024), evopress.Stage(1, 4096))
     for bad in ("4x1024", "1x10,2x20", "ax3,1x2", "0x5,1x5"):
@@ -110,7 +136,17 @@ def test_evolution_finds_the_known_optimum():
     for _ in range(settings.generations):
         state = evopress.generation(state, space, fitness, 4, 10, settings)
     assert space.total(state.parent) == space.total(evopress.start(space, fitness, 4, 10, settings).parent)
-    assert fitness(state.parent, []) < 0.5 * first
+    assert fitness(state.parent, []) < 0.55 * first
+    # A local optimum: no budget-keeping swap of one level between two same-size units improves it.
+    final = fitness(state.parent, [])
+    for units in space.size_groups:
+        for up in units:
+            for down in units:
+                child = list(state.parent)
+                child[up] += 1
+                child[down] -= 1
+                if up != down and child[up] < space.levels and child[down] >= 0:
+                    assert fitness(child, []) >= final - 1e-12
     # The heavy units end at the top levels, light ones of the same size pay for them.
     assert state.parent[6] == 4 and state.parent[10] >= 3 and state.parent[11] >= 3
     # Monotone: the parent only ever changes for a better score on the same windows.
@@ -311,7 +347,11 @@ def test_search_writes_a_loadable_checkpoint_and_resumes_identically(
     assert code == 0, stderr
     summary = json.loads(stdout)
     found = summary["search"]
-    assert found["generations"] == 4 and len(found["history"]) == 4
+    assert found["generations"] == 4 and len(found["history"]) == 5
+    # Generation 0 chose among the importance allocations and random starts, all scored.
+    first = found["history"][0]
+    assert first["generation"] == 0 and "lim" in first["starts"] and "random-0" in first["starts"]
+    assert first["starts"][first["start"]] == min(first["starts"].values())
     assert found["achieved"] <= 3.5 and summary["bpw"]["stored"] == pytest.approx(found["achieved"])
     levels = found["per_module_level"]
     # Fused groups share a level: q, k, v together and gate, up together.

@@ -7,6 +7,8 @@
                     (E3M0, E2M1, E1M2), per channel or group the exponent bias, minimising the
                     row's output error on the calibration inputs
     act_bits: 8 | 4 (fp4, e2m1) also quantize the inputs, simulated (activation_search)
+    gptq: true      after the scales / formats / biases are fixed, round the columns in GPTQ's
+                    error-feedback loop on the same grid (act_order, damp as in GPTQ)
 
 The LLM-FP4 search follows the paper's candidate set: for each format, the largest value swept over
 linspace(0.01, 1.2, steps) x the absmax (each fixes a bias). Its objective, the mean squared error
@@ -23,12 +25,13 @@ import torch
 from compressor import fpgrids
 from compressor.errors import CompressorError
 from compressor.fpgrids import E2M1, ROW_FORMATS, FloatFormat
-from compressor.passes import FloatWeight, LinearState, check_keys
+from compressor.passes import FloatWeight, LinearState, check_keys, gptq
+from compressor.passes.gptq import GPTQOptions
 from compressor.stats import InputStats
 
-KEYS = {"format", "group_size", "formats", "steps", "refine", "act_bits"}
+KEYS = {"format", "group_size", "formats", "steps", "refine", "act_bits", "gptq", "act_order", "damp"}
 DEFAULTS = {"format": "nvfp4", "group_size": 0, "formats": ["E3M0", "E2M1", "E1M2"], "steps": 100,
-            "refine": 4, "act_bits": None}
+            "refine": 4, "act_bits": None, "gptq": False}
 MAX_SHIFT = 8  # largest per-channel pre-shift of an activation channel (x 2^8)
 
 
@@ -50,12 +53,17 @@ def _settings(args: dict) -> dict:
             raise CompressorError(f"act_bits must be 4 or 8, got {settings['act_bits']!r}")
         if settings["grid"].format not in ("fp4", "e2m1"):
             raise CompressorError("activation quantization (act_bits) needs format fp4 or e2m1")
+    if not isinstance(settings["gptq"], bool):
+        raise CompressorError(f"fp4: gptq must be true or false, got {settings['gptq']!r}")
+    if not settings["gptq"] and ({"act_order", "damp"} & set(args)):
+        raise CompressorError("fp4: act_order and damp apply only with gptq: true")
+    settings["gptq_options"] = GPTQOptions.from_args(settings)
     return settings
 
 
 def needs_data(args: dict) -> bool:
     fmt = str(args.get("format", DEFAULTS["format"])).lower()
-    return fmt == "fp4" or args.get("act_bits") is not None
+    return fmt == "fp4" or args.get("act_bits") is not None or bool(args.get("gptq"))
 
 
 def statistics(args: dict) -> set[str]:
@@ -77,14 +85,14 @@ def compress_many(layers: list[LinearState], stats: InputStats | None, args: dic
     quantized tensor would feed them all, and the Hessian."""
     settings = _settings(args)
     grid = settings["grid"]
-    needs_stats = grid.format == "fp4" or settings["act_bits"] is not None
+    needs_stats = grid.format == "fp4" or settings["act_bits"] is not None or settings["gptq"]
     if needs_stats and (stats is None or stats.tokens == 0):
         raise CompressorError(f"{grid.format} with these settings needs calibration data")
     activation = hessian = None
     if settings["act_bits"] is not None:
         weights = torch.cat([layer.weight.float() for layer in layers])
         activation = activation_search(stats.sample_rows(), weights, settings["act_bits"], settings["steps"])
-    if grid.format == "fp4":
+    if grid.format == "fp4" or settings["gptq"]:
         hessian = stats.hessian()
         if activation is not None:  # the layers now see x * 2^shift
             multiplier = torch.exp2(activation["shift"].float())
@@ -99,10 +107,8 @@ def _compress_one(layer: LinearState, hessian, settings: dict, activation: dict 
     global_scale = row_format = None
     if grid.format == "nvfp4":
         scale, global_scale = fpgrids.nvfp4_qparams(w)
-        codes = fpgrids.block_quantize(w, scale / global_scale)
     elif grid.format == "mxfp4":
         scale = fpgrids.mxfp4_qparams(w)
-        codes = fpgrids.block_quantize(w, fpgrids.mx_scale(scale))
     else:
         width = _group_width(w.shape[1], grid.block)
         if activation is not None:
@@ -114,6 +120,15 @@ def _compress_one(layer: LinearState, hessian, settings: dict, activation: dict 
             row_format = torch.full((w.shape[0],), ROW_FORMATS.index(E2M1), dtype=torch.uint8)
             bias = fpgrids.default_bias(E2M1, _group_absmax(w, width))
         scale = torch.exp2(-bias).float()  # [out, groups]: a real bias is a scale
+    if settings["gptq"]:
+        round_column = _column_rounder(grid.format, scale, global_scale, row_format, w.shape[1])
+        w, _, damp = gptq.error_feedback(w, hessian, round_column, settings["gptq_options"], layer.mask)
+        layer.metrics["gptq_damp"] = damp
+    if grid.format == "nvfp4":
+        codes = fpgrids.block_quantize(w, scale / global_scale)
+    elif grid.format == "mxfp4":
+        codes = fpgrids.block_quantize(w, fpgrids.mx_scale(scale))
+    else:
         codes = fpgrids.row_quantize(w, row_format, scale)
     if layer.mask is not None:
         codes = codes.where(layer.mask, torch.zeros_like(codes))  # code 0 is +0 in every format
@@ -132,7 +147,7 @@ def _compress_one(layer: LinearState, hessian, settings: dict, activation: dict 
         # (which only a hook could add), and nothing else changes.
         layer.weight = layer.weight * torch.exp2(activation["shift"].float())
     layer.quant = quant
-    layer.methods.append("fp4")
+    layer.methods.append("fp4+gptq" if settings["gptq"] else "fp4")
     if row_format is not None:
         counts = torch.bincount(row_format.long(), minlength=len(ROW_FORMATS)).tolist()
         layer.metrics["fp4_rows"] = {f.name: n for f, n in zip(ROW_FORMATS, counts, strict=True)}
@@ -150,6 +165,30 @@ def dequantize(quant: FloatWeight) -> torch.Tensor:
     if fmt == "mxfp4":
         return fpgrids.block_dequantize(quant.codes, fpgrids.mx_scale(quant.scale))
     return fpgrids.row_dequantize(quant.codes, quant.row_format, quant.scale)
+
+
+def _column_rounder(fmt: str, scale: torch.Tensor, global_scale, row_format,
+                    columns: int) -> gptq.ColumnRounder:
+    """One column onto the fixed grid, as dequantize() will reconstruct it (for GPTQ's loop)."""
+    if fmt in ("nvfp4", "mxfp4"):
+        effective = scale / global_scale if fmt == "nvfp4" else fpgrids.mx_scale(scale)
+        block = 16 if fmt == "nvfp4" else 32
+        exact = torch.bfloat16 if fmt == "nvfp4" else torch.float32  # see dequantize()
+
+        def round_column(col: int, upcoming: torch.Tensor) -> torch.Tensor:
+            s = effective[:, col // block, None]
+            codes = fpgrids.block_quantize(upcoming[0, :, None], s)
+            return fpgrids.block_dequantize(codes, s).to(exact).float()[:, 0]
+
+        return round_column
+    width = columns // scale.shape[1]
+
+    def round_column_row_formats(col: int, upcoming: torch.Tensor) -> torch.Tensor:
+        s = scale[:, col // width, None]
+        codes = fpgrids.row_quantize(upcoming[0, :, None], row_format, s)
+        return fpgrids.row_dequantize(codes, row_format, s)[:, 0]
+
+    return round_column_row_formats
 
 
 def _group_width(in_features: int, group_size: int) -> int:

@@ -9,6 +9,7 @@ contiguous in the original column order, and ragged last groups.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -108,10 +109,68 @@ def _inverse_hessian_factor(hessian: torch.Tensor, damp: float) -> tuple[torch.T
     )
 
 
-def _group_blocksize(grid: IntGrid, in_features: int, blocksize: int) -> int:
-    """A column block that holds whole groups, so each group's refit sees fully updated columns."""
-    width = grid.group_width(in_features)
-    return max(width, blocksize // width * width) if grid.group_size > 0 else blocksize
+# round_column(col, upcoming) -> the column on the grid. col: the column's index in the original
+# order; upcoming: the current column and the rest of its block, [k, rows], already updated (a
+# dynamic group fits its parameters on them).
+ColumnRounder = Callable[[int, torch.Tensor], torch.Tensor]
+
+
+@torch.no_grad()
+def error_feedback(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    round_column: ColumnRounder,
+    options: GPTQOptions = GPTQOptions(),
+    mask: torch.Tensor | None = None,
+    align: int = 1,
+) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """GPTQ's column loop for any grid: round a column, push its error onto the columns after it.
+
+    Returns (weight on the grid in the original column order, per-row solver loss, damping used).
+    `align`: column blocks hold whole multiples of it (groups refitted inside the loop).
+    """
+    W = weight.float().clone()
+    H = hessian.float().clone()
+    rows, cols = W.shape
+    dead = H.diagonal() == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    if options.act_order:
+        perm = torch.argsort(H.diagonal(), descending=True)
+        W, H = W[:, perm], H[perm][:, perm]
+        if mask is not None:
+            mask = mask[:, perm]
+    else:
+        perm = torch.arange(cols, device=W.device)
+    Hinv, damp = _inverse_hessian_factor(H, options.damp)
+    blocksize = max(align, options.blocksize // align * align)
+    # The loop runs once per column: keep each column a contiguous row (work on W^T), so the
+    # loop's cost is the arithmetic.
+    Wt = W.T.contiguous()
+    keep = mask.T.contiguous().float() if mask is not None else None
+    original_column = perm.tolist()
+    Qt = torch.zeros_like(Wt)
+    row_error = torch.zeros(rows, device=W.device)
+
+    for i1 in range(0, cols, blocksize):
+        i2 = min(i1 + blocksize, cols)
+        W1 = Wt[i1:i2].clone()
+        Err1 = torch.zeros_like(W1)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = i1 + i
+            q = round_column(original_column[col], W1[i:])
+            if keep is not None:
+                q = q * keep[col]
+            Qt[col] = q
+            err = (W1[i] - q).div_(Hinv1[i, i])
+            row_error.add_(err.square(), alpha=0.5)
+            W1[i:].addr_(Hinv1[i, i:], err, alpha=-1)
+            Err1[i] = err
+        Wt[i2:].addmm_(Hinv[i1:i2, i2:].T, Err1, alpha=-1)
+
+    inverse = torch.argsort(perm)
+    return Qt.T[:, inverse].contiguous(), row_error, damp
 
 
 @torch.no_grad()
@@ -123,73 +182,35 @@ def solve(
     scale_dtype: torch.dtype = torch.float32,
     mask: torch.Tensor | None = None,
 ) -> GPTQResult:
-    W = weight.float().clone()
-    H = hessian.float().clone()
-    rows, cols = W.shape
+    """GPTQ onto an integer grid: error_feedback with the grid's rounding and group parameters."""
+    rows, cols = weight.shape
     width = grid.group_width(cols)
-
-    dead = H.diagonal() == 0
-    H[dead, dead] = 1
-    W[:, dead] = 0
-
+    dead = hessian.diagonal() == 0
     # Static groups: with act-order, a group's parameters come from the original weights so the
     # stored groups stay contiguous in the original column order (no g_idx needed to load them).
     static = options.act_order and grid.group_size > 0
-    if options.act_order:
-        perm = torch.argsort(H.diagonal(), descending=True)
-        W, H = W[:, perm], H[perm][:, perm]
-        if mask is not None:
-            mask = mask[:, perm]
-    else:
-        perm = torch.arange(cols, device=W.device)
-    column_group = grids.group_index(cols, width).to(W.device)[perm]
-
     if static or grid.group_size <= 0:
         # Per-channel ranges, like static groups, are fitted once on the original weights.
         scale, zero = grids.choose_qparams(weight.float() * (~dead), grid, scale_dtype)
     else:
         groups = grid.num_groups(cols)
-        scale = torch.zeros(rows, groups, device=W.device)
-        zero = torch.zeros(rows, groups, device=W.device)
+        scale = torch.zeros(rows, groups, device=weight.device)
+        zero = torch.zeros(rows, groups, device=weight.device)
+    groups_of = grids.group_index(cols, width).tolist()
+    scale_t, zero_t = scale.T, zero.T  # views: a group refit below shows through
 
-    Hinv, damp = _inverse_hessian_factor(H, options.damp)
-    blocksize = _group_blocksize(grid, cols, options.blocksize)
-    # The loop runs once per column: keep each column a contiguous row (work on W^T) and its
-    # group's parameters one plain-int lookup away, so the loop's cost is the arithmetic.
-    Wt = W.T.contiguous()
-    keep = mask.T.contiguous().float() if mask is not None else None
-    groups_of = column_group.tolist()
-    Qt = torch.zeros_like(Wt)
-    row_error = torch.zeros(rows, device=W.device)
+    def round_column(col: int, upcoming: torch.Tensor) -> torch.Tensor:
+        g = groups_of[col]
+        if not static and grid.group_size > 0 and col % width == 0:
+            # Dynamic groups (original order, so upcoming holds the group): fit the group on its
+            # already-updated columns.
+            s, z = grids.choose_qparams(upcoming[:width].T, _whole_slice(grid), scale_dtype)
+            scale[:, g], zero[:, g] = s[:, 0], z[:, 0]
+        s, z = scale_t[g], zero_t[g]
+        return (torch.clamp(torch.round(upcoming[0] / s) + z, 0, grid.maxq) - z) * s
 
-    for i1 in range(0, cols, blocksize):
-        i2 = min(i1 + blocksize, cols)
-        W1 = Wt[i1:i2].clone()
-        Err1 = torch.zeros_like(W1)
-        Hinv1 = Hinv[i1:i2, i1:i2]
-        scale_t, zero_t = scale.T, zero.T  # views: a group refit below shows through
-        for i in range(i2 - i1):
-            col = i1 + i
-            g = groups_of[col]
-            if not static and grid.group_size > 0 and col % width == 0:
-                # Dynamic groups (original order): fit the group on its already-updated columns.
-                s, z = grids.choose_qparams(W1[i:i + width].T, _whole_slice(grid), scale_dtype)
-                scale[:, g], zero[:, g] = s[:, 0], z[:, 0]
-            w = W1[i]
-            s, z = scale_t[g], zero_t[g]
-            q = (torch.clamp(torch.round(w / s) + z, 0, grid.maxq) - z) * s
-            if keep is not None:
-                q.mul_(keep[col])
-            Qt[col] = q
-            err = (w - q).div_(Hinv1[i, i])
-            row_error.add_(err.square(), alpha=0.5)
-            W1[i:].addr_(Hinv1[i, i:], err, alpha=-1)
-            Err1[i] = err
-        Wt[i2:].addmm_(Hinv[i1:i2, i2:].T, Err1, alpha=-1)
-
-    Q = Qt.T
-    inverse = torch.argsort(perm)
-    weight = Q[:, inverse].contiguous()
+    align = width if grid.group_size > 0 else 1  # blocks hold whole groups, as the reference's do
+    weight, row_error, damp = error_feedback(weight, hessian, round_column, options, mask, align)
     return GPTQResult(weight=weight, scale=scale, zero=zero, row_error=row_error, damp=damp)
 
 

@@ -4,6 +4,9 @@ The search sees only integers: a candidate is a level index per unit (a fused gr
 one linear), each (unit, level) has an integer cost, and the total must stay within a limit. Fitness
 is a callable (lower is better, KL to the dense model in practice) evaluated on sampled windows.
 
+Start: the best-scoring of a few random descents from the uniform level above the budget and of
+the importance heuristics' allocations (warm starts), so the search refines the best of them.
+
 One generation:
     offspring = distinct mutations of the parent (each keeps the total cost exactly)
     for each stage (survivors, tokens): draw fresh windows, score the candidates on them, keep the best
@@ -87,32 +90,44 @@ class Space:
         return sum(row[level] for row in self.costs)
 
 
+def descend(space: Space, order: list[int]) -> list[int]:
+    """From the cheapest uniform level that reaches the limit, lower units one level each, in
+    `order`, until the total fits: a start between two neighbouring uniform levels."""
+    top = space.levels - 1
+    ceil = next((lv for lv in range(space.levels) if space.uniform_total(lv) >= space.limit), top)
+    levels = [ceil] * len(space.costs)
+    total = space.total(levels)
+    for unit in order:
+        if total <= space.limit or ceil == 0:
+            break
+        total -= space.costs[unit][ceil] - space.costs[unit][ceil - 1]
+        levels[unit] -= 1
+    return levels
+
+
 def initial_candidates(space: Space, rng: random.Random, tries: int) -> list[list[int]]:
     """Starting points within budget: a uniform level that fits exactly, else random descents.
 
-    From the cheapest uniform level that reaches the limit, random units are lowered one level
-    until the total fits (EvoPress's start for fractional targets), so every start lies between
-    two neighbouring uniform levels (the lower one fits by construction); several such starts.
+    Random units are lowered from the cheapest uniform level that reaches the limit until the
+    total fits (EvoPress's start for fractional targets); several such starts.
     """
     if space.uniform_total(0) > space.limit:
         raise CompressorError("budget below the cheapest level")  # callers word it for the user
-    top = space.levels - 1
-    if space.uniform_total(top) <= space.limit:
-        return [[top] * len(space.costs)]
-    ceil = next(lv for lv in range(space.levels) if space.uniform_total(lv) >= space.limit)
-    if space.uniform_total(ceil) == space.limit:
-        return [[ceil] * len(space.costs)]
+    units = len(space.costs)
     starts = []
     for _ in range(max(1, tries)):
-        levels = [ceil] * len(space.costs)
-        total = space.total(levels)
-        while total > space.limit:
-            unit = rng.choice([u for u, lv in enumerate(levels) if lv == ceil])
-            total -= space.costs[unit][levels[unit]] - space.costs[unit][levels[unit] - 1]
-            levels[unit] -= 1
+        levels = descend(space, rng.sample(range(units), units))
         if levels not in starts:
             starts.append(levels)
+        if len(set(levels)) == 1:  # a uniform level fits: every descent gives the same start
+            break
     return starts
+
+
+def ranked_start(space: Space, importance: list[float]) -> list[int]:
+    """The importance heuristics' allocation in the search space: the least important units are
+    the ones lowered (LIM / ZD scores per unit, higher = more important)."""
+    return descend(space, sorted(range(len(space.costs)), key=importance.__getitem__))
 
 
 def mutate(parent: list[int], space: Space, rng: random.Random, max_flips: int = 3,
@@ -177,17 +192,28 @@ def _windows(rng: random.Random, pool: int, tokens: int, seqlen: int) -> list[in
     return sorted(rng.sample(range(pool), count))
 
 
-def start(space: Space, fitness: Fitness, pool: int, seqlen: int, settings: SearchSettings) -> SearchState:
-    """Pick the best of the initial candidates (scored on the last stage's token count)."""
+def start(space: Space, fitness: Fitness, pool: int, seqlen: int, settings: SearchSettings,
+          warm: dict[str, list[int]] | None = None) -> SearchState:
+    """Pick the best start, scored on the last stage's token count: random descents and the named
+    warm starts (importance allocations), so the search begins no worse than those heuristics."""
     rng = random.Random(settings.seed)
-    starts = initial_candidates(space, rng, settings.initial_tries)
-    scores = [0.0]
-    if len(starts) > 1:
+    named = dict(warm or {})
+    for number, levels in enumerate(initial_candidates(space, rng, settings.initial_tries)):
+        named.setdefault(f"random-{number}", levels)
+    names = [name for number, name in enumerate(named)
+             if named[name] not in [named[other] for other in list(named)[:number]]]
+    for name in names:
+        if space.total(named[name]) > space.limit:
+            raise CompressorError(f"start {name!r} exceeds the budget")
+    scores = {names[0]: None}
+    if len(names) > 1:
         windows = _windows(rng, pool, settings.stages[-1].tokens, seqlen)
-        scores = [fitness(levels, windows) for levels in starts]
-    best = min(range(len(starts)), key=scores.__getitem__)
-    return SearchState(generation=0, parent=starts[best], parent_fitness=None,
-                       rng_state=_rng_state(rng), evaluations=len(starts) if len(starts) > 1 else 0)
+        scores = {name: fitness(named[name], windows) for name in names}
+    best = min(names, key=lambda name: scores[name] or 0.0)
+    history = [{"generation": 0, "start": best, "starts": scores}]
+    return SearchState(generation=0, parent=named[best], parent_fitness=scores[best],
+                       rng_state=_rng_state(rng), evaluations=len(names) if len(names) > 1 else 0,
+                       history=history)
 
 
 def generation(state: SearchState, space: Space, fitness: Fitness, pool: int, seqlen: int,

@@ -31,7 +31,7 @@ from compressor.job import MANIFEST, RECIPE_FILE, Calibration, JobResult, build_
 from compressor.model import ModelSource, block_linears, decoder_blocks, load_model
 from compressor.pack import check_output, save_checkpoint, staged_output
 from compressor.pipeline import resolve_device
-from compressor.search import evopress
+from compressor.search import evopress, importance
 from compressor.search.database import LevelDatabase, build_database, quant_levels, sparsity_levels
 from compressor.search.fitness import DenseTargets, KLFitness
 
@@ -57,6 +57,9 @@ class SearchJob:
     # The fitness only ranks candidates: bfloat16 forwards (AMX / AVX512-BF16 on CPUs, tensor cores
     # on GPUs) are several times faster; the written checkpoint is unaffected.
     fitness_dtype: str = "bfloat16"
+    # Importance allocations the search may start from (each scored against random starts): the
+    # search then refines the best heuristic instead of walking to it from a random point.
+    warm_starts: list[str] = field(default_factory=lambda: ["lim", "zd"])
     settings: evopress.SearchSettings = field(default_factory=evopress.SearchSettings)
 
     def validate(self) -> Budget:
@@ -71,6 +74,9 @@ class SearchJob:
         if self.fitness_dtype not in FITNESS_DTYPES:
             raise CompressorError(f"unknown --fitness-dtype {self.fitness_dtype!r}; "
                                   f"choose {' or '.join(FITNESS_DTYPES)}")
+        if unknown := set(self.warm_starts) - set(importance.SCORES):
+            raise CompressorError(f"unknown warm start {', '.join(sorted(unknown))}; choose from "
+                                  f"{', '.join(importance.SCORES)}")
         if self.top_k < 1 or self.fitness_windows < 1 or self.fitness_seqlen < 2:
             raise CompressorError("--top-k, --fitness-windows must be positive and --fitness-seqlen >= 2")
         self.level_list()
@@ -205,6 +211,7 @@ def run_search(
     scorer.to(torch_device)
     targets = _dense_targets(scorer, tokenizer, job, calibration, data_dir, work, torch_device,
                              stage, progress)
+    warm = warm_starts(job.warm_starts, model, scorer, targets, units, space) if state is None else {}
     fitness = KLFitness(scorer, database, units, targets)
     seconds["dense_targets"] = time.perf_counter() - start
 
@@ -212,7 +219,7 @@ def run_search(
     settings = job.settings
     if state is None:
         stage("choosing a start within the budget")
-        state = evopress.start(space, fitness, targets.pool, targets.seqlen, settings)
+        state = evopress.start(space, fitness, targets.pool, targets.seqlen, settings, warm)
         save(state)
     while state.generation < settings.generations:
         stage(f"EvoPress generation {state.generation + 1}/{settings.generations}"
@@ -255,6 +262,22 @@ def run_search(
         (folder / RECIPE_FILE).write_text(yaml.safe_dump(recipe, sort_keys=False))
         (folder / "levels.svg").write_text(levels_svg(units, state.parent, database))
     return JobResult(output=str(output), manifest=manifest)
+
+
+def warm_starts(scores: list[str], model, scorer, targets: DenseTargets, units: list[list[str]],
+                space: evopress.Space) -> dict[str, list[int]]:
+    """Each importance score's allocation as a start: a unit inherits its decoder block's score.
+
+    LIM runs on the fitness windows through the scoring copy (the dense model, nothing applied yet).
+    """
+    prefix, _ = decoder_blocks(model)
+    block_of = [int(unit[0].removeprefix(prefix + ".").split(".")[0]) for unit in units]
+    starts = {}
+    for score in scores:
+        per_block = (importance.lim_scores(scorer, targets.windows) if score == "lim"
+                     else importance.zd_scores(model))
+        starts[score] = evopress.ranked_start(space, [per_block[b] for b in block_of])
+    return starts
 
 
 def _dense_targets(model, tokenizer, job, calibration, data_dir, work, device, stage, progress):
