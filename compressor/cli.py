@@ -327,7 +327,7 @@ def search(
     generations: int = typer.Option(40, "--generations", min=0, help="EvoPress generations."),
     offspring: int = typer.Option(12, "--offspring", min=1, help="Mutations scored per generation."),
     stages: str = typer.Option(
-        "3x1024,1x4096", "--stages",
+        "3x1024,1x8192", "--stages",
         help="Selection stages SURVIVORSxTOKENS, fresh windows each; the parent joins the last."),
     top_k: int = typer.Option(128, "--top-k", min=1, help="Dense probabilities kept per token for the KL."),
     fitness_windows: int = typer.Option(64, "--fitness-windows", min=1, help="Pool of fitness windows."),
