@@ -1,3 +1,10 @@
 """compressor: make Hugging Face causal LMs smaller and measure what it cost."""
 
 __version__ = "0.1.0"
+
+
+def load(folder, dtype="auto", device="cpu"):
+    """(model, tokenizer) of a compressed checkpoint with its quantized linears kept packed."""
+    from compressor.runtime import load as load_packed
+
+    return load_packed(folder, dtype, device)

@@ -442,6 +442,103 @@ def evaluate(
 
 
 @app.command()
+def generate(
+    folder: str = typer.Argument(..., help="Compressed checkpoint folder (integer weights run packed)."),
+    prompt: str = typer.Argument(..., help="Text to continue."),
+    max_new_tokens: int = typer.Option(32, "--max-new-tokens", min=1, help="Tokens to generate."),
+    dtype: str = typer.Option("auto", "--dtype", help="auto (the checkpoint's), bfloat16 or float32."),
+    device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
+    as_json: bool = JsonOpt,
+):
+    """Greedy text generation on the packed weights (no dense copy of the quantized linears).
+
+    Example: compress generate out/w4 "The capital of France is"
+    """
+    from compressor.infer import generate as run_generate
+    from compressor.runtime import load
+
+    model, tokenizer = load(folder, dtype, device)
+    result = run_generate(model, tokenizer, prompt, max_new_tokens)
+    result["backends"] = _backends(model)
+    _emit(result, as_json, lambda r: out.print(f"{r['prompt']}[bold]{r['text']}[/bold]", highlight=False))
+
+
+def _backends(model) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for module in model.modules():
+        if hasattr(module, "backend"):
+            counts[module.backend] = counts.get(module.backend, 0) + 1
+    return counts
+
+
+@app.command("bench-infer")
+def bench_infer(
+    folder: str = typer.Argument(..., help="Compressed checkpoint folder (integer weights run packed)."),
+    baseline: str = typer.Option(
+        None, "--baseline", help="Dense model to compare with (default: the source in compress.json)."),
+    dtype: str = typer.Option("bfloat16", "--dtype", help="Activation dtype of the packed model."),
+    prefill_tokens: int = typer.Option(512, "--prefill-tokens", min=1, help="Tokens in the prefill forward."),
+    decode_tokens: int = typer.Option(64, "--decode-tokens", min=1, help="Tokens decoded at batch 1."),
+    repeats: int = typer.Option(3, "--repeats", min=1, help="Timed repeats (the median is kept)."),
+    as_json: bool = JsonOpt,
+):
+    """Prefill and decode tokens/s and weight memory: packed model vs dense bfloat16 and float32.
+
+    Example: compress bench-infer out/w4 --baseline MODEL
+    """
+    from compressor.eval.runner import baseline_source
+    from compressor.infer import compare, measure, memory_bandwidth
+    from compressor.model import load_model
+    from compressor.runtime import load
+
+    source = baseline_source(folder, baseline)
+    if source is None:
+        raise CompressorError(f"{folder} names no source model (no compress.json): give --baseline MODEL")
+    rows = {}
+    with progress_bar(not as_json) as (stage, _):
+        stage("memory bandwidth")
+        bandwidth = memory_bandwidth()
+        for label, dense_dtype in (("dense-bfloat16", "bfloat16"), ("dense-float32", "float32")):
+            stage(f"timing {label}")
+            model, _ = load_model(source, _torch_dtype(dense_dtype))
+            rows[label] = measure(model, prefill_tokens, decode_tokens, repeats=repeats)
+            del model
+        stage("timing the packed model")
+        model, _ = load(folder, dtype)
+        rows["packed"] = {**measure(model, prefill_tokens, decode_tokens, repeats=repeats),
+                          "backends": _backends(model)}
+    result = {"folder": folder, "baseline": source.label, "threads": _threads(), "packed_dtype": dtype,
+              "memory_bandwidth_gb_s": bandwidth / 1e9, "rows": compare(rows, "dense-bfloat16", bandwidth)}
+    _emit(result, as_json, _print_bench_infer)
+
+
+def _torch_dtype(name: str):
+    import torch
+
+    return getattr(torch, name)
+
+
+def _threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
+def _print_bench_infer(result: dict) -> None:
+    table = Table(title=f"{result['folder']} vs {result['baseline']} ({result['threads']} threads)")
+    for column in ("model", "prefill tok/s", "decode tok/s", "weights MiB", "vs bf16 decode",
+                   "vs bf16 weights", "of bandwidth bound"):
+        table.add_column(column)
+    for name, row in result["rows"].items():
+        table.add_row(name, f"{row['prefill_tokens_per_s']:.0f}", f"{row['decode_tokens_per_s']:.1f}",
+                      f"{row['weight_bytes'] / 2**20:.1f}", f"{row['decode_vs_dense-bfloat16']:.2f}x",
+                      f"{row['weights_vs_dense-bfloat16']:.2f}x", f"{row['decode_fraction_of_bound']:.0%}")
+    out.print(table)
+    out.print(f"memory bandwidth {result['memory_bandwidth_gb_s']:.1f} GB/s; packed backends "
+              f"{result['rows']['packed']['backends']}")
+
+
+@app.command()
 def inspect(
     folder: Path = typer.Argument(..., help="Checkpoint folder written by compress."),
     as_json: bool = JsonOpt,

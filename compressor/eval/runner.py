@@ -73,6 +73,15 @@ def _cached_dense(source: ModelSource, settings: EvalSettings, compute: Callable
     return result
 
 
+def baseline_source(folder: str, baseline: str | None) -> ModelSource | None:
+    """The dense model to compare with: the one named, else the source in compress.json."""
+    if baseline:
+        return resolve_source(baseline)
+    target = resolve_source(folder)
+    manifest = read_manifest(Path(target.path)) if not target.gguf_file else None
+    return ModelSource(**manifest["source"]) if manifest is not None else None
+
+
 def evaluate(
     folder: str,
     baseline: str | None = None,
@@ -87,11 +96,7 @@ def evaluate(
     started = time.perf_counter()
     target = resolve_source(folder)
     manifest = read_manifest(Path(target.path)) if not target.gguf_file else None
-    base_source = None
-    if baseline:
-        base_source = resolve_source(baseline)
-    elif manifest is not None:
-        base_source = ModelSource(**manifest["source"])
+    base_source = baseline_source(folder, baseline)
 
     stage(f"loading {target.label}")
     model, tokenizer = load_model(target)

@@ -1,0 +1,147 @@
+"""Running a compressed checkpoint packed: build the model with PackedLinear modules straight from
+the checkpoint's packed tensors, never holding a dense copy of the quantized weights.
+
+    model, tokenizer = compressor.load("out/w4")     # or `compress generate` / `compress bench-infer`
+
+The model skeleton is made on the meta device (parameters only; buffers such as rotary
+frequencies are computed as usual), each quantized linear becomes a PackedLinear built from its
+weight_packed / weight_scale / weight_zero_point / weight_g_idx tensors, and every other tensor
+(embeddings, norms, unquantized linears) is read from the safetensors files one at a time.
+Integer compressed-tensors checkpoints (pack-quantized, group / channel / block strategies) are
+supported; 4-bit float layouts are not packed here (load them with compressor.model.load_model).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from compressor.errors import CompressorError
+from compressor.model import ModelSource, load_tokenizer, read_json
+from compressor.pack import tensor_files
+from compressor_kernels import PackedLinear
+
+PACKED_SUFFIXES = ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape", "weight_g_idx")
+
+
+def _targets(qconfig: dict, linear_names: dict[str, torch.nn.Module]) -> dict[str, dict]:
+    """Module name -> its weight QuantizationArgs, resolving names, 're:' regexes and class names."""
+    ignore = set(qconfig.get("ignore") or [])
+    chosen = {}
+    for group in (qconfig.get("config_groups") or {}).values():
+        weights = group.get("weights") or {}
+        for target in group.get("targets") or []:
+            for name, module in linear_names.items():
+                if name in ignore:
+                    continue
+                hit = (re.match(target[3:], name) if target.startswith("re:")
+                       else name == target or type(module).__name__ == target)
+                if hit:
+                    chosen[name] = weights
+    return chosen
+
+
+def _group_width(args: dict, in_features: int) -> int:
+    strategy = args.get("strategy")
+    if strategy == "group":
+        return int(args["group_size"])
+    if strategy == "channel":
+        return in_features
+    if strategy == "block":
+        block = args.get("block_structure") or []
+        if len(block) != 2 or block[0] != 1:
+            raise CompressorError(f"block structure {block} is not [1, group]: not a group layout")
+        return int(block[1])
+    raise CompressorError(f"quantization strategy {strategy!r} cannot be run packed")
+
+
+def packed_linear(name: str, args: dict, read, bias, dtype, device: str) -> PackedLinear:
+    """One PackedLinear from the checkpoint tensors of module `name` (read(key) -> tensor)."""
+    from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
+
+    if args.get("type", "int") != "int":
+        raise CompressorError(f"{name}: {args.get('type')} weights are not run packed; use the dense loader")
+    bits = int(args["num_bits"])
+    shape = torch.Size(read(f"{name}.weight_shape").tolist())
+    offset = 2 ** (bits - 1)
+    signed = unpack_from_int32(read(f"{name}.weight_packed"), bits, shape)
+    codes = (signed.to(torch.int16) + offset).to(torch.uint8)
+    scale = read(f"{name}.weight_scale").float()
+    if scale.dim() == 1:
+        scale = scale[:, None]
+    zero = None
+    if not args.get("symmetric", True):
+        zero = read(f"{name}.weight_zero_point").float().reshape(scale.shape) + offset
+    g_idx = read(f"{name}.weight_g_idx", optional=True)
+    width = _group_width(args, shape[1])
+    backend = None if device == "cpu" else "dequant"  # the aten int4/int8 kernels here are CPU ones
+    return PackedLinear(codes, scale, zero, bits, width, bias, g_idx, dtype, backend).to(device)
+
+
+def load(folder: str | Path, dtype: str | torch.dtype = "auto", device: str = "cpu"):
+    """(model, tokenizer) with every quantized linear packed; see the module docstring."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    folder = Path(folder)
+    if not (folder / "config.json").is_file():
+        raise CompressorError(f"{folder} is not a checkpoint folder (no config.json)")
+    raw = read_json(folder / "config.json")
+    qconfig = raw.get("quantization_config") or {}
+    if qconfig.get("quant_method") != "compressed-tensors" or not qconfig.get("config_groups"):
+        raise CompressorError(f"{folder} has no integer compressed-tensors quantization to run packed")
+    config = AutoConfig.from_pretrained(folder)
+    config.__dict__.pop("quantization_config", None)
+    if dtype in (None, "auto"):
+        dtype = getattr(config, "dtype", None) or torch.float32
+    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    files = tensor_files(folder)
+    handles = {path: safe_open(str(path), framework="pt") for path in set(files.values())}
+
+    def read(key: str, optional: bool = False):
+        if key not in files:
+            if optional:
+                return None
+            raise CompressorError(f"{folder}: tensor {key} is missing")
+        return handles[files[key]].get_tensor(key)
+
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    targets = _targets(qconfig, linears)
+    if not targets:
+        raise CompressorError(f"{folder}: the quantization config targets no linear of the model")
+    for name, args in targets.items():
+        bias = read(f"{name}.bias", optional=True)
+        model.set_submodule(name, packed_linear(name, args, read, bias, dtype, device))
+    packed_keys = {f"{name}.{suffix}" for name in targets for suffix in PACKED_SUFFIXES + ("bias",)}
+    for key in files.keys() - packed_keys:
+        module_name, _, tensor_name = key.rpartition(".")
+        module = model.get_submodule(module_name)
+        if tensor_name not in module._parameters:
+            raise CompressorError(f"{folder}: tensor {key} does not belong to the model")
+        tensor = read(key).to(dtype).to(device)
+        module._parameters[tensor_name] = torch.nn.Parameter(tensor, requires_grad=False)
+    if getattr(config, "tie_word_embeddings", False):
+        model.tie_weights()
+    meta = [n for n, p in model.named_parameters() if p.is_meta]
+    if meta:
+        raise CompressorError(f"{folder}: no tensor for {', '.join(meta[:3])}")
+    model.to(device).eval()
+    model.config.quantization_config = qconfig  # for reports: what the packed modules hold
+    return model, load_tokenizer(ModelSource(str(folder)))
+
+
+def weight_bytes(model) -> int:
+    """Bytes of every parameter and persistent tensor the model keeps (shared storage once)."""
+    seen, total = set(), 0
+    for tensor in list(model.parameters()) + list(model.buffers()):
+        pointer = tensor.untyped_storage().data_ptr()
+        if pointer in seen:
+            continue
+        seen.add(pointer)
+        total += tensor.untyped_storage().nbytes()
+    return total

@@ -1,0 +1,10 @@
+"""Low-bit linear layers that stay packed in memory: compressor's inference kernels.
+
+Importable as `compressor_kernels` (the folder is kernels/ in the repository; `kernels` on PyPI is an
+unrelated package). PackedLinear keeps a linear's integer codes packed and multiplies with the best
+kernel this machine has (see packed_linear.py for the choice).
+"""
+
+from compressor_kernels.packed_linear import BACKENDS, PackedLinear, dequantize_codes
+
+__all__ = ["BACKENDS", "PackedLinear", "dequantize_codes"]

@@ -1,0 +1,143 @@
+"""PackedLinear: an nn.Linear replacement holding integer codes, group scales and zero points.
+
+    weight[o, i] = (code[o, i] - zero[o, g(i)]) * scale[o, g(i)],  g(i) = g_idx[i] or i // group_width
+
+Backends, chosen per layer when it is built (the first that fits wins):
+    aten-int4    4-bit, groups of 32/64/128/256 dividing the input width, output rows a multiple
+                 of 16, no g_idx: torch's CPU
+                 int4 group-wise matmul (_weight_int4pack_mm_for_cpu), codes pre-packed once
+    aten-int8    8-bit symmetric per-channel: torch's int8 weight-only matmul (_weight_int8pack_mm)
+    dequant      anything else (2/3/5/6/7 bits, ragged groups, act-order g_idx, CUDA without a
+                 fused kernel): codes stay packed as compressed-tensors int32 words; each forward
+                 unpacks and dequantizes this one layer into a buffer shared by all layers, then
+                 runs a dense matmul. Memory stays packed; only one layer is ever dense.
+"""
+
+from __future__ import annotations
+
+import torch
+from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32, unpack_from_int32
+
+BACKENDS = ("aten-int4", "aten-int8", "dequant")
+INT4_GROUPS = (32, 64, 128, 256)
+
+
+def dequantize_codes(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+                     group_of: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The reference dequantization: (codes - zero[:, g]) * scale[:, g], into `out` if given."""
+    weight = (codes.to(scale.dtype) - zero[:, group_of].to(scale.dtype)) * scale[:, group_of]
+    if out is None:
+        return weight
+    return out.copy_(weight)
+
+
+class _Workspace:
+    """One flat buffer per (dtype, device), grown to the largest layer: the dequant backend's
+    dense weight lives here for the duration of one matmul (layers run one after another)."""
+
+    buffers: dict[tuple, torch.Tensor] = {}
+
+    @classmethod
+    def get(cls, shape: tuple[int, int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        key = (dtype, str(device))
+        numel = shape[0] * shape[1]
+        buffer = cls.buffers.get(key)
+        if buffer is None or buffer.numel() < numel:
+            buffer = cls.buffers[key] = torch.empty(numel, dtype=dtype, device=device)
+        return buffer[:numel].view(shape)
+
+
+class PackedLinear(torch.nn.Module):
+    """y = x W^T + b with W kept as `bits`-bit codes; see the module docstring for the backends."""
+
+    def __init__(self, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, bits: int,
+                 group_width: int, bias: torch.Tensor | None = None, g_idx: torch.Tensor | None = None,
+                 dtype: torch.dtype = torch.float32, backend: str | None = None):
+        """codes: unsigned integers [out, in] in [0, 2^bits); scale, zero: [out, groups]
+        (zero None = symmetric, 2^(bits-1)); group_width: input columns per group (the last
+        may be shorter); g_idx: optional group of each input column (act-order checkpoints)."""
+        super().__init__()
+        out_features, in_features = codes.shape
+        self.in_features, self.out_features, self.bits = in_features, out_features, bits
+        self.group_width = group_width
+        if zero is None:
+            zero = torch.full_like(scale, 2 ** (bits - 1), dtype=torch.float32)
+        group_of = g_idx.long() if g_idx is not None else torch.arange(in_features) // group_width
+        self.backend = backend or self.choose_backend(bits, codes.shape, group_width, g_idx, zero)
+        if self.backend not in BACKENDS:
+            raise ValueError(f"unknown backend {self.backend!r}; choose one of {', '.join(BACKENDS)}")
+        scale = scale.float()
+        zero = zero.float()
+        if self.backend == "aten-int4":
+            # The kernel computes (code - 8) * scale + offset per group: offset = (8 - zero) * scale.
+            self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(
+                codes.to(torch.int32).contiguous(), 2))
+            scales_and_zeros = torch.stack([scale, (8 - zero) * scale], dim=-1).transpose(0, 1)
+            self.register_buffer("scales_and_zeros", scales_and_zeros.contiguous().to(dtype))
+        elif self.backend == "aten-int8":
+            self.register_buffer("packed", (codes.to(torch.int16) - 128).to(torch.int8).contiguous())
+            self.register_buffer("scales", scale[:, 0].contiguous().to(dtype))
+        else:
+            signed = (codes.to(torch.int16) - 2 ** (bits - 1)).to(torch.int8)
+            self.register_buffer("packed", pack_to_int32(signed, bits))
+            self.register_buffer("scale", scale.to(dtype))
+            self.register_buffer("zero", zero.to(dtype))
+            self.register_buffer("group_of", group_of.to(torch.int32), persistent=False)
+        self.register_buffer("bias", bias.to(dtype) if bias is not None else None)
+
+    @staticmethod
+    def choose_backend(bits: int, shape: tuple[int, int], group_width: int, g_idx, zero: torch.Tensor) -> str:
+        out_features, in_features = shape
+        if (g_idx is None and bits == 4 and group_width in INT4_GROUPS and in_features % group_width == 0
+                and out_features % 16 == 0):
+            return "aten-int4"
+        if g_idx is None and bits == 8 and group_width >= in_features and bool((zero == 128).all()):
+            return "aten-int8"
+        return "dequant"
+
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes this layer keeps resident (codes, scales, zeros, bias)."""
+        return sum(b.numel() * b.element_size() for b in self.buffers())
+
+    def codes(self) -> torch.Tensor:
+        """The unsigned codes [out, in] (for tests and tools; not used on the fast paths)."""
+        if self.backend == "aten-int8":
+            return (self.packed.to(torch.int16) + 128).to(torch.uint8)
+        if self.backend == "aten-int4":
+            raise NotImplementedError("aten-int4 keeps its codes in the kernel's private layout")
+        shape = torch.Size([self.out_features, self.in_features])
+        return (unpack_from_int32(self.packed, self.bits, shape).to(torch.int16) + 2 ** (self.bits - 1)).to(
+            torch.uint8)
+
+    def dense_weight(self, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The layer's weight, dequantized (for the dequant backend into the shared workspace)."""
+        if self.backend == "aten-int4":
+            eye = torch.eye(self.in_features, dtype=self.scales_and_zeros.dtype)
+            return self._int4(eye).T
+        if self.backend == "aten-int8":
+            return self.packed.to(self.scales.dtype) * self.scales[:, None]
+        return dequantize_codes(self.codes(), self.scale, self.zero, self.group_of.long(), out)
+
+    def _int4(self, x2d: torch.Tensor) -> torch.Tensor:
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(x2d, self.packed, self.group_width,
+                                                          self.scales_and_zeros)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2d = x.reshape(-1, self.in_features)
+        if self.backend == "aten-int4":
+            y = self._int4(x2d.to(self.scales_and_zeros.dtype).contiguous())
+        elif self.backend == "aten-int8":
+            y = torch.ops.aten._weight_int8pack_mm(x2d.to(self.scales.dtype).contiguous(), self.packed,
+                                                   self.scales)
+        else:
+            buffer = _Workspace.get((self.out_features, self.in_features), self.scale.dtype, x.device)
+            y = torch.nn.functional.linear(x2d.to(self.scale.dtype), self.dense_weight(out=buffer))
+        if self.bias is not None:
+            y = y + self.bias
+        return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
+                f"group_width={self.group_width}, backend={self.backend}")

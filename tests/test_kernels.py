@@ -1,0 +1,138 @@
+"""Packed inference: PackedLinear against the reference dequantized matmul for every bit width and
+group layout, the packed loader against the dense loader, and the generate / bench-infer commands."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from compressor.errors import CompressorError
+from compressor.model import ModelSource, load_model
+from compressor.runtime import load, weight_bytes
+from compressor_kernels import PackedLinear, dequantize_codes
+
+from .test_cli import run_cli
+
+
+def random_layer(bits, out_features, in_features, width, symmetric, seed=0, g_idx=False):
+    gen = torch.Generator().manual_seed(seed)
+    groups = -(-in_features // width)
+    codes = torch.randint(0, 2**bits, (out_features, in_features), generator=gen, dtype=torch.uint8)
+    scale = torch.rand(out_features, groups, generator=gen) * 0.05 + 0.005
+    zero = None if symmetric else torch.randint(0, 2**bits, (out_features, groups), generator=gen).float()
+    index = None
+    if g_idx:  # act-order checkpoints: columns belong to groups in a permuted order
+        index = (torch.randperm(in_features, generator=gen) // width).to(torch.int32)
+    return codes, scale, zero, index
+
+
+def reference(x, codes, scale, zero, bits, width, index):
+    zero = torch.full_like(scale, 2 ** (bits - 1)) if zero is None else zero
+    group_of = index.long() if index is not None else torch.arange(codes.shape[1]) // width
+    return x @ dequantize_codes(codes, scale, zero, group_of).T
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 8])
+@pytest.mark.parametrize(("in_features", "width", "symmetric", "g_idx"), [
+    (128, 32, True, False), (128, 64, False, False), (80, 48, False, False),  # ragged last group
+    (96, 96, True, False), (128, 32, False, True),
+])
+def test_packed_linear_matches_the_reference(bits, in_features, width, symmetric, g_idx):
+    codes, scale, zero, index = random_layer(bits, 48, in_features, width, symmetric, g_idx=g_idx)
+    layer = PackedLinear(codes, scale, zero, bits, width, g_idx=index)
+    x = torch.randn(3, 5, in_features)
+    expected = reference(x, codes, scale, zero, bits, width, index)
+    got = layer(x)
+    assert got.shape == (3, 5, 48)
+    if layer.backend == "dequant":
+        assert torch.equal(got, expected)  # the same float operations: exact
+        assert torch.equal(layer.codes(), codes)
+    else:
+        assert torch.allclose(got, expected, rtol=1e-4, atol=1e-4)
+    expected_backend = ("aten-int4" if bits == 4 and width in (32, 64) and not g_idx
+                        else "aten-int8" if bits == 8 and symmetric and width == in_features else "dequant")
+    assert layer.backend == expected_backend
+    # Packed: about bits/8 bytes a weight, never a dense float copy.
+    assert layer.weight_bytes < codes.numel() * (bits + 1) / 8 + scale.numel() * 8 + 64
+
+
+def test_every_backend_agrees_with_the_dequant_fallback_and_in_bfloat16():
+    for bits, width, zero_ok in ((4, 32, True), (8, 128, False)):
+        codes, scale, zero, _ = random_layer(bits, 32, 128, width, symmetric=not zero_ok, seed=3)
+        fast = PackedLinear(codes, scale, zero, bits, width, dtype=torch.bfloat16)
+        slow = PackedLinear(codes, scale, zero, bits, width, dtype=torch.bfloat16, backend="dequant")
+        assert fast.backend != "dequant"
+        x = torch.randn(4, 128, dtype=torch.bfloat16)
+        assert fast(x).dtype == torch.bfloat16
+        a, b = fast(x).float(), slow(x).float()
+        assert (a - b).norm() < 0.01 * b.norm()  # bfloat16 rounding and summation order only
+        exact = PackedLinear(codes, scale, zero, bits, width, backend="dequant")
+        fast32 = PackedLinear(codes, scale, zero, bits, width)
+        assert torch.allclose(fast32.dense_weight(), exact.dense_weight(), rtol=1e-5, atol=1e-6)
+
+
+def _quantize(llama_dir, calibration_file, tmp_path, capsys, monkeypatch, *extra):
+    out = tmp_path / "q"
+    code, _, stderr = run_cli(["quantize", llama_dir, "--calibration", calibration_file, "--samples", "4",
+                               "--seqlen", "32", "-o", out, "--json", *extra], capsys, monkeypatch)
+    assert code == 0, stderr
+    return out
+
+
+@pytest.mark.parametrize(("extra", "backend"), [
+    (["--bits", "4", "--group-size", "32"], "aten-int4"),
+    (["--bits", "3", "--group-size", "64", "--asym"], "dequant"),  # 96 inputs: a ragged group of 32
+    (["--bits", "8", "--group-size", "0", "--sym"], "aten-int8"),
+])
+def test_packed_model_matches_the_dense_loader(llama_dir, calibration_file, tmp_path, capsys, monkeypatch,
+                                               extra, backend):
+    out = _quantize(llama_dir, calibration_file, tmp_path, capsys, monkeypatch, *extra)
+    packed, _ = load(out)
+    dense, _ = load_model(ModelSource(str(out)))  # compressed-tensors decompresses to float
+    linears = [m for m in packed.modules() if isinstance(m, torch.nn.Linear)]
+    assert [type(m) for m in linears] == [torch.nn.Linear]  # only the (tied) head stays dense
+    assert {m.backend for m in packed.modules() if isinstance(m, PackedLinear)} == {backend}
+    ids = torch.randint(0, 300, (2, 20), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a, b = packed(ids).logits, dense(ids).logits
+    if backend == "dequant":
+        assert torch.equal(a, b)
+    else:
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-4)
+    assert weight_bytes(packed) < 0.8 * weight_bytes(dense)
+    assert packed.get_submodule("lm_head").weight is packed.get_submodule("model.embed_tokens").weight
+
+
+def test_generate_and_bench_infer_commands(llama_dir, calibration_file, tmp_path, capsys, monkeypatch):
+    out = _quantize(llama_dir, calibration_file, tmp_path, capsys, monkeypatch,
+                    "--bits", "3", "--group-size", "32", "--asym")
+    code, stdout, stderr = run_cli(["generate", out, "hello world", "--max-new-tokens", "6", "--json"],
+                                   capsys, monkeypatch)
+    assert code == 0, stderr
+    result = json.loads(stdout)
+    assert result["backends"] == {"dequant": 14}
+    # The packed model's greedy tokens are the dense loader's (the dequant path is exact).
+    dense, tokenizer = load_model(ModelSource(str(out)))
+    ids = tokenizer("hello world", return_tensors="pt").input_ids
+    expected = dense.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=tokenizer.eos_token_id)
+    assert result["text"] == tokenizer.decode(expected[0, ids.shape[1]:], skip_special_tokens=True)
+    code, stdout, stderr = run_cli(["bench-infer", out, "--prefill-tokens", "32", "--decode-tokens", "4",
+                                    "--repeats", "1", "--json"], capsys, monkeypatch)
+    assert code == 0, stderr
+    rows = json.loads(stdout)["rows"]
+    assert set(rows) == {"dense-bfloat16", "dense-float32", "packed"}
+    assert rows["dense-bfloat16"]["decode_vs_dense-bfloat16"] == 1.0
+    assert rows["dense-float32"]["weights_vs_dense-bfloat16"] == pytest.approx(2.0, rel=0.01)
+    assert rows["packed"]["weights_vs_dense-bfloat16"] < 0.9
+    assert all(row["decode_tokens_per_s"] > 0 and row["prefill_tokens_per_s"] > 0 for row in rows.values())
+
+
+def test_packed_loader_refuses_what_it_cannot_run(llama_dir, tmp_path, capsys, monkeypatch):
+    with pytest.raises(CompressorError, match="no integer compressed-tensors quantization"):
+        load(llama_dir)
+    with pytest.raises(CompressorError, match="no config.json"):
+        load(tmp_path)
+    code, _, stderr = run_cli(["generate", str(llama_dir), "hi"], capsys, monkeypatch)
+    assert code == 2 and len(stderr.strip().splitlines()) == 1
