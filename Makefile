@@ -19,7 +19,7 @@ test-fast:
 	$(PYTHON) -m pytest -q -m "not slow"
 
 lint:
-	ruff check compressor tests bench
+	ruff check compressor kernels tests bench
 
 demo: setup
 	compress quantize --bits 4 --group-size 128 --samples 32 -o out/demo-w4 --overwrite

@@ -10,6 +10,7 @@ runs of a suite go first, back to back, so their timings share the same quiet ma
     python bench/run.py quantize                 # one suite
     python bench/run.py sparsity --only wanda-2of4 wanda-2of4-dsnot
     python bench/run.py fp4
+    python bench/run.py infer                    # packed inference speed and memory (bench-infer)
     python bench/run.py all
 """
 
@@ -252,15 +253,53 @@ def run_suite(suite: str, only: list[str] | None, model: Path, resume: bool = Fa
     return text
 
 
+# Packed inference (`compress bench-infer`): checkpoints of the quantize / search suites, made here
+# when missing. W4 g64 runs torch's int4 kernel; W3 g128 asymmetric the per-layer dequant fallback.
+INFER_ROWS = [("gptq-w4g64-sym", _quant("gptq", 4, 64, True)),
+              ("gptq-w3g128-asym", _quant("gptq", 3, 128, False))]
+
+
+def run_infer(model: Path) -> str:
+    rows = []
+    for name, command in INFER_ROWS:
+        if not (WORK / f"{name}.made.json").is_file() or not (WORK / name).is_dir():
+            (WORK / f"{name}.made.json").write_text(json.dumps(compress_row(model, name, command)))
+        result = compress("bench-infer", str(WORK / name), "--baseline", str(model))
+        rows.append({"name": name, **result})
+        print(f"{name}: decode {result['rows']['packed']['decode_tokens_per_s']:.1f} tok/s", flush=True)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "infer.json").write_text(json.dumps(rows, indent=2))
+    lines = ["# infer benchmark: SmolLM2-135M-Instruct, packed vs dense, this machine", "",
+             f"Batch 1 decode of 64 tokens after a 32-token prompt; prefill of 512 tokens; median of 3. "
+             f"Threads {rows[0]['threads']}; memory bandwidth (sum over 512 MiB) "
+             f"{rows[0]['memory_bandwidth_gb_s']:.1f} GB/s. Packed models compute in bfloat16. "
+             "Command: `python bench/run.py infer`.", "",
+             "| checkpoint | model | prefill tok/s | decode tok/s | decode ms/token | weights MiB "
+             "| decode vs bf16 | prefill vs bf16 | weights vs bf16 | decode / bandwidth bound | backends |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        for label, m in row["rows"].items():
+            lines.append(
+                f"| {row['name']} | {label} | {m['prefill_tokens_per_s']:.0f} "
+                f"| {m['decode_tokens_per_s']:.1f} | {m['decode_ms_per_token']:.1f} "
+                f"| {m['weight_bytes'] / 2**20:.1f} "
+                f"| {m['decode_vs_dense-bfloat16']:.2f} | {m['prefill_vs_dense-bfloat16']:.2f} "
+                f"| {m['weights_vs_dense-bfloat16']:.3f} | {m['decode_fraction_of_bound']:.0%} "
+                f"| {m.get('backends', '')} |")
+    text = "\n".join(lines) + "\n"
+    (RESULTS / "infer.md").write_text(text)
+    return text
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("suite", choices=[*SUITES, "all"], nargs="?", default="all")
+    parser.add_argument("suite", choices=[*SUITES, "infer", "all"], nargs="?", default="all")
     parser.add_argument("--only", nargs="*", help="row names to run")
     parser.add_argument("--resume", action="store_true", help="reuse rows compressed by an earlier run")
     args = parser.parse_args()
     model = prepare(WORK / "smollm2-fp32")
-    for suite in SUITES if args.suite == "all" else [args.suite]:
-        print(run_suite(suite, args.only, model, args.resume))
+    for suite in [*SUITES, "infer"] if args.suite == "all" else [args.suite]:
+        print(run_infer(model) if suite == "infer" else run_suite(suite, args.only, model, args.resume))
 
 
 if __name__ == "__main__":
