@@ -3,8 +3,9 @@
 __version__ = "0.1.0"
 
 
-def load(folder, dtype="auto", device="cpu"):
-    """(model, tokenizer) of a compressed checkpoint with its quantized linears kept packed."""
+def load(folder, dtype="auto", device="cpu", embeddings="keep"):
+    """(model, tokenizer) of a compressed checkpoint with its quantized linears kept packed
+    (embeddings="int8" also packs the token embedding and a tied head; see compressor.runtime)."""
     from compressor.runtime import load as load_packed
 
-    return load_packed(folder, dtype, device)
+    return load_packed(folder, dtype, device, embeddings)

@@ -441,6 +441,10 @@ def evaluate(
     _emit(result, as_json, lambda _: print(markdown, end=""))
 
 
+EMBEDDINGS_HELP = ("keep (as stored) or int8: also keep the token embedding and a tied lm_head as "
+                   "int8 rows (quantized at load, like llama.cpp's Q8_0 embeddings).")
+
+
 @app.command()
 def generate(
     folder: str = typer.Argument(..., help="Compressed checkpoint folder (integer weights run packed)."),
@@ -448,6 +452,7 @@ def generate(
     max_new_tokens: int = typer.Option(32, "--max-new-tokens", min=1, help="Tokens to generate."),
     dtype: str = typer.Option("auto", "--dtype", help="auto (the checkpoint's), bfloat16 or float32."),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
+    embeddings: str = typer.Option("keep", "--embeddings", help=EMBEDDINGS_HELP),
     as_json: bool = JsonOpt,
 ):
     """Greedy text generation on the packed weights (no dense copy of the quantized linears).
@@ -457,7 +462,7 @@ def generate(
     from compressor.infer import generate as run_generate
     from compressor.runtime import load
 
-    model, tokenizer = load(folder, dtype, device)
+    model, tokenizer = load(folder, dtype, device, embeddings)
     result = run_generate(model, tokenizer, prompt, max_new_tokens)
     result["backends"] = _backends(model)
     _emit(result, as_json, lambda r: out.print(f"{r['prompt']}[bold]{r['text']}[/bold]", highlight=False))
@@ -480,6 +485,7 @@ def bench_infer(
     prefill_tokens: int = typer.Option(512, "--prefill-tokens", min=1, help="Tokens in the prefill forward."),
     decode_tokens: int = typer.Option(64, "--decode-tokens", min=1, help="Tokens decoded at batch 1."),
     repeats: int = typer.Option(3, "--repeats", min=1, help="Timed repeats (the median is kept)."),
+    embeddings: str = typer.Option("keep", "--embeddings", help=EMBEDDINGS_HELP),
     as_json: bool = JsonOpt,
 ):
     """Prefill and decode tokens/s and weight memory: packed model vs dense bfloat16 and float32.
@@ -504,10 +510,11 @@ def bench_infer(
             rows[label] = measure(model, prefill_tokens, decode_tokens, repeats=repeats)
             del model
         stage("timing the packed model")
-        model, _ = load(folder, dtype)
+        model, _ = load(folder, dtype, embeddings=embeddings)
         rows["packed"] = {**measure(model, prefill_tokens, decode_tokens, repeats=repeats),
                           "backends": _backends(model)}
     result = {"folder": folder, "baseline": source.label, "threads": _threads(), "packed_dtype": dtype,
+              "embeddings": embeddings,
               "memory_bandwidth_gb_s": bandwidth / 1e9, "rows": compare(rows, "dense-bfloat16", bandwidth)}
     _emit(result, as_json, _print_bench_infer)
 

@@ -22,7 +22,7 @@ from safetensors import safe_open
 from compressor.errors import CompressorError
 from compressor.model import ModelSource, load_tokenizer, read_json
 from compressor.pack import tensor_files
-from compressor_kernels import PackedLinear
+from compressor_kernels import Int8Embedding, PackedLinear
 
 PACKED_SUFFIXES = ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape", "weight_g_idx")
 
@@ -81,8 +81,18 @@ def packed_linear(name: str, args: dict, read, bias, dtype, device: str) -> Pack
     return PackedLinear(codes, scale, zero, bits, width, bias, g_idx, dtype, backend).to(device)
 
 
-def load(folder: str | Path, dtype: str | torch.dtype = "auto", device: str = "cpu"):
-    """(model, tokenizer) with every quantized linear packed; see the module docstring."""
+EMBEDDINGS = ("keep", "int8")
+
+
+def load(folder: str | Path, dtype: str | torch.dtype = "auto", device: str = "cpu",
+         embeddings: str = "keep"):
+    """(model, tokenizer) with every quantized linear packed; see the module docstring.
+
+    embeddings="int8": also keep the token embedding (and a tied lm_head) as int8 rows with a scale
+    each, quantized here (not part of the checkpoint; a small, measured change of the logits).
+    """
+    if embeddings not in EMBEDDINGS:
+        raise CompressorError(f"unknown embeddings {embeddings!r}; choose {' or '.join(EMBEDDINGS)}")
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -125,14 +135,25 @@ def load(folder: str | Path, dtype: str | torch.dtype = "auto", device: str = "c
             raise CompressorError(f"{folder}: tensor {key} does not belong to the model")
         tensor = read(key).to(dtype).to(device)
         module._parameters[tensor_name] = torch.nn.Parameter(tensor, requires_grad=False)
-    if getattr(config, "tie_word_embeddings", False):
+    tied = getattr(config, "tie_word_embeddings", False)
+    if tied:
         model.tie_weights()
+    if embeddings == "int8":
+        _int8_embeddings(model, tied, dtype)
     meta = [n for n, p in model.named_parameters() if p.is_meta]
     if meta:
         raise CompressorError(f"{folder}: no tensor for {', '.join(meta[:3])}")
     model.to(device).eval()
     model.config.quantization_config = qconfig  # for reports: what the packed modules hold
     return model, load_tokenizer(ModelSource(str(folder)))
+
+
+def _int8_embeddings(model, tied: bool, dtype) -> None:
+    embedding = model.get_input_embeddings()
+    packed = Int8Embedding(embedding.weight.data, dtype)
+    model.set_input_embeddings(packed)
+    if tied:
+        model.set_output_embeddings(packed.head())
 
 
 def weight_bytes(model) -> int:

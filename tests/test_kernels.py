@@ -105,6 +105,25 @@ def test_packed_model_matches_the_dense_loader(llama_dir, calibration_file, tmp_
     assert packed.get_submodule("lm_head").weight is packed.get_submodule("model.embed_tokens").weight
 
 
+def test_int8_embeddings_share_one_tensor_and_barely_move_the_logits(
+        llama_dir, calibration_file, tmp_path, capsys, monkeypatch):
+    out = _quantize(llama_dir, calibration_file, tmp_path, capsys, monkeypatch,
+                    "--bits", "4", "--group-size", "32")
+    plain, _ = load(out)
+    small, _ = load(out, embeddings="int8")
+    embed, head = small.get_input_embeddings(), small.get_output_embeddings()
+    assert head.packed.data_ptr() == embed.codes.data_ptr() and head.backend == "aten-int8"
+    stored = plain.get_input_embeddings().weight
+    assert (embed.codes.float() * embed.scale[:, None] - stored).abs().max() <= embed.scale.max() / 2 + 1e-7
+    assert weight_bytes(small) < weight_bytes(plain) - 0.7 * stored.numel() * stored.element_size()
+    ids = torch.randint(0, 300, (2, 20), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a, b = small(ids).logits.log_softmax(-1), plain(ids).logits.log_softmax(-1)
+    assert torch.nn.functional.kl_div(a, b, log_target=True, reduction="batchmean") < 1e-3 * 20
+    with pytest.raises(CompressorError, match="unknown embeddings"):
+        load(out, embeddings="int4")
+
+
 def test_generate_and_bench_infer_commands(llama_dir, calibration_file, tmp_path, capsys, monkeypatch):
     out = _quantize(llama_dir, calibration_file, tmp_path, capsys, monkeypatch,
                     "--bits", "3", "--group-size", "32", "--asym")

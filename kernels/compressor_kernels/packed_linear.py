@@ -141,3 +141,30 @@ class PackedLinear(torch.nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
                 f"group_width={self.group_width}, backend={self.backend}")
+
+
+class Int8Embedding(torch.nn.Module):
+    """A token embedding kept as int8 rows with one scale each (absmax / 127), as llama.cpp keeps
+    its Q8_0 token embeddings. `head()` is the tied output projection over the same int8 tensor."""
+
+    def __init__(self, weight: torch.Tensor, dtype: torch.dtype):
+        super().__init__()
+        w = weight.float()
+        scale = w.abs().amax(1).clamp(min=1e-12) / 127
+        self.register_buffer("codes", torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8))
+        self.register_buffer("scale", scale.to(dtype))
+        self.num_embeddings, self.embedding_dim = weight.shape
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.codes[ids].to(self.scale.dtype) * self.scale[ids, None]
+
+    def head(self) -> PackedLinear:
+        """lm_head = embedding^T: a PackedLinear sharing the int8 codes (no second copy)."""
+        head = PackedLinear.__new__(PackedLinear)
+        torch.nn.Module.__init__(head)
+        head.out_features, head.in_features = self.num_embeddings, self.embedding_dim
+        head.bits, head.group_width, head.backend = 8, self.embedding_dim, "aten-int8"
+        head.register_buffer("packed", self.codes)
+        head.register_buffer("scales", self.scale)
+        head.register_buffer("bias", None)
+        return head
