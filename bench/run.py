@@ -254,18 +254,22 @@ def run_suite(suite: str, only: list[str] | None, model: Path, resume: bool = Fa
 
 
 # Packed inference (`compress bench-infer`): checkpoints of the quantize / search suites, made here
-# when missing. W4 g64 runs torch's int4 kernel; W3 g128 asymmetric the per-layer dequant fallback.
-INFER_ROWS = [("gptq-w4g64-sym", _quant("gptq", 4, 64, True)),
-              ("gptq-w3g128-asym", _quant("gptq", 3, 128, False))]
+# when missing. W4 g64 runs torch's int4 kernel (also with int8 token embeddings / tied head);
+# W3 g128 asymmetric the per-layer dequant fallback.
+INFER_ROWS = [("gptq-w4g64-sym", _quant("gptq", 4, 64, True), "keep"),
+              ("gptq-w4g64-sym", _quant("gptq", 4, 64, True), "int8"),
+              ("gptq-w3g128-asym", _quant("gptq", 3, 128, False), "keep")]
 
 
 def run_infer(model: Path) -> str:
     rows = []
-    for name, command in INFER_ROWS:
+    for name, command, embeddings in INFER_ROWS:
         if not (WORK / f"{name}.made.json").is_file() or not (WORK / name).is_dir():
             (WORK / f"{name}.made.json").write_text(json.dumps(compress_row(model, name, command)))
-        result = compress("bench-infer", str(WORK / name), "--baseline", str(model))
-        rows.append({"name": name, **result})
+        result = compress("bench-infer", str(WORK / name), "--baseline", str(model),
+                          "--embeddings", embeddings)
+        label = name + ("" if embeddings == "keep" else f" (embeddings {embeddings})")
+        rows.append({"name": label, **result})
         print(f"{name}: decode {result['rows']['packed']['decode_tokens_per_s']:.1f} tok/s", flush=True)
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "infer.json").write_text(json.dumps(rows, indent=2))
