@@ -3,14 +3,17 @@
     weight[o, i] = (code[o, i] - zero[o, g(i)]) * scale[o, g(i)],  g(i) = g_idx[i] or i // group_width
 
 Backends, chosen per layer when it is built (the first that fits wins):
-    aten-int4    4-bit, groups of 32/64/128/256 dividing the input width, output rows a multiple
-                 of 16, no g_idx: torch's CPU
-                 int4 group-wise matmul (_weight_int4pack_mm_for_cpu), codes pre-packed once
+    aten-int4    2, 3 or 4 bits, no g_idx, output rows a multiple of 16, groups made of whole
+                 kernel groups of 32/64/128/256 that divide the input width (so ragged groups of
+                 128 over 576 inputs run as groups of 64 sharing scales): torch's CPU int4
+                 group-wise matmul (_weight_int4pack_mm_for_cpu), codes pre-packed once. 2- and
+                 3-bit codes are held as 4-bit ones: a little more memory, the int4 kernel's speed.
     aten-int8    8-bit symmetric per-channel: torch's int8 weight-only matmul (_weight_int8pack_mm)
-    dequant      anything else (2/3/5/6/7 bits, ragged groups, act-order g_idx, CUDA without a
-                 fused kernel): codes stay packed as compressed-tensors int32 words; each forward
-                 unpacks and dequantizes this one layer into a buffer shared by all layers, then
-                 runs a dense matmul. Memory stays packed; only one layer is ever dense.
+    dequant      anything else (5-7 bits, act-order g_idx, groups no kernel group tiles, CUDA
+                 without a fused kernel): codes stay packed as compressed-tensors int32 words;
+                 each forward unpacks and dequantizes this one layer into a buffer shared by all
+                 layers, then runs a dense matmul. Memory stays packed and only one layer is ever
+                 dense, but decode is slow (every weight is unpacked in eager torch per token).
 """
 
 from __future__ import annotations
@@ -29,6 +32,17 @@ def dequantize_codes(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tenso
     if out is None:
         return weight
     return out.copy_(weight)
+
+
+def int4_kernel_group(shape: tuple[int, int], group_width: int) -> int | None:
+    """The largest group size the int4 kernel takes that tiles both the stored groups and the
+    input width (None if none does, or the rows are not a multiple of 16)."""
+    out_features, in_features = shape
+    if out_features % 16:
+        return None
+    width = min(group_width, in_features)
+    fitting = [g for g in INT4_GROUPS if width % g == 0 and in_features % g == 0]
+    return max(fitting, default=None)
 
 
 class _Workspace:
@@ -69,6 +83,10 @@ class PackedLinear(torch.nn.Module):
         scale = scale.float()
         zero = zero.float()
         if self.backend == "aten-int4":
+            self.kernel_group = int4_kernel_group(codes.shape, group_width)
+            # Each kernel group takes the parameters of the stored group it lies in.
+            stored_group = torch.arange(0, in_features, self.kernel_group) // group_width
+            scale, zero = scale[:, stored_group], zero[:, stored_group]
             # The kernel computes (code - 8) * scale + offset per group: offset = (8 - zero) * scale.
             self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(
                 codes.to(torch.int32).contiguous(), 2))
@@ -87,10 +105,9 @@ class PackedLinear(torch.nn.Module):
 
     @staticmethod
     def choose_backend(bits: int, shape: tuple[int, int], group_width: int, g_idx, zero: torch.Tensor) -> str:
-        out_features, in_features = shape
-        if (g_idx is None and bits == 4 and group_width in INT4_GROUPS and in_features % group_width == 0
-                and out_features % 16 == 0):
+        if g_idx is None and bits <= 4 and int4_kernel_group(shape, group_width):
             return "aten-int4"
+        in_features = shape[1]
         if g_idx is None and bits == 8 and group_width >= in_features and bool((zero == 128).all()):
             return "aten-int8"
         return "dequant"
@@ -120,7 +137,7 @@ class PackedLinear(torch.nn.Module):
         return dequantize_codes(self.codes(), self.scale, self.zero, self.group_of.long(), out)
 
     def _int4(self, x2d: torch.Tensor) -> torch.Tensor:
-        return torch.ops.aten._weight_int4pack_mm_for_cpu(x2d, self.packed, self.group_width,
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(x2d, self.packed, self.kernel_group,
                                                           self.scales_and_zeros)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
