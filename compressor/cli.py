@@ -100,6 +100,8 @@ def _print_job(summary: dict) -> None:
 OutputOpt = typer.Option(None, "--output", "-o", help="Output folder (written atomically).")
 OverwriteOpt = typer.Option(False, "--overwrite", help="Replace an existing output folder.")
 JsonOpt = typer.Option(False, "--json", help="Print the result as JSON on stdout.")
+BaselineOpt = typer.Option(
+    None, "--baseline", help="Dense model to compare with (default: the source in compress.json).")
 DeviceOpt = typer.Option("auto", "--device", help="auto, cpu or cuda (one block on it at a time).")
 CalibrationOpt = typer.Option(
     "c4", "--calibration",
@@ -406,8 +408,7 @@ def _print_search(summary: dict) -> None:
 @app.command("eval")
 def evaluate(
     folder: str = typer.Argument(..., help="Checkpoint folder (compressed or dense) or .gguf file."),
-    baseline: str = typer.Option(
-        None, "--baseline", help="Dense model to compare with (default: the source in compress.json)."),
+    baseline: str = BaselineOpt,
     dataset: str = typer.Option("wikitext2", "--dataset", help="Perplexity text: wikitext2 or c4."),
     seqlen: int = typer.Option(2048, "--seqlen", min=2, help="Tokens per perplexity window."),
     windows: int = typer.Option(32, "--windows", min=0, help="Windows to evaluate (0 = all)."),
@@ -479,8 +480,7 @@ def _backends(model) -> dict[str, int]:
 @app.command("bench-infer")
 def bench_infer(
     folder: str = typer.Argument(..., help="Compressed checkpoint folder (integer weights run packed)."),
-    baseline: str = typer.Option(
-        None, "--baseline", help="Dense model to compare with (default: the source in compress.json)."),
+    baseline: str = BaselineOpt,
     dtype: str = typer.Option("bfloat16", "--dtype", help="Activation dtype of the packed model."),
     prefill_tokens: int = typer.Option(512, "--prefill-tokens", min=1, help="Tokens in the prefill forward."),
     decode_tokens: int = typer.Option(64, "--decode-tokens", min=1, help="Tokens decoded at batch 1."),
@@ -495,8 +495,10 @@ def bench_infer(
     from compressor.eval.runner import baseline_source
     from compressor.infer import compare, measure, memory_bandwidth
     from compressor.model import load_model
-    from compressor.runtime import load
+    from compressor.runtime import EMBEDDINGS, load
 
+    if embeddings not in EMBEDDINGS:  # before minutes of dense timing, not after
+        raise CompressorError(f"unknown --embeddings {embeddings!r}; choose {' or '.join(EMBEDDINGS)}")
     source = baseline_source(folder, baseline)
     if source is None:
         raise CompressorError(f"{folder} names no source model (no compress.json): give --baseline MODEL")
