@@ -326,7 +326,7 @@ def search(
         "fused", "--granularity",
         help="fused: one level per vLLM fused group ({q,k,v}, {o}, {gate,up}, {down}), servable; "
              "module: one per linear."),
-    generations: int = typer.Option(40, "--generations", min=0, help="EvoPress generations."),
+    generations: int = typer.Option(30, "--generations", min=0, help="EvoPress generations."),
     offspring: int = typer.Option(12, "--offspring", min=1, help="Mutations scored per generation."),
     stages: str = typer.Option(
         "3x1024,1x8192", "--stages",
