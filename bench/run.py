@@ -296,12 +296,13 @@ def run_infer(model: Path) -> str:
     return text
 
 
-# Knowledge and zero-shot tasks (`compress eval --tasks kick,zeroshot`), compressed vs dense. Limits
-# that fit a CPU session: 200 per zero-shot task, 5 MMLU questions per subject (285, subjects
-# interleaved), 100 FreebaseQA / TriviaQA questions, 5 CNN stories and 5 Vicuna-80 questions.
+# Knowledge and zero-shot tasks (`compress eval --tasks kick,zeroshot`), compressed vs dense, at
+# eval's CPU-friendly default limits (--limit quick): 200 per zero-shot task, 5 MMLU questions per
+# subject (285, subjects interleaved), 100 FreebaseQA / TriviaQA questions, 5 CNN stories and
+# 5 Vicuna-80 questions.
 TASK_ROWS = [("gptq-w4g64-sym", _quant("gptq", 4, 64, True)), ("gptq-w3g64-sym", _quant("gptq", 3, 64, True)),
              ("wanda-2of4", _prune("wanda", "2:4", False))]
-TASK_LIMIT = "200,kick_mmlu=285,kick_freebaseqa=100,kick_triviaqa=100,kick_summarize=5,kick_vicuna=5"
+TASK_LIMIT = "quick"  # 200 per task; MMLU 285; FreebaseQA, TriviaQA 100; CNN, Vicuna-80 5
 
 
 def run_tasks(model: Path, only: list[str] | None = None) -> str:

@@ -409,15 +409,19 @@ TASKS_HELP = ("Comma-separated: ppl (perplexity + KL), kick (factoid QA, MMLU 5-
               "CNN summarization, Vicuna-80), zeroshot (ARC-e/c, PIQA, WinoGrande, BoolQ), or task names.")
 
 
-def parse_limits(text: str) -> tuple[int | None, dict[str, int]]:
-    """--limit "200,kick_summarize=10" -> (200, {"kick_summarize": 10}); 0 means no limit."""
-    from compressor.eval.harness import expand
+def parse_limits(text: str) -> tuple[int | None, dict[str, int | None]]:
+    """--limit "quick" | "full" | "200,kick_summarize=10" -> (default, per-task limits); 0 = all."""
+    from compressor.eval.harness import QUICK_LIMITS, expand
 
+    if text.strip() == "quick":
+        return QUICK_LIMITS["default"], {k: v for k, v in QUICK_LIMITS.items() if k != "default"}
     default, per_task = None, {}
     for item in filter(None, (part.strip() for part in text.split(","))):
+        if item == "full":
+            continue
         name, _, number = item.rpartition("=")
         if not number.isdigit():
-            raise CompressorError(f"--limit: {item!r} is not N or TASK=N")
+            raise CompressorError(f"--limit: {item!r} is not quick, full, N or TASK=N")
         if name:
             expand([name])
             per_task[name] = int(number) or None
@@ -432,8 +436,9 @@ def evaluate(
     baseline: str = BaselineOpt,
     tasks: str = typer.Option("ppl", "--tasks", help=TASKS_HELP),
     limit: str = typer.Option(
-        "0", "--limit", help="Examples per task: N for every task, and/or TASK=N items, comma-separated "
-        "(\"200,kick_summarize=10\"); 0 = all, the full setting (hours on a CPU)."),
+        "quick", "--limit", help="Examples per task: quick (200 per zero-shot task, 5 MMLU questions per "
+        "subject, 100 QA questions, 5 summaries / answers), full (everything: hours on a CPU), or N "
+        "and/or TASK=N items, comma-separated (\"200,kick_summarize=10\"; 0 = all)."),
     batch_size: int = typer.Option(1, "--batch-size", min=1, help="lm-eval batch size."),
     seed: int = typer.Option(0, "--seed", help="Seed of lm-eval's sampling and few-shot draws."),
     min_recovery: float = typer.Option(

@@ -527,10 +527,12 @@ def test_report_opens_in_headless_chromium_with_its_plots(tmp_path, capsys, monk
 def test_limit_takes_a_default_and_per_task_values():
     from compressor.cli import parse_limits
 
-    assert parse_limits("0") == (None, {})
+    assert parse_limits("0") == (None, {}) == parse_limits("full")
+    default, per_task = parse_limits("quick")
+    assert default == 200 and per_task["kick_mmlu"] == 285 and per_task["kick_summarize"] == 5
     assert parse_limits("200,kick_summarize=10") == (200, {"kick_summarize": 10})
     assert parse_limits("kick_mmlu=0") == (None, {"kick_mmlu": None})
-    with pytest.raises(CompressorError, match="not N or TASK=N"):
+    with pytest.raises(CompressorError, match="not quick, full, N or TASK=N"):
         parse_limits("ten")
     with pytest.raises(CompressorError, match="unknown task 'mmlu'"):
         parse_limits("mmlu=5")

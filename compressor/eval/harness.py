@@ -39,6 +39,12 @@ PRIMARY = {
 # Open-ended generation answers an instruction: wrapped in the model's chat template when it has one.
 CHAT_TASKS = {"kick_summarize", "kick_vicuna"}
 GENERATION_TASKS = {"kick_freebaseqa", "kick_triviaqa", "kick_triviaqa_open", "kick_summarize", "kick_vicuna"}
+# CPU-friendly default (`--limit quick`, tens of minutes per model at 135M on 2 cores): 200
+# examples per zero-shot task, 5 MMLU questions per subject, 100 short-answer questions, 5 long
+# generations. `--limit full` runs everything (hours on a CPU, minutes on a GPU).
+QUICK_LIMITS = {"default": 200, "kick_mmlu": 285, "kick_freebaseqa": 100, "kick_triviaqa": 100,
+                "kick_triviaqa_open": 100, "kick_summarize": 5, "kick_vicuna": 5}
+
 # Chance accuracy of the multiple-choice tasks, to tell a working harness from a guessing model.
 CHANCE = {
     "arc_easy": 0.25,
