@@ -298,10 +298,14 @@ def test_generation_task_keeps_its_outputs(task_data):
     pytest.importorskip("lm_eval")
     from tests.conftest import make_model, make_tokenizer
 
-    found = harness.run_task(make_model("qwen2"), make_tokenizer(), "kick_freebaseqa", task_data, limit=2)
+    model, tokenizer = make_model("qwen2"), make_tokenizer()
+    found = harness.run_task(model, tokenizer, "kick_freebaseqa", task_data, limit=2)
     assert found["samples"] == 2 and len(found["outputs"]) == 2
     assert all(isinstance(o, str) for o in found["outputs"])
     assert found["metrics"]["exact_match"] in (0.0, 0.5, 1.0)
+    # Open-book TriviaQA runs on the one fixture question that carries a context passage.
+    found = harness.run_task(model, tokenizer, "kick_triviaqa_open", task_data)
+    assert found["samples"] == 1 and set(found["metrics"]) == {"exact_match", "f1"}
 
 
 # -- judge against a stub server ----------------------------------------------------------------
