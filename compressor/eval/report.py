@@ -71,6 +71,43 @@ def _environment_line(env: dict) -> str:
     return "- " + ", ".join(f"{key} {value}" for key, value in env.items())
 
 
+def _task_metrics(entry: dict) -> str:
+    parts = []
+    for name, value in entry["metrics"].items():
+        if value is None:
+            continue
+        error = (entry.get("stderr") or {}).get(name)
+        parts.append(f"{name} {value:.4f}" + (f" ± {error:.4f}" if error else ""))
+    return ", ".join(parts)
+
+
+def task_lines(tasks: dict, recovery: dict) -> list[str]:
+    """One row per task: compressed and dense scores, recovery on the primary metric, wall time."""
+    lines = ["| task | n | compressed | dense | recovery | seconds (compressed / dense) |",
+             "|---|---|---|---|---|---|"]
+    notes = []
+    for task, entry in tasks.items():
+        dense = entry.get("dense") or {}
+        dense_text = _task_metrics(dense) if dense else "n/a"
+        share = recovery.get(task)
+        lines.append(f"| {task} | {entry['samples']} | {_task_metrics(entry)} | {dense_text} | "
+                     f"{'n/a' if share is None else f'{share:.3f}'} ({entry['primary']}) | "
+                     f"{entry['seconds']:.0f} / {dense.get('seconds', 0):.0f} |")
+        if entry.get("mmlu"):
+            notes.append(f"- {task} by category: " + ", ".join(
+                f"{cat} {acc:.3f}" for cat, acc in entry["mmlu"]["categories"].items()))
+        if entry.get("chance") is not None:
+            notes.append(f"- {task}: chance accuracy {entry['chance']:.2f}")
+        judged = entry.get("judge")
+        if judged:
+            notes.append(f"- {task} judge ({judged['model']}): compressed "
+                         f"{_fmt((judged.get('compressed') or {}).get('score'), 2)}, dense "
+                         f"{_fmt((judged.get('dense') or {}).get('score'), 2)} out of 10")
+        if entry.get("chat_template"):
+            notes.append(f"- {task}: prompts wrapped in the model's chat template")
+    return lines + ([""] + notes if notes else [])
+
+
 def render_markdown(result: dict) -> str:
     """Markdown for one eval result; sections whose data is missing or null are left out."""
     ppl = result.get("perplexity")
@@ -89,6 +126,8 @@ def render_markdown(result: dict) -> str:
         lines.append("")
     if result.get("kl"):
         lines += ["## Divergence from dense", *_kl_lines(result["kl"]), ""]
+    if result.get("tasks"):
+        lines += ["## Tasks", *task_lines(result["tasks"], result.get("recovery", {})), ""]
     if result.get("environment"):
         lines += ["## Environment", _environment_line(result["environment"])]
         if result.get("seconds") is not None:
