@@ -22,7 +22,7 @@ from safetensors import safe_open
 from compressor.errors import CompressorError
 from compressor.model import ModelSource, load_tokenizer, read_json
 from compressor.pack import tensor_files
-from compressor_kernels import Int8Embedding, PackedLinear
+from compressor_kernels import Int8Embedding, PackedLinear, triton_available
 
 PACKED_SUFFIXES = ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape", "weight_g_idx")
 
@@ -58,7 +58,8 @@ def _group_width(args: dict, in_features: int) -> int:
     raise CompressorError(f"quantization strategy {strategy!r} cannot be run packed")
 
 
-def packed_linear(name: str, args: dict, read, bias, dtype, device: str) -> PackedLinear:
+def packed_linear(name: str, args: dict, read, bias, dtype, device: str,
+                  backend: str | None = None) -> PackedLinear:
     """One PackedLinear from the checkpoint tensors of module `name` (read(key) -> tensor)."""
     from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
 
@@ -77,7 +78,9 @@ def packed_linear(name: str, args: dict, read, bias, dtype, device: str) -> Pack
         zero = read(f"{name}.weight_zero_point").float().reshape(scale.shape) + offset
     g_idx = read(f"{name}.weight_g_idx", optional=True)
     width = _group_width(args, shape[1])
-    backend = None if device == "cpu" else "dequant"  # the aten int4/int8 kernels here are CPU ones
+    # The aten int4/int8 kernels are CPU ones; elsewhere Triton's dequantize-matmul when installed.
+    if backend is None and device != "cpu":
+        backend = "triton" if triton_available() else "dequant"
     return PackedLinear(codes, scale, zero, bits, width, bias, g_idx, dtype, backend).to(device)
 
 
@@ -85,8 +88,10 @@ EMBEDDINGS = ("keep", "int8")
 
 
 def load(folder: str | Path, dtype: str | torch.dtype = "auto", device: str = "cpu",
-         embeddings: str = "keep"):
+         embeddings: str = "keep", backend: str | None = None):
     """(model, tokenizer) with every quantized linear packed; see the module docstring.
+
+    backend: force one PackedLinear backend for every layer (default: the best that fits each).
 
     embeddings="int8": also keep the token embedding (and a tied lm_head) as int8 rows with a scale
     each, quantized here (not part of the checkpoint; a small, measured change of the logits).
@@ -126,7 +131,7 @@ def load(folder: str | Path, dtype: str | torch.dtype = "auto", device: str = "c
         raise CompressorError(f"{folder}: the quantization config targets no linear of the model")
     for name, args in targets.items():
         bias = read(f"{name}.bias", optional=True)
-        model.set_submodule(name, packed_linear(name, args, read, bias, dtype, device))
+        model.set_submodule(name, packed_linear(name, args, read, bias, dtype, device, backend))
     packed_keys = {f"{name}.{suffix}" for name in targets for suffix in PACKED_SUFFIXES + ("bias",)}
     for key in files.keys() - packed_keys:
         module_name, _, tensor_name = key.rpartition(".")
