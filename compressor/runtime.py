@@ -9,6 +9,9 @@ weight_packed / weight_scale / weight_zero_point / weight_g_idx tensors, and eve
 (embeddings, norms, unquantized linears) is read from the safetensors files one at a time.
 Integer compressed-tensors checkpoints (pack-quantized, group / channel / block strategies) are
 supported; 4-bit float layouts are not packed here (load them with compressor.model.load_model).
+On CUDA the packed linears run Triton's dequantize-matmul (when Triton is installed), and fp16 /
+bf16 linears pruned 2:4 (an unquantized sparse checkpoint, or layers a recipe left unquantized) run
+on torch's semi-structured sparse kernels.
 """
 
 from __future__ import annotations
@@ -20,9 +23,10 @@ import torch
 from safetensors import safe_open
 
 from compressor.errors import CompressorError
-from compressor.model import ModelSource, load_tokenizer, read_json
+from compressor.model import ModelSource, load_model, load_tokenizer, read_json
 from compressor.pack import tensor_files
-from compressor_kernels import Int8Embedding, PackedLinear
+from compressor.sparse24 import accelerate_2of4
+from compressor_kernels import Int8Embedding, PackedLinear, triton_available
 
 PACKED_SUFFIXES = ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape", "weight_g_idx")
 
@@ -58,7 +62,8 @@ def _group_width(args: dict, in_features: int) -> int:
     raise CompressorError(f"quantization strategy {strategy!r} cannot be run packed")
 
 
-def packed_linear(name: str, args: dict, read, bias, dtype, device: str) -> PackedLinear:
+def packed_linear(name: str, args: dict, read, bias, dtype, device: str,
+                  backend: str | None = None) -> PackedLinear:
     """One PackedLinear from the checkpoint tensors of module `name` (read(key) -> tensor)."""
     from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
 
@@ -77,7 +82,9 @@ def packed_linear(name: str, args: dict, read, bias, dtype, device: str) -> Pack
         zero = read(f"{name}.weight_zero_point").float().reshape(scale.shape) + offset
     g_idx = read(f"{name}.weight_g_idx", optional=True)
     width = _group_width(args, shape[1])
-    backend = None if device == "cpu" else "dequant"  # the aten int4/int8 kernels here are CPU ones
+    # The aten int4/int8 kernels are CPU ones; elsewhere Triton's dequantize-matmul when installed.
+    if backend is None and device != "cpu":
+        backend = "triton" if triton_available() else "dequant"
     return PackedLinear(codes, scale, zero, bits, width, bias, g_idx, dtype, backend).to(device)
 
 
@@ -85,8 +92,10 @@ EMBEDDINGS = ("keep", "int8")
 
 
 def load(folder: str | Path, dtype: str | torch.dtype = "auto", device: str = "cpu",
-         embeddings: str = "keep"):
+         embeddings: str = "keep", backend: str | None = None):
     """(model, tokenizer) with every quantized linear packed; see the module docstring.
+
+    backend: force one PackedLinear backend for every layer (default: the best that fits each).
 
     embeddings="int8": also keep the token embedding (and a tied lm_head) as int8 rows with a scale
     each, quantized here (not part of the checkpoint; a small, measured change of the logits).
@@ -102,6 +111,8 @@ def load(folder: str | Path, dtype: str | torch.dtype = "auto", device: str = "c
     raw = read_json(folder / "config.json")
     qconfig = raw.get("quantization_config") or {}
     if qconfig.get("quant_method") != "compressed-tensors" or not qconfig.get("config_groups"):
+        if str(device).startswith("cuda"):
+            return _load_2of4(folder, dtype, device)
         raise CompressorError(f"{folder} has no integer compressed-tensors quantization to run packed")
     config = AutoConfig.from_pretrained(folder)
     config.__dict__.pop("quantization_config", None)
@@ -126,7 +137,7 @@ def load(folder: str | Path, dtype: str | torch.dtype = "auto", device: str = "c
         raise CompressorError(f"{folder}: the quantization config targets no linear of the model")
     for name, args in targets.items():
         bias = read(f"{name}.bias", optional=True)
-        model.set_submodule(name, packed_linear(name, args, read, bias, dtype, device))
+        model.set_submodule(name, packed_linear(name, args, read, bias, dtype, device, backend))
     packed_keys = {f"{name}.{suffix}" for name in targets for suffix in PACKED_SUFFIXES + ("bias",)}
     for key in files.keys() - packed_keys:
         module_name, _, tensor_name = key.rpartition(".")
@@ -144,8 +155,21 @@ def load(folder: str | Path, dtype: str | torch.dtype = "auto", device: str = "c
     if meta:
         raise CompressorError(f"{folder}: no tensor for {', '.join(meta[:3])}")
     model.to(device).eval()
+    if str(device).startswith("cuda") and dtype in (torch.float16, torch.bfloat16):
+        accelerate_2of4(model)  # linears left dense (not quantized) that are 2:4 sparse
     model.config.quantization_config = qconfig  # for reports: what the packed modules hold
     return model, load_tokenizer(ModelSource(str(folder)))
+
+
+def _load_2of4(folder: Path, dtype, device: str):
+    """An unquantized (pruned) checkpoint on CUDA: its 2:4 linears on the semi-structured kernels."""
+    dtype = torch.float16 if dtype in (None, "auto", torch.float32, "float32") else dtype
+    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    model, tokenizer = load_model(ModelSource(str(folder)), dtype=dtype)
+    model.to(device).eval()
+    if not accelerate_2of4(model):
+        raise CompressorError(f"{folder} has neither integer quantization nor 2:4 sparse linears to run")
+    return model, tokenizer
 
 
 def _int8_embeddings(model, tied: bool, dtype) -> None:

@@ -5,6 +5,12 @@ unrelated package). PackedLinear keeps a linear's integer codes packed and multi
 kernel this machine has (see packed_linear.py for the choice).
 """
 
-from compressor_kernels.packed_linear import BACKENDS, Int8Embedding, PackedLinear, dequantize_codes
+from compressor_kernels.packed_linear import (
+    BACKENDS,
+    Int8Embedding,
+    PackedLinear,
+    dequantize_codes,
+    triton_available,
+)
 
-__all__ = ["BACKENDS", "Int8Embedding", "PackedLinear", "dequantize_codes"]
+__all__ = ["BACKENDS", "Int8Embedding", "PackedLinear", "dequantize_codes", "triton_available"]

@@ -9,8 +9,12 @@ Backends, chosen per layer when it is built (the first that fits wins):
                  group-wise matmul (_weight_int4pack_mm_for_cpu), codes pre-packed once. 2- and
                  3-bit codes are held as 4-bit ones: a little more memory, the int4 kernel's speed.
     aten-int8    8-bit symmetric per-channel: torch's int8 weight-only matmul (_weight_int8pack_mm)
+    triton       CUDA with Triton installed (asked for by the loader; any width 2-8, any groups,
+                 act-order g_idx): the dequantize-matmul kernels of triton_matmul.py over the
+                 compressed-tensors int32 words, GEMV for decode and GEMM for prefill; also runs on
+                 the CPU under TRITON_INTERPRET=1 (how the tests check it).
     dequant      anything else (5-7 bits, act-order g_idx, groups no kernel group tiles, CUDA
-                 without a fused kernel): codes stay packed as compressed-tensors int32 words;
+                 without Triton): codes stay packed as compressed-tensors int32 words;
                  each forward unpacks and dequantizes this one layer into a buffer shared by all
                  layers, then runs a dense matmul. Memory stays packed and only one layer is ever
                  dense, but decode is slow (every weight is unpacked in eager torch per token).
@@ -21,7 +25,17 @@ from __future__ import annotations
 import torch
 from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32, unpack_from_int32
 
-BACKENDS = ("aten-int4", "aten-int8", "dequant")
+BACKENDS = ("aten-int4", "aten-int8", "triton", "dequant")
+
+
+def triton_available() -> bool:
+    """Triton importable, and a CUDA device or the interpreter (TRITON_INTERPRET=1) to run it."""
+    import importlib.util
+    import os
+
+    if importlib.util.find_spec("triton") is None:
+        return False
+    return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
 INT4_GROUPS = (32, 64, 128, 256)
 
 
@@ -95,7 +109,9 @@ class PackedLinear(torch.nn.Module):
         elif self.backend == "aten-int8":
             self.register_buffer("packed", (codes.to(torch.int16) - 128).to(torch.int8).contiguous())
             self.register_buffer("scales", scale[:, 0].contiguous().to(dtype))
-        else:
+        else:  # triton and dequant keep the checkpoint's packed words
+            if self.backend == "triton" and not triton_available():
+                raise ValueError("the triton backend needs Triton and a CUDA device (or TRITON_INTERPRET=1)")
             signed = (codes.to(torch.int16) - 2 ** (bits - 1)).to(torch.int8)
             self.register_buffer("packed", pack_to_int32(signed, bits))
             self.register_buffer("scale", scale.to(dtype))
@@ -148,6 +164,11 @@ class PackedLinear(torch.nn.Module):
         elif self.backend == "aten-int8":
             y = torch.ops.aten._weight_int8pack_mm(x2d.to(self.scales.dtype).contiguous(), self.packed,
                                                    self.scales)
+        elif self.backend == "triton":
+            from compressor_kernels.triton_matmul import packed_matmul
+
+            y = packed_matmul(x2d.to(self.scale.dtype), self.packed, self.scale, self.zero, self.group_of,
+                              self.bits, self.out_features)
         else:
             buffer = _Workspace.get((self.out_features, self.in_features), self.scale.dtype, x.device)
             y = torch.nn.functional.linear(x2d.to(self.scale.dtype), self.dense_weight(out=buffer))
