@@ -98,16 +98,38 @@ def render_runs_markdown(runs: list[dict]) -> str:
 # -- SVG plots ----------------------------------------------------------------------------------
 
 
-def _axes(width: int, height: int, title: str, x_label: str, y_label: str) -> list[str]:
+def _axes(width: int, height: int, title: str, x_label: str, y_label: str, left: int = 60) -> list[str]:
     return [
         f'<svg xmlns="http://www.w3.org/2000/svg" class="plot" width="{width}" height="{height}" '
         f'role="img" aria-label="{html.escape(title)}">',
         f'<text x="{width / 2}" y="16" text-anchor="middle" font-weight="bold">{html.escape(title)}</text>',
-        f'<line x1="60" y1="{height - 40}" x2="{width - 20}" y2="{height - 40}" stroke="#333"/>',
-        f'<line x1="60" y1="30" x2="60" y2="{height - 40}" stroke="#333"/>',
+        f'<line x1="{left}" y1="{height - 40}" x2="{width - 20}" y2="{height - 40}" stroke="#333"/>',
+        f'<line x1="{left}" y1="30" x2="{left}" y2="{height - 40}" stroke="#333"/>',
         f'<text x="{width / 2}" y="{height - 6}" text-anchor="middle">{html.escape(x_label)}</text>',
         f'<text x="14" y="{height / 2}" transform="rotate(-90 14 {height / 2})" '
         f'text-anchor="middle">{html.escape(y_label)}</text>',
+    ]
+
+
+def _y_ticks(low: float, high: float, to_y, label, left: int = 60, count: int = 5) -> list[str]:
+    """Tick marks and labels up the vertical axis at x = left."""
+    parts = []
+    for step in range(count):
+        y = to_y(low + (high - low) * step / (count - 1))
+        parts.append(
+            f'<line x1="{left - 4}" y1="{y:.1f}" x2="{left}" y2="{y:.1f}" stroke="#333"/>'
+            f'<text class="tick" x="{left - 6}" y="{y + 4:.1f}" text-anchor="end" font-size="10">'
+            f"{label(low + (high - low) * step / (count - 1))}</text>"
+        )
+    return parts
+
+
+def _x_ticks(values: list[float], to_x, label, baseline: float) -> list[str]:
+    """Tick labels under the horizontal axis at y = baseline."""
+    return [
+        f'<text class="tick" x="{to_x(v):.1f}" y="{baseline + 14:.1f}" text-anchor="middle" '
+        f'font-size="10">{label(v)}</text>'
+        for v in values
     ]
 
 
@@ -131,6 +153,11 @@ def ppl_vs_bpw_svg(runs: list[dict], width: int = 560, height: int = 340) -> str
         "stored bits per weight (dense = 16)",
         "WikiText-2 perplexity (log)",
     )
+    low_bpw, high_bpw = min(b for _, b, _ in points) - 0.25, max(b for _, b, _ in points) + 0.25
+    parts += _y_ticks(min(logs) - 0.05, max(logs) + 0.05, y, lambda v: f"{10**v:.3g}")
+    parts += _x_ticks(
+        [low_bpw + (high_bpw - low_bpw) * i / 4 for i in range(5)], x, lambda v: f"{v:.2f}", height - 40
+    )
     for number, (name, bpw, ppl) in enumerate(points):
         cx, cy = x(bpw), y(math.log10(ppl))
         color = COLORS[number % len(COLORS)]
@@ -145,7 +172,8 @@ def ppl_vs_bpw_svg(runs: list[dict], width: int = 560, height: int = 340) -> str
 
 
 def bits_per_block_svg(runs: list[dict], width: int = 560, height: int = 300) -> str | None:
-    series = [(run["name"], run["bits_per_block"]) for run in runs if run.get("bits_per_block")]
+    # Quantized runs only: a pruned run stores its weights at 16/32 bits and would flatten the rest.
+    series = [(run["name"], bits) for run in runs if (bits := run.get("bits_per_block")) and max(bits) < 16]
     if not series:
         return None
     blocks = max(len(bits) for _, bits in series)
@@ -153,8 +181,14 @@ def bits_per_block_svg(runs: list[dict], width: int = 560, height: int = 300) ->
     x = _scale(0, max(blocks - 1, 1), 70, width - 30)
     y = _scale(0, top + 0.5, height - 40, 30)
     parts = _axes(
-        width, height, "Stored bits per weight of each decoder block", "decoder block", "bits per weight"
+        width,
+        height,
+        "Stored bits per weight of each decoder block (quantized runs)",
+        "decoder block",
+        "bits per weight",
     )
+    parts += _y_ticks(0, top + 0.5, y, lambda v: f"{v:.1f}")
+    parts += _x_ticks(sorted({0, (blocks - 1) // 2, blocks - 1}), x, str, height - 40)
     for number, (name, bits) in enumerate(series):
         color = COLORS[number % len(COLORS)]
         path = " ".join(f"{x(i):.1f},{y(b):.1f}" for i, b in enumerate(bits))
@@ -173,11 +207,17 @@ def recovery_svg(runs: list[dict], width: int = 560) -> str | None:
     bars = [(run["name"], task, share) for run in runs for task, share in _row(run)["recovery"].items()]
     if not bars:
         return None
-    height = 50 + 18 * len(bars)
+    height = 80 + 18 * len(bars)
     x = _scale(0, max(1.1, max(s for _, _, s in bars)), 230, width - 40)
     parts = _axes(
-        width, height, "Recovery: compressed / dense (perplexity: dense / compressed)", "recovery", ""
+        width,
+        height,
+        "Recovery: compressed / dense (perplexity: dense / compressed)",
+        "recovery",
+        "",
+        left=230,
     )
+    parts += _x_ticks([0.0, 0.5, 1.0], x, lambda v: f"{v:.1f}", height - 40)
     parts.append(
         f'<line x1="{x(1.0):.1f}" y1="30" x2="{x(1.0):.1f}" y2="{height - 40}" stroke="#999" '
         'stroke-dasharray="4 3"/>'
@@ -214,7 +254,7 @@ def render_runs_html(runs: list[dict]) -> str:
         "body{font-family:sans-serif;margin:2em;color:#222} table{border-collapse:collapse}"
         "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right} th{background:#f3f3f3}"
         "td:first-child,th:first-child{text-align:left} svg{margin:1em 1em 0 0;font-family:sans-serif;"
-        "font-size:12px;background:#fff}"
+        "font-size:12px;background:#fff;vertical-align:top}"
     )
     return (
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>compressor runs</title>'
