@@ -11,6 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
+if not torch.cuda.is_available():
+    # The Triton kernels' tests run under Triton's CPU interpreter; Triton reads this when it is
+    # first imported (which other libraries may do while the tests are collected), so set it here.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 

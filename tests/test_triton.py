@@ -3,14 +3,10 @@ matmul: on CUDA where present, else on the CPU under Triton's interpreter (TRITO
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    # Read when the kernels are defined (compressor_kernels.triton_matmul is imported lazily).
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+# tests/conftest.py sets TRITON_INTERPRET=1 where there is no CUDA, before anything imports Triton.
 pytest.importorskip("triton")
 
 from compressor.model import ModelSource, load_model  # noqa: E402
