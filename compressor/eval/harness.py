@@ -38,7 +38,6 @@ PRIMARY = {
 }
 # Open-ended generation answers an instruction: wrapped in the model's chat template when it has one.
 CHAT_TASKS = {"kick_summarize", "kick_vicuna"}
-GENERATION_TASKS = {"kick_freebaseqa", "kick_triviaqa", "kick_triviaqa_open", "kick_summarize", "kick_vicuna"}
 # CPU-friendly default (`--limit quick`, tens of minutes per model at 135M on 2 cores): 200
 # examples per zero-shot task, 5 MMLU questions per subject, 100 short-answer questions, 5 long
 # generations. `--limit full` runs everything (hours on a CPU, minutes on a GPU).
@@ -148,7 +147,7 @@ def run_task(
     }
     if task in CHANCE:
         result["chance"] = CHANCE[task]
-    if task in GENERATION_TASKS:
+    if out["configs"][task]["output_type"] == "generate_until":  # kept for ROUGE vs dense, the judge
         result["outputs"] = [_generation(s) for s in samples]
     if task == "kick_mmlu":
         from compressor.eval.scoring import mmlu_breakdown

@@ -63,7 +63,7 @@ def _prompts(task: str, data_dir: Path | None) -> dict[str, dict]:
     path = Path(data_dir or "") / taskdata.KICK / _PROMPT_FILES[task]
     if not path.is_file():
         raise CompressorError(f"judge prompts not found: {path}")
-    return {row["category"]: row for row in taskdata._jsonl(path)}
+    return {row["category"]: row for row in taskdata.read_jsonl(path)}
 
 
 def _vicuna_prompt(prompts: dict, category: str) -> dict:

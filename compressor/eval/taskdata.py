@@ -13,6 +13,7 @@ import json
 import os
 from pathlib import Path
 
+from compressor.data import resolve_data_dir
 from compressor.errors import CompressorError
 from compressor.eval.scoring import MMLU_SUBJECT_CATEGORY
 
@@ -27,18 +28,14 @@ ZEROSHOT = {
 KICK = "llm-kick"
 
 
-def _data_dir(data_dir) -> Path | None:
-    chosen = data_dir or os.environ.get("COMPRESSOR_DATA")
-    return Path(chosen).expanduser() if chosen else None
-
-
 def _local(data_dir, relative: str) -> Path | None:
-    root = _data_dir(data_dir)
+    """The file or folder of the data folder (the option, else $COMPRESSOR_DATA), if it is there."""
+    root = resolve_data_dir(data_dir)
     path = root / relative if root else None
     return path if path is not None and path.exists() else None
 
 
-def _jsonl(path: Path) -> list[dict]:
+def read_jsonl(path: Path) -> list[dict]:
     with path.open(encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]
 
@@ -64,7 +61,7 @@ def arc(subset: str, data_dir=None) -> list[dict]:
     if path is None:
         return _hf("allenai/ai2_arc", {"easy": "ARC-Easy", "challenge": "ARC-Challenge"}[subset], "test")
     docs = []
-    for row in _jsonl(path):  # MosaicML's conversion: {query: "Question: ...", choices, gold}
+    for row in read_jsonl(path):  # MosaicML's conversion: {query: "Question: ...", choices, gold}
         labels = [chr(ord("A") + i) for i in range(len(row["choices"]))]
         docs.append(
             {
@@ -82,7 +79,7 @@ def piqa(data_dir=None) -> list[dict]:
     if path is None:
         return _hf("baber/piqa", None, "validation")
     labels = path.with_name("valid-labels.lst").read_text().split()
-    rows = _jsonl(path)
+    rows = read_jsonl(path)
     if len(labels) != len(rows):
         raise CompressorError(f"{path}: {len(rows)} questions but {len(labels)} labels")
     return [
@@ -104,7 +101,7 @@ def winogrande(data_dir=None) -> list[dict]:
     if path is None:
         return _hf("allenai/winogrande", "winogrande_xl", "validation")
     docs = []
-    for row in _jsonl(path):  # MosaicML's conversion: {context_options, continuation, gold}
+    for row in read_jsonl(path):  # MosaicML's conversion: {context_options, continuation, gold}
         prefix, one, two = _split_options(*row["context_options"])
         docs.append(
             {
@@ -123,7 +120,7 @@ def boolq(data_dir=None) -> list[dict]:
     if path is None:
         return _hf("aps/super_glue", "boolq", "validation")
     docs = []
-    for row in _jsonl(path):  # {query: "Passage: ...\nQuestion: ...?", choices [no, yes], gold}
+    for row in read_jsonl(path):  # {query: "Passage: ...\nQuestion: ...?", choices [no, yes], gold}
         passage, _, question = row["query"].removeprefix("Passage: ").rpartition("\nQuestion: ")
         docs.append({"passage": passage, "question": question.rstrip("?"), "label": row["gold"]})
     return docs
@@ -304,7 +301,7 @@ def vicuna80(data_dir=None) -> list[dict]:
             "Vicuna-80 needs the local data folder (llm-kick/instruction_following_vicuna80); "
             "set COMPRESSOR_DATA or --data-dir"
         )
-    references = {r["question_id"]: r["text"] for r in _jsonl(folder / "answer.jsonl")}
+    references = {r["question_id"]: r["text"] for r in read_jsonl(folder / "answer.jsonl")}
     return [
         {
             "question_id": q["question_id"],
@@ -312,5 +309,5 @@ def vicuna80(data_dir=None) -> list[dict]:
             "question": q["text"],
             "reference": references.get(q["question_id"], ""),
         }
-        for q in _jsonl(folder / "table" / "question.jsonl")
+        for q in read_jsonl(folder / "table" / "question.jsonl")
     ]
