@@ -12,6 +12,7 @@ runs of a suite go first, back to back, so their timings share the same quiet ma
     python bench/run.py fp4
     python bench/run.py infer                    # packed inference speed and memory (bench-infer)
     python bench/run.py tasks                    # knowledge / zero-shot tasks, compressed vs dense
+    python bench/run.py scale                    # a 1.1B model streamed: peak RSS, kill + resume
     python bench/run.py all
 """
 
@@ -31,6 +32,7 @@ RESULTS = HERE / "results"
 sys.path.insert(0, str(HERE))
 
 from prepare import prepare  # noqa: E402
+from scale import run_scale  # noqa: E402
 
 CALIBRATION = ["--calibration", "c4", "--samples", "128", "--seqlen", "512", "--seed", "0", "--device", "cpu"]
 
@@ -367,15 +369,46 @@ def tasks_markdown(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def write_scale(result: dict) -> str:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "scale.json").write_text(json.dumps(result, indent=2) + "\n")
+    seconds = result["seconds"]
+    lines = [
+        "# scale benchmark: a TinyLlama-shaped random Llama (1.1B parameters, bf16), streamed",
+        "",
+        f"Command: `{result['command']}`; threads 2, CPU. `python bench/run.py scale`.",
+        "",
+        "| measure | value |",
+        "|---|---|",
+        f"| model on disk | {result['model']['bytes_on_disk'] / 2**30:.2f} GiB |",
+        f"| peak RSS | {result['peak_rss_mb']:.0f} MiB |",
+        f"| compress s (load / calibration / pipeline / write) | {seconds.get('load', 0):.1f} / "
+        f"{seconds.get('calibration_data', 0):.1f} / {seconds['compress']:.1f} / {seconds['write']:.1f} |",
+        f"| stored bpw / weights | {result['bpw']:.3f} / {result['weights_bytes'] / 2**20:.0f} MiB |",
+        f"| SIGKILL after | {result['killed_after_s']:.0f} s; resumed at block "
+        f"{result['resumed_at_block']} |",
+        f"| resumed peak RSS | {result['resumed_peak_rss_mb']:.0f} MiB |",
+        f"| resumed checkpoint byte-identical | {result['identical_after_resume']} "
+        f"(sha256 {result['sha256'][:16]}...) |",
+        f"| transformers load | {result['transformers_load']} |",
+    ]
+    text = "\n".join(lines) + "\n"
+    (RESULTS / "scale.md").write_text(text)
+    return text
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("suite", choices=[*SUITES, "infer", "tasks", "all"], nargs="?", default="all")
+    parser.add_argument("suite", choices=[*SUITES, "infer", "tasks", "scale", "all"], nargs="?",
+                        default="all")
     parser.add_argument("--only", nargs="*", help="row names to run")
     parser.add_argument("--resume", action="store_true", help="reuse rows compressed by an earlier run")
     args = parser.parse_args()
     model = prepare(WORK / "smollm2-fp32")
-    for suite in [*SUITES, "infer", "tasks"] if args.suite == "all" else [args.suite]:
-        if suite == "infer":
+    for suite in [*SUITES, "infer", "tasks", "scale"] if args.suite == "all" else [args.suite]:
+        if suite == "scale":
+            print(write_scale(run_scale()))
+        elif suite == "infer":
             print(run_infer(model))
         elif suite == "tasks":
             print(run_tasks(model, args.only))

@@ -7,6 +7,7 @@ stderr and exit status 2; progress goes to stderr and is shown only on a termina
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 from contextlib import contextmanager
@@ -70,17 +71,30 @@ def _default_output(model: str | None, tag: str) -> Path:
     return Path("out") / f"{stem}-{tag}"
 
 
-def _run_job(model, recipe, output, calibration, device, overwrite, as_json, tag, allocation=None) -> None:
+def _run_job(model, recipe, output, calibration, device, overwrite, as_json, tag, allocation=None,
+             resume: bool = False, low_memory: bool = False) -> None:
+    from compressor import distributed
     from compressor.job import run_compression
     from compressor.model import resolve_source
+    from compressor.writer import staging_folder
 
     source = resolve_source(model)
     output = output or _default_output(model, tag)
-    with progress_bar(not as_json) as (stage, advance):
-        result = run_compression(source, recipe, output, calibration, device, overwrite, stage, advance,
-                                 allocation)
-    summary = {"output": result.output, **result.manifest}
-    _emit(summary, as_json, _print_job)
+    # Under torchrun every rank runs this; rank 0 alone reports (distributed is set up by the job).
+    lead = int(os.environ.get("RANK", "0")) == 0
+    try:
+        with progress_bar(not as_json and lead) as (stage, advance):
+            result = run_compression(source, recipe, output, calibration, device, overwrite, stage,
+                                     advance, allocation, resume, low_memory)
+    except KeyboardInterrupt:
+        if staging_folder(output).is_dir():
+            err.print(f"interrupted; the finished blocks are kept in {staging_folder(output)}: "
+                      "run the same command with --resume to continue")
+        raise
+    finally:
+        distributed.finish()
+    if lead:
+        _emit({"output": result.output, **result.manifest}, as_json, _print_job)
 
 
 def _print_job(summary: dict) -> None:
@@ -99,6 +113,14 @@ def _print_job(summary: dict) -> None:
 # Options shared by the compressing commands.
 OutputOpt = typer.Option(None, "--output", "-o", help="Output folder (written atomically).")
 OverwriteOpt = typer.Option(False, "--overwrite", help="Replace an existing output folder.")
+LowMemoryOpt = typer.Option(
+    False, "--low-memory",
+    help="Keep one calibration chunk's activations instead of all of them (each sub-group's inputs "
+         "are recomputed): the same result, for about twice the calibration forwards.")
+ResumeOpt = typer.Option(
+    False, "--resume",
+    help="Continue an interrupted run (crash, kill, Ctrl-C) of the same command and settings from "
+         "its last finished block; the result is identical to an uninterrupted run.")
 JsonOpt = typer.Option(False, "--json", help="Print the result as JSON on stdout.")
 BaselineOpt = typer.Option(
     None, "--baseline", help="Dense model to compare with (default: the source in compress.json).")
@@ -169,6 +191,8 @@ def quantize(
     device: str = DeviceOpt,
     output: Path = OutputOpt,
     overwrite: bool = OverwriteOpt,
+    low_memory: bool = LowMemoryOpt,
+    resume: bool = ResumeOpt,
     as_json: bool = JsonOpt,
 ):
     """Quantize the weights of every decoder-block linear (GPTQ or RTN, or a 4-bit float format)
@@ -180,6 +204,8 @@ def quantize(
     from compressor.budget import parse_budget
     from compressor.fpgrids import float_grid
 
+    if not math.isfinite(bits):
+        raise CompressorError(f"--bits must be a number of bits from 2 to 8, got {bits}")
     if number_format.lower() != "int":
         float_grid(number_format)  # an unknown name fails here, before any work
         if allocate is not None or budget is not None or bits != 4:
@@ -201,7 +227,8 @@ def quantize(
         elif group_size not in (None, 0, -1):
             raise CompressorError(f"--format {number_format} has a fixed block size; drop --group-size")
         cal = _calibration(calibration, samples, seqlen, seed, data_dir, batch_size)
-        _run_job(model, {"passes": [step]}, output, cal, device, overwrite, as_json, tag, None)
+        _run_job(model, {"passes": [step]}, output, cal, device, overwrite, as_json, tag, None, resume,
+                 low_memory)
         return
     if act_bits is not None:
         raise CompressorError("--act-bits needs --format fp4 or --format e2m1")
@@ -225,7 +252,7 @@ def quantize(
     width = f"{allocation['budget']}-{allocate}" if allocation else f"w{int(bits)}"
     tag = f"{method}-{width}" + (f"g{group_size}" if group_size > 0 else "-channel")
     cal = _calibration(calibration, samples, seqlen, seed, data_dir, batch_size)
-    _run_job(model, recipe, output, cal, device, overwrite, as_json, tag, allocation)
+    _run_job(model, recipe, output, cal, device, overwrite, as_json, tag, allocation, resume, low_memory)
 
 
 @app.command()
@@ -262,14 +289,22 @@ def sparsify(
     device: str = DeviceOpt,
     output: Path = OutputOpt,
     overwrite: bool = OverwriteOpt,
+    low_memory: bool = LowMemoryOpt,
+    resume: bool = ResumeOpt,
     as_json: bool = JsonOpt,
 ):
     """Prune every decoder-block linear: N:M or unstructured, optionally refined by DSnoT.
 
     Example: compress sparsify --pattern 2:4 --method wanda --dsnot MODEL -o out/s24
     """
+    from compressor.sparsity import check_sparsity, parse_nm
+
     if (pattern is None) == (sparsity is None):
         raise CompressorError("give exactly one of --pattern N:M or --sparsity F")
+    if pattern is not None:
+        parse_nm(pattern)  # the reason a pattern is wrong, before anything is loaded
+    else:
+        check_sparsity(sparsity)
     step = {"method": method, **({"pattern": pattern} if pattern else {"sparsity": sparsity})}
     passes = [step]
     if dsnot:
@@ -283,7 +318,8 @@ def sparsify(
     label = pattern.replace(":", "of") if pattern else f"s{round(100 * sparsity)}"
     tag = f"{method}-{label}" + (f"-{allocate}" if allocate else "") + ("-dsnot" if dsnot else "")
     cal = _calibration(calibration, samples, seqlen, seed, data_dir, batch_size)
-    _run_job(model, {"passes": passes}, output, cal, device, overwrite, as_json, tag, allocation)
+    _run_job(model, {"passes": passes}, output, cal, device, overwrite, as_json, tag, allocation,
+             resume, low_memory)
 
 
 @app.command()
@@ -299,6 +335,8 @@ def run(
     device: str = DeviceOpt,
     output: Path = OutputOpt,
     overwrite: bool = OverwriteOpt,
+    low_memory: bool = LowMemoryOpt,
+    resume: bool = ResumeOpt,
     as_json: bool = JsonOpt,
 ):
     """Run the passes of a recipe YAML over MODEL. Example: compress run recipes/w4-gptq.yaml MODEL"""
@@ -306,7 +344,8 @@ def run(
 
     recipe = load_recipe(recipe_path)
     cal = _calibration(calibration, samples, seqlen, seed, data_dir, batch_size)
-    _run_job(model, recipe, output, cal, device, overwrite, as_json, recipe_path.stem)
+    _run_job(model, recipe, output, cal, device, overwrite, as_json, recipe_path.stem, None, resume,
+             low_memory)
 
 
 @app.command()
@@ -342,6 +381,11 @@ def search(
         "lim,zd", "--warm-starts",
         help="Importance allocations scored as starting points beside random ones (lim, zd; "
              "'' for random starts only)."),
+    assemble: str = typer.Option(
+        "database", "--assemble",
+        help="How the winner is built: 'database' copies the levels as the search scored them (each "
+             "calibrated on dense inputs); 'requantize' runs the chosen per-layer levels through the "
+             "sequential pipeline (each layer calibrated on the compressed layers before it)."),
     search_seed: int = typer.Option(0, "--search-seed", help="Seed of the evolution."),
     database: Path = typer.Option(
         None, "--database", help="Level database folder, reusable across searches (default OUT.search/)."),
@@ -385,7 +429,7 @@ def search(
                         top_k=top_k, fitness_windows=fitness_windows, fitness_seqlen=fitness_seqlen,
                         fitness_dtype=fitness_dtype,
                         warm_starts=[s.strip() for s in warm_starts.split(",") if s.strip()],
-                        settings=settings)
+                        assemble=assemble, settings=settings)
         job.validate()
         source = resolve_source(model)
         output = output or _default_output(model, f"evopress-{job.budget}")
@@ -657,6 +701,13 @@ def _print_inspect(info: dict) -> None:
               f"weights {info['weights_bytes'] / 2**20:.1f} MiB, folder {info['size_bytes'] / 2**20:.1f} MiB")
 
 
+# Typer 0.29 vendors its own copy of click, whose exceptions are not click's: catch both.
+TYPER_CLICK_ERROR = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
+USAGE_ERRORS = tuple({click.ClickException, TYPER_CLICK_ERROR})
+EXITS = tuple({click.exceptions.Exit, typer.Exit})
+ABORTS = tuple({click.exceptions.Abort, typer.Abort})
+
+
 def main() -> None:
     try:
         # Without standalone mode, Typer returns (rather than raises) the status of an Exit, and
@@ -669,12 +720,15 @@ def main() -> None:
     except CompressorError as error:
         err.print(f"[red]error:[/red] {error}", highlight=False, soft_wrap=True)
         sys.exit(2)
-    except click.exceptions.Exit as done:
+    except OSError as error:  # a full disk, a permission denied, a vanished file: one line too
+        err.print(f"[red]error:[/red] {error}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except EXITS as done:
         sys.exit(done.exit_code)
-    except click.ClickException as error:
+    except USAGE_ERRORS as error:  # a bad option value: usage and the reason
         error.show()
         sys.exit(error.exit_code)
-    except (click.exceptions.Abort, KeyboardInterrupt):
+    except (*ABORTS, KeyboardInterrupt):
         err.print("interrupted")
         sys.exit(130)
 

@@ -1,12 +1,12 @@
-"""One compression run, end to end: load, calibrate, run the pipeline, write the checkpoint and its
-manifest (compress.json) atomically. The CLI's `quantize` and `run` commands are thin wrappers.
+"""One compression run, end to end: load (or stream), calibrate, run the pipeline, write the
+checkpoint and its manifest (compress.json) atomically and resumably. The CLI's `quantize` and
+`run` commands are thin wrappers.
 """
 
 from __future__ import annotations
 
 import json
 import platform
-import resource
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -16,13 +16,15 @@ from pathlib import Path
 import torch
 import yaml
 
-from compressor import __version__, budget, data
+from compressor import __version__, budget, data, distributed
 from compressor.errors import CompressorError
 from compressor.fpgrids import FloatGrid
-from compressor.model import ModelSource, load_model
-from compressor.pack import check_output, save_checkpoint, staged_output
-from compressor.pipeline import compress_model, needs_data, resolve_device
+from compressor.model import ModelSource, decoder_blocks, load_model
+from compressor.pack import check_output, module_tensors
+from compressor.pipeline import BlockHooks, compress_model, needs_data, resolve_device
 from compressor.plan import build_plan, validate_recipe
+from compressor.stream import NamesDiffer, StreamedModel, can_stream, keep_heap_small, return_freed_memory
+from compressor.writer import CheckpointWriter, lighten, peak_rss_mb
 
 MANIFEST = "compress.json"
 RECIPE_FILE = "recipe.yaml"
@@ -42,10 +44,6 @@ class Calibration:
 class JobResult:
     output: str
     manifest: dict = field(default_factory=dict)
-
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
 def package_versions() -> dict:
@@ -68,8 +66,17 @@ def run_compression(
     on_stage: Callable[[str], None] | None = None,
     on_block: Callable[[int, int], None] | None = None,
     allocation: dict | None = None,
+    resume: bool = False,
+    low_memory: bool = False,
 ) -> JobResult:
     """Compress `source` as `recipe` says and write the checkpoint to `output`.
+
+    A local safetensors model is streamed (compressor.stream): one decoder block in memory at a
+    time, input and output alike; `low_memory` also keeps one calibration chunk's activations
+    instead of all of them (compressor.pipeline). Other sources (GGUF, hub ids) and importance
+    allocations, which score the whole model first, are loaded whole. Either way the output is
+    written block by block (compressor.writer), and `resume` continues an interrupted run of the
+    same settings.
 
     `allocation` ({"score": "lim" | "zd", "budget": Budget}) spreads the recipe's first step, a
     quantization, over two bit widths, block by block, by layer importance; with {"score", "spread"}
@@ -81,12 +88,36 @@ def run_compression(
     check_output(output, overwrite)
     validate_recipe(recipe["passes"])
     torch_device = resolve_device(device)
+    distributed.init_from_environment(torch_device)
     data_dir = data.resolve_data_dir(calibration.data_dir)
-    seconds: dict[str, float] = {}
+    identity = {"source": asdict(source), "recipe": recipe, "allocation": allocation,
+                "calibration": asdict(calibration), "device": torch_device.type,
+                "world_size": distributed.world_size(), "compressor": __version__}
+    writer = CheckpointWriter(output, identity, overwrite, resume)
+    if low_memory:
+        keep_heap_small()
+    try:
+        return _compress(source, recipe, writer, calibration, torch_device, data_dir, stage, on_block,
+                         allocation, low_memory)
+    except KeyboardInterrupt:
+        raise  # the staging folder stays: --resume continues from the last finished block
+    except BaseException:
+        writer.discard()
+        raise
 
+
+def _compress(source, recipe, writer, calibration, torch_device, data_dir, stage, on_block, allocation,
+              low_memory):
+    seconds: dict[str, float] = {}
     start = time.perf_counter()
     stage(f"loading {source.label}")
-    model, tokenizer = load_model(source)
+    streamed = None
+    if allocation is None and can_stream(source):
+        try:
+            streamed = StreamedModel(source)
+        except NamesDiffer:
+            stage(f"loading {source.label} whole (its tensor names need transformers' renaming)")
+    model, tokenizer = (streamed.model, streamed.tokenizer()) if streamed else load_model(source)
     seconds["load"] = time.perf_counter() - start
 
     def calibration_ids():
@@ -118,30 +149,62 @@ def run_compression(
         ids = calibration_ids()
 
     start = time.perf_counter()
-    stage(f"compressing {len(plan)} linears on {torch_device}")
+    first_block = writer.blocks_done
+    stage(f"compressing {len(plan)} linears on {torch_device}"
+          + (f", resuming at block {first_block}" if first_block else ""))
+    prefix, _ = decoder_blocks(model)
+    hooks = WriteEachBlock(writer, prefix, streamed)
     records = compress_model(
-        model, plan, ids, device=torch_device, batch_size=calibration.batch_size, on_block=on_block
+        model, plan, None if ids is None else distributed.shard_windows(ids), device=torch_device,
+        batch_size=calibration.batch_size, on_block=on_block, hooks=hooks,
+        first_block=first_block, resume_hidden=writer.resumed_hidden(), low_memory=low_memory,
     )
+    records = {**writer.resumed_records(), **records}
     seconds["compress"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    stage(f"writing {output}")
-    ignore = sorted({n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)} - set(records))
-    with staged_output(output, overwrite) as folder:
-        weight_bytes = save_checkpoint(model, tokenizer, records, folder, ignore)
-        manifest = build_manifest(model, source, recipe, records, calibration if ids is not None else None)
-        manifest["device"] = str(torch_device)
-        manifest["threads"] = torch.get_num_threads()
-        manifest["size"] = {
-            "weights_bytes": weight_bytes,
-            "folder_bytes": sum(f.stat().st_size for f in folder.iterdir() if f.is_file()),
-        }
-        seconds["write"] = time.perf_counter() - start
-        manifest["seconds"] = {k: round(v, 3) for k, v in seconds.items()}
-        manifest["peak_rss_mb"] = round(peak_rss_mb(), 1)
-        (folder / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-        (folder / RECIPE_FILE).write_text(yaml.safe_dump(recipe, sort_keys=False))
-    return JobResult(output=str(output), manifest=manifest)
+    stage(f"writing {writer.output}")
+    linears = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    ignore = sorted(linears - set(records))
+    def outside_tensors() -> dict:
+        if streamed:
+            return streamed.outside_tensors()
+        return module_tensors(model, "", {}, exclude=prefix + ".")
+
+    manifest = build_manifest(model, source, recipe, records, calibration if ids is not None else None)
+    manifest.update(device=str(torch_device), threads=torch.get_num_threads(),
+                    world_size=distributed.world_size(), streamed=streamed is not None,
+                    low_memory=low_memory,
+                    resumed_at_block=first_block)
+    # Timings and peak memory are the manifest's only run-dependent entries (not hashed).
+    seconds["write"] = time.perf_counter() - start
+    manifest["seconds"] = {k: round(v, 3) for k, v in seconds.items()}
+    manifest["peak_rss_mb"] = round(peak_rss_mb(), 1)
+    writer.finish(model, tokenizer, records, ignore, outside_tensors, manifest,
+                  {RECIPE_FILE: yaml.safe_dump(recipe, sort_keys=False)})
+    return JobResult(output=str(writer.output), manifest=manifest)
+
+
+class WriteEachBlock(BlockHooks):
+    """Around each block: read it from disk (streamed), then write it, record progress, drop it."""
+
+    def __init__(self, writer: CheckpointWriter, prefix: str, streamed: StreamedModel | None):
+        self.writer, self.prefix, self.streamed = writer, prefix, streamed
+        self.outside_dropped = False
+
+    def load(self, index: int, block) -> None:
+        if self.streamed is None:
+            return
+        if not self.outside_dropped:  # calibration inputs are captured: embeddings not needed now
+            self.streamed.release_outside()
+            self.outside_dropped = True
+        self.streamed.load_block(index, block)
+
+    def done(self, index: int, block, records: dict, hidden: list | None) -> None:
+        tensors = module_tensors(block, f"{self.prefix}.{index}.", records) if self.writer.writes else {}
+        self.writer.write_block(index, tensors, {n: lighten(s) for n, s in records.items()}, hidden)
+        block.to("meta")  # written: its memory goes back
+        return_freed_memory()
 
 
 def build_manifest(model, source: ModelSource, recipe: dict, records: dict, calibration) -> dict:

@@ -10,25 +10,18 @@ of [1, g] instead of "group"/"channel":
   writing but builds the loading skeleton with unpacked ones, so transformers 5 rejects such a
   checkpoint (size mismatch). Block strategy stores zero points as int8 [out, groups] and loads.
 
-The folder is written under a temporary name next to the target and renamed when complete, so a
-failed run never leaves a half-written checkpoint.
+compressor.writer assembles the folder (block by block, atomically, resumably).
 """
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
 from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from compressor import fpgrids
 from compressor.errors import CompressorError
@@ -37,7 +30,6 @@ from compressor.grids import IntGrid
 from compressor.model import OWN_QUANT_METHOD
 from compressor.passes import FloatWeight, LinearState, QuantizedWeight
 
-SHARD_BYTES = 2 * 1024**3
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
 CT_FLOAT_FORMATS = {"nvfp4": "nvfp4-pack-quantized", "mxfp4": "mxfp4-pack-quantized"}
@@ -114,7 +106,9 @@ def sparsity_config(records: dict[str, LinearState], ignore: list[str]) -> dict 
     if not pruned:
         return None
     patterns = {state.metrics.get("pattern", "unstructured") for state in pruned.values()}
-    zeros = sum(int((~state.mask).sum()) for state in pruned.values())
+    # A record already written (compressor.writer.lighten) keeps its count, not its mask.
+    zeros = sum(state.metrics["pruned_weights"] if state.mask.is_meta else int((~state.mask).sum())
+                for state in pruned.values())
     total = sum(state.mask.numel() for state in pruned.values())
     return {
         "format": "dense",
@@ -182,49 +176,29 @@ def own_format_config(quantized: dict, own: list[str], sparsity: dict | None) ->
     return config
 
 
-def checkpoint_tensors(model, records: dict[str, LinearState]) -> dict[str, torch.Tensor]:
-    """The model's state dict with each quantized linear's weight replaced by its packed tensors."""
+def module_tensors(module, prefix: str, records: dict[str, LinearState],
+                   exclude: str | None = None) -> dict[str, torch.Tensor]:
+    """The module's state dict (keys prefixed, those starting with `exclude` left out) with each
+    quantized linear's weight replaced by its packed tensors. Tied weights (lm_head =
+    embed_tokens) are stored once; transformers re-ties them on load."""
     tensors: dict[str, torch.Tensor] = {}
     seen_storage: set[int] = set()
-    for key, tensor in model.state_dict().items():
-        # Tied weights (lm_head = embed_tokens) are stored once; transformers re-ties on load.
+    for local_key, tensor in module.state_dict().items():
+        key = prefix + local_key
+        if exclude is not None and key.startswith(exclude):
+            continue
         pointer = tensor.untyped_storage().data_ptr()
         if pointer in seen_storage and tensor.numel() > 0:
             continue
         seen_storage.add(pointer)
-        module = key.rsplit(".", 1)[0]
-        state = records.get(module)
+        name = key.rsplit(".", 1)[0]
+        state = records.get(name)
         if key.endswith(".weight") and state is not None and state.quant is not None:
             for local, packed in pack_linear(state.quant).items():
-                tensors[f"{module}.{local}"] = packed
+                tensors[f"{name}.{local}"] = packed
         else:
             tensors[key] = tensor.detach().cpu().contiguous()
     return tensors
-
-
-def write_shards(tensors: dict[str, torch.Tensor], folder: Path, max_bytes: int = SHARD_BYTES) -> int:
-    """Save tensors as one safetensors file, or shards plus an index past max_bytes. Returns bytes."""
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
-    for key, tensor in tensors.items():
-        nbytes = tensor.numel() * tensor.element_size()
-        if shards[-1] and size + nbytes > max_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][key] = tensor
-        size += nbytes
-    if len(shards) == 1:
-        save_file(shards[0], folder / WEIGHTS_NAME, metadata={"format": "pt"})
-    else:
-        weight_map = {}
-        for i, shard in enumerate(shards):
-            name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            save_file(shard, folder / name, metadata={"format": "pt"})
-            weight_map.update({key: name for key in shard})
-        total = sum(t.numel() * t.element_size() for t in tensors.values())
-        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-        (folder / INDEX_NAME).write_text(json.dumps(index, indent=2))
-    return sum(f.stat().st_size for f in folder.glob("*.safetensors"))
 
 
 def tensor_files(folder: Path) -> dict[str, Path]:
@@ -242,49 +216,3 @@ def check_output(output: Path, overwrite: bool) -> None:
         raise CompressorError(f"output folder exists: {output} (pass --overwrite to replace it)")
     if output.exists() and not output.is_dir():
         raise CompressorError(f"output path exists and is not a folder: {output}")
-
-
-@contextmanager
-def staged_output(output: Path, overwrite: bool) -> Iterator[Path]:
-    """Yield a temporary folder beside `output`; rename it to `output` only if the body succeeds."""
-    check_output(output, overwrite)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".partial", dir=output.parent))
-    try:
-        yield staging
-        if output.exists():
-            trash = output.with_name(f".{output.name}.old-{os.getpid()}")
-            output.rename(trash)
-            staging.rename(output)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            staging.rename(output)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-
-
-def save_checkpoint(
-    model, tokenizer, records: dict[str, LinearState], folder: Path, ignore: list[str]
-) -> int:
-    """Write config (with quantization_config), weights, tokenizer into `folder`; returns weight bytes."""
-    tensors = checkpoint_tensors(model, records)
-    size = write_shards(tensors, folder)
-    config = model.config
-    previous = getattr(config, "quantization_config", None)
-    qconfig = quantization_config(records, ignore)
-    try:
-        if qconfig is not None:
-            config.quantization_config = qconfig
-        config.save_pretrained(folder)
-    finally:
-        if previous is None:
-            config.__dict__.pop("quantization_config", None)
-        else:
-            config.quantization_config = previous
-    generation = getattr(model, "generation_config", None)
-    if generation is not None:
-        generation.save_pretrained(folder)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(folder)
-    return size

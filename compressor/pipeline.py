@@ -23,6 +23,7 @@ from dataclasses import dataclass, fields
 import torch
 from greenlet import greenlet
 
+from compressor import distributed
 from compressor.errors import CompressorError
 from compressor.model import block_linears, decoder_blocks
 from compressor.passes import LinearState, Step, apply_steps, get_pass
@@ -72,6 +73,17 @@ def statistics_needed(steps: list[Step]) -> set[str]:
     return needed
 
 
+class BlockHooks:
+    """What happens around each block: nothing for a model already in memory. A streamed model
+    loads the block before and writes and drops it after (compressor.job wires these)."""
+
+    def load(self, index: int, block) -> None:
+        pass
+
+    def done(self, index: int, block, records: dict[str, LinearState], hidden: list | None) -> None:
+        pass
+
+
 @torch.no_grad()
 def compress_model(
     model,
@@ -80,26 +92,47 @@ def compress_model(
     device: str | torch.device = "cpu",
     batch_size: int | None = None,
     on_block: Callable[[int, int], None] | None = None,
+    hooks: BlockHooks | None = None,
+    first_block: int = 0,
+    resume_hidden: list[torch.Tensor] | None = None,
+    low_memory: bool = False,
 ) -> dict[str, LinearState]:
-    """Apply `plan` to `model` in place, block by block; return what was done to each linear."""
+    """Apply `plan` to `model` in place, block by block; return what was done to each linear.
+
+    `first_block` > 0 continues an interrupted run: the blocks before it are done, and
+    `resume_hidden` holds what they passed on (the calibration hidden states entering it).
+    `low_memory` recomputes each sub-group's inputs chunk by chunk instead of pausing every
+    chunk mid-block: the same result, bit for bit, with one chunk's activations in memory instead
+    of all of them, for about twice the block forwards.
+    """
     device = torch.device(device)
+    hooks = hooks or BlockHooks()
     prefix, blocks = decoder_blocks(model)
     inputs = None
     if needs_data(plan):  # also rejects unknown methods before any work
         if calibration_ids is None or calibration_ids.numel() == 0:
             raise CompressorError("this method needs calibration data, and none was given")
         inputs = capture_block_inputs(model, blocks, prefix, calibration_ids, device, batch_size)
+        if first_block > 0:
+            if resume_hidden is None or len(resume_hidden) != len(inputs.hidden):
+                raise CompressorError("the saved calibration activations do not match this run")
+            inputs.hidden = resume_hidden
     records: dict[str, LinearState] = {}
-    for index, block in enumerate(blocks):
+    for index in range(first_block, len(blocks)):
+        block = blocks[index]
         block_prefix = f"{prefix}.{index}."
         block_plan = {n[len(block_prefix):]: s for n, s in plan.items() if n.startswith(block_prefix)}
+        hooks.load(index, block)
         block.to(device)
         if inputs is None:
             done = _compress_block_without_data(block, block_plan)
         else:
-            done, inputs.hidden = _compress_block(block, block_plan, inputs, device)
+            compress_block = _compress_block_recomputing if low_memory else _compress_block
+            done, inputs.hidden = compress_block(block, block_plan, inputs, device)
         block.to("cpu")
-        records.update({block_prefix + name: state for name, state in done.items()})
+        done = {block_prefix + name: state for name, state in done.items()}
+        hooks.done(index, block, done, None if inputs is None else inputs.hidden)
+        records.update(done)
         if on_block:
             on_block(index + 1, len(blocks))
     return records
@@ -202,7 +235,7 @@ def linear_groups(block, hidden: torch.Tensor, kwargs: dict, device) -> list[lis
 def _compress_linears(linears: dict, names: list[str], block_plan: Plan, stats) -> dict[str, LinearState]:
     """Apply each linear's steps; linears with identical steps go together where a pass can batch."""
     states = {
-        name: LinearState(name=name, weight=linears[name].weight.data.float().clone(),
+        name: LinearState(name=name, weight=linears[name].weight.data.to(torch.float32, copy=True),
                           dtype=linears[name].weight.dtype, original=linears[name].weight.data)
         for name in names
     }
@@ -213,6 +246,8 @@ def _compress_linears(linears: dict, names: list[str], block_plan: Plan, stats) 
         apply_steps([states[n] for n in bucket], block_plan[bucket[0]], stats)
     for name, state in states.items():
         _store(linears[name], state)
+        # Ranks of a distributed run propagate rank 0's weights, bit for bit.
+        distributed.broadcast_(linears[name].weight.data)
     return states
 
 
@@ -265,6 +300,52 @@ def _compress_block_without_data(block, block_plan: Plan) -> dict[str, LinearSta
     return _compress_linears(linears, [n for n in block_plan if n in linears], block_plan, None)
 
 
+def _planned_groups(block, block_plan: Plan, inputs: BlockInputs, device) -> list[list[str]]:
+    """The block's sub-groups in call order, keeping the linears the plan compresses."""
+    return [
+        planned
+        for names in linear_groups(block, inputs.hidden[0], inputs.kwargs[0], device)
+        if (planned := [n for n in names if n in block_plan])
+    ]
+
+
+def _new_stats(linear, steps: list[Step], device) -> InputStats:
+    needed = statistics_needed(steps)
+    return InputStats(linear.in_features, hessian="hessian" in needed, moments="moments" in needed,
+                      samples="samples" in needed, device=device)
+
+
+def _compress_block_recomputing(block, block_plan: Plan, inputs: BlockInputs, device):
+    """Sub-group by sub-group: run each chunk from the block's input up to the sub-group's first
+    linear (stopping there), gather the statistics, compress; then one full pass for the outputs,
+    each replacing its input as it is made. Bit-identical to _compress_block's lockstep."""
+    linears = block_linears(block)
+    records: dict[str, LinearState] = {}
+    for names in _planned_groups(block, block_plan, inputs, device):
+        stats = _new_stats(linears[names[0]], [s for name in names for s in block_plan[name]], device)
+
+        def gather(module, args, stats=stats):
+            stats.add_batch(args[0])
+            raise _StopForward
+
+        handle = linears[names[0]].register_forward_pre_hook(gather)
+        try:
+            for hidden, kwargs in zip(inputs.hidden, inputs.kwargs, strict=True):
+                try:
+                    block(hidden.to(device), **_to(kwargs, device))
+                except _StopForward:
+                    pass
+        finally:
+            handle.remove()
+        stats.all_reduce()  # a distributed run: the statistics of every rank's windows
+        records.update(_compress_linears(linears, names, block_plan, stats))
+        del stats
+    outputs = inputs.hidden
+    for chunk, kwargs in enumerate(inputs.kwargs):
+        outputs[chunk] = output_hidden(block(outputs[chunk].to(device), **_to(kwargs, device)))
+    return records, outputs
+
+
 def _compress_block(block, block_plan: Plan, inputs: BlockInputs, device):
     """Run every chunk through the block in lockstep, compressing each sub-group just in time.
 
@@ -274,25 +355,16 @@ def _compress_block(block, block_plan: Plan, inputs: BlockInputs, device):
     So each chunk runs through the block exactly once, and only small per-chunk tensors are alive.
     """
     linears = block_linears(block)
-    groups = [
-        planned
-        for names in linear_groups(block, inputs.hidden[0], inputs.kwargs[0], device)
-        if (planned := [n for n in names if n in block_plan])
-    ]
+    groups = _planned_groups(block, block_plan, inputs, device)
     driver = greenlet.getcurrent()
     stats: dict[int, InputStats] = {}
-    needed = [statistics_needed([s for name in names for s in block_plan[name]]) for names in groups]
+    steps = [[s for name in names for s in block_plan[name]] for names in groups]
 
     def at_group(index: int):
         def hook(module, args):
-            x = args[0]
             if index not in stats:
-                stats[index] = InputStats(
-                    x.shape[-1], hessian="hessian" in needed[index],
-                    moments="moments" in needed[index], samples="samples" in needed[index],
-                    device=device,
-                )
-            stats[index].add_batch(x)
+                stats[index] = _new_stats(linears[groups[index][0]], steps[index], device)
+            stats[index].add_batch(args[0])
             driver.switch(index)  # wait here until the sub-group is compressed
 
         return hook
@@ -325,7 +397,9 @@ def _compress_block(block, block_plan: Plan, inputs: BlockInputs, device):
             # Sub-groups are reached in call order; a chunk that skipped one (a router sending it
             # nowhere) simply waits further on, so the earliest waited-at sub-group is complete.
             index = min(waiting.values())
-            records.update(_compress_linears(linears, groups[index], block_plan, stats.pop(index)))
+            stat = stats.pop(index)
+            stat.all_reduce()  # a distributed run: the statistics of every rank's windows
+            records.update(_compress_linears(linears, groups[index], block_plan, stat))
             for chunk in [c for c, at in waiting.items() if at == index]:
                 del waiting[chunk]
                 resume(chunk)

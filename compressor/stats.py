@@ -22,6 +22,7 @@ class InputStats:
         self.tokens = 0
         self.samples = 0  # calibration sequences seen (a [batch, seq, features] input adds batch)
         self.xtx = torch.zeros(in_features, in_features, device=device) if hessian else None
+        self.finalized = False  # xtx turned into the Hessian (hessian()); no more batches then
         # Per-column sums cost a full pass over the activations: kept only when a pass asks.
         self.sum = torch.zeros(in_features, dtype=torch.float64, device=device) if moments else None
         self.sum_sq = torch.zeros(in_features, dtype=torch.float64, device=device) if moments else None
@@ -31,6 +32,8 @@ class InputStats:
 
     @torch.no_grad()
     def add_batch(self, x: torch.Tensor) -> None:
+        if self.finalized:
+            raise RuntimeError("statistics are final once the Hessian was taken")
         self.samples += x.shape[0] if x.dim() == 3 else 1
         x = x.reshape(-1, self.in_features).float()
         self.tokens += x.shape[0]
@@ -43,6 +46,27 @@ class InputStats:
             kept = x[::SAMPLE_STRIDE][: MAX_SAMPLE_ROWS - self.kept_rows]
             self.rows.append(kept.clone())
             self.kept_rows += kept.shape[0]
+
+    def all_reduce(self) -> None:
+        """Sum the statistics over the processes of a distributed run (compressor.distributed):
+        afterwards every rank holds the statistics of all the calibration windows."""
+        from compressor import distributed
+
+        if not distributed.active():
+            return
+        if self.finalized:
+            raise RuntimeError("all-reduce the statistics before taking the Hessian")
+        counts = torch.tensor([self.tokens, self.samples], dtype=torch.float64)
+        distributed.all_reduce_sum_(counts)
+        self.tokens, self.samples = int(counts[0]), int(counts[1])
+        for tensor in (self.xtx, self.sum, self.sum_sq):
+            if tensor is not None:
+                distributed.all_reduce_sum_(tensor)
+        if self.rows is not None:
+            device = self.rows[0].device if self.rows else "cpu"
+            gathered = distributed.all_gather_objects(torch.cat(self.rows).cpu() if self.rows else None)
+            rows = torch.cat([r for r in gathered if r is not None])[:MAX_SAMPLE_ROWS]
+            self.rows, self.kept_rows = [rows.to(device)], rows.shape[0]
 
     def sample_rows(self) -> torch.Tensor:
         """A strided subsample of the input rows seen, [<= MAX_SAMPLE_ROWS, in_features]."""
@@ -58,16 +82,25 @@ class InputStats:
                 self.xtx[a0:a1, b0:b1].addmm_(x[:, a0:a1].T, x[:, b0:b1])
 
     def hessian(self) -> torch.Tensor:
-        """H = 2/N sum x x^T, the layer-wise reconstruction objective's Hessian (fp32)."""
+        """H = 2/N sum x x^T, the layer-wise reconstruction objective's Hessian (fp32).
+
+        The first call turns the accumulated upper triangle into H in place (a 5632-wide Hessian
+        is 127 MB: copies add up); later calls return the same tensor, which callers only read.
+        """
         if self.xtx is None or self.tokens == 0:
             raise ValueError("no Hessian was accumulated for this layer")
-        upper = self.xtx.triu()
-        full = upper + upper.T - upper.diagonal().diag()
-        return full * (2.0 / self.tokens)
+        if not self.finalized:
+            self.xtx.triu_()  # the diagonal tiles' lower halves are duplicates: drop them
+            self.xtx.add_(self.xtx.triu(1).T)  # mirror the strict upper triangle (one temporary)
+            self.xtx.mul_(2.0 / self.tokens)
+            self.finalized = True
+        return self.xtx
 
     def column_energy(self) -> torch.Tensor:
         """Mean over tokens of x_j^2 per input column (Wanda's statistic up to a constant)."""
         if self.xtx is not None:
+            if self.finalized:  # xtx holds H = 2/N X^T X now
+                return self.xtx.diagonal() / 2
             return self.xtx.diagonal() / max(self.tokens, 1)  # the diagonal tiles are complete
         return self._moments()[1].float()
 

@@ -118,9 +118,9 @@ def test_in_memory_model_equals_reloaded_checkpoint(family, tmp_path):
     """The model the pipeline leaves in memory and the one transformers reloads compute the same."""
     from transformers import AutoModelForCausalLM
 
-    from compressor.pack import save_checkpoint
     from compressor.pipeline import compress_model
     from compressor.plan import build_plan
+    from compressor.writer import save_checkpoint
 
     from .conftest import make_model
 

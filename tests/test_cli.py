@@ -88,7 +88,14 @@ BAD_INPUTS = {
     "short calibration": (lambda d, t: ["quantize", d, "--calibration", _short(t), "--seqlen", "512",
                                         "-o", t / "o"], "512"),
     "not a causal LM": (lambda d, t: ["quantize", _bert(t), "-o", t / "o"], "not a causal language model"),
-    "corrupt safetensors": (lambda d, t: ["quantize", _truncated(d, t), "-o", t / "o"], "cannot load model"),
+    "corrupt safetensors": (lambda d, t: ["quantize", _truncated(d, t), "-o", t / "o"],
+                            "truncated safetensors"),
+    "garbage safetensors": (lambda d, t: ["quantize", _garbage(d, t), "-o", t / "o"], "corrupt safetensors"),
+    "missing shard": (lambda d, t: ["quantize", _missing_shard(d, t), "-o", t / "o"], "missing"),
+    "NaN weights": (lambda d, t: ["quantize", _nan_weights(d, t), "-o", t / "o"], "NaN or Inf"),
+    "config/weight shape mismatch": (lambda d, t: ["quantize", _wider_config(d, t), "-o", t / "o"],
+                                     "in config.json"),
+    "tokenizer missing": (lambda d, t: ["quantize", _no_tokenizer(d, t), "-o", t / "o"], "tokenizer"),
     "folder without config": (lambda d, t: ["quantize", t, "-o", t / "o"], "no config.json"),
     "output exists": (lambda d, t: ["quantize", d, "--method", "rtn", "-o", _existing(t)], "--overwrite"),
     "unknown device": (lambda d, t: ["quantize", d, "--device", "tpu", "-o", t / "o"], "unknown device"),
@@ -127,6 +134,48 @@ def _truncated(d, t):
         path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
 
     return corrupt_copy(d, t / "truncated", cut)
+
+
+def _garbage(d, t):
+    return corrupt_copy(d, t / "garbage", lambda f: (f / "model.safetensors").write_bytes(b"\x10" * 64))
+
+
+def _missing_shard(d, t):
+    def shard(folder):
+        shard = "model-00002-of-00002.safetensors"
+        index = {"metadata": {}, "weight_map": {"model.embed_tokens.weight": shard}}
+        (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+
+    return corrupt_copy(d, t / "sharded", shard)
+
+
+def _nan_weights(d, t):
+    from safetensors.torch import load_file, save_file
+
+    def poison(folder):
+        tensors = load_file(folder / "model.safetensors")
+        tensors["model.layers.1.mlp.up_proj.weight"][3, 5] = float("nan")
+        save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+
+    return corrupt_copy(d, t / "nan", poison)
+
+
+def _wider_config(d, t):
+    def widen(folder):
+        config = json.loads((folder / "config.json").read_text())
+        config["intermediate_size"] += 32
+        (folder / "config.json").write_text(json.dumps(config))
+
+    return corrupt_copy(d, t / "wider", widen)
+
+
+def _no_tokenizer(d, t):
+    def strip(folder):
+        for path in folder.glob("tokenizer*"):
+            path.unlink()
+        (folder / "special_tokens_map.json").unlink(missing_ok=True)
+
+    return corrupt_copy(d, t / "notok", strip)
 
 
 def _existing(t):

@@ -64,9 +64,9 @@ def test_checkpoint_reloads_with_identical_logits(tiny_model_dir, calibration_fi
 
 def test_llm_fp4_layout_reloads_exactly_through_our_loader(llama_dir, calibration_file, tmp_path):
     """The in-memory model after the pass equals what compressor.model.load_model rebuilds."""
-    from compressor.pack import save_checkpoint
     from compressor.pipeline import compress_model
     from compressor.plan import build_plan
+    from compressor.writer import save_checkpoint
 
     from .conftest import make_model, make_tokenizer
 
@@ -315,9 +315,9 @@ def test_activation_search_pre_shift_and_bits():
 
 
 def test_w4a8_checkpoint_reloads_with_the_simulated_quantizer(tmp_path):
-    from compressor.pack import save_checkpoint
     from compressor.pipeline import compress_model
     from compressor.plan import build_plan
+    from compressor.writer import save_checkpoint
 
     from .conftest import make_model, make_tokenizer
 

@@ -49,7 +49,7 @@ def test_default_model_loads_as_llama_with_tied_embeddings(smollm2):
 def test_gptq_beats_rtn_at_3_bits_and_reloads_exactly(smollm2, text_ids, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from compressor.pack import save_checkpoint
+    from compressor.writer import save_checkpoint
 
     model, tokenizer = smollm2
     ids = data.calibration_windows(tokenizer, "c4", 16, 256, seed=0, data_dir=data_dir())

@@ -373,6 +373,21 @@ def test_search_writes_a_loadable_checkpoint_and_resumes_identically(
     assert (tmp_path / "a" / "levels.svg").read_text().startswith("<svg")
     assert "targets" in (tmp_path / "a" / "recipe.yaml").read_text()
 
+    # --assemble requantize re-runs the winning plan through the sequential pipeline: the same
+    # bytes as `compress run` of the recipe it wrote, on the same calibration.
+    code, stdout, stderr = run_cli([*args, "--assemble", "requantize", "-o", tmp_path / "c"], capsys,
+                                   monkeypatch)
+    assert code == 0, stderr
+    assert json.loads(stdout)["search"]["assembled"] == "requantize"
+    assert json.loads(stdout)["search"]["per_module_level"] == levels
+    code, _, stderr = run_cli(["run", tmp_path / "c" / "recipe.yaml", llama_dir, "--calibration",
+                               calibration_file, "--samples", "4", "--seqlen", "32", "-o", tmp_path / "d"],
+                              capsys, monkeypatch)
+    assert code == 0, stderr
+    requantized = [(tmp_path / run / "model.safetensors").read_bytes() for run in ("c", "d")]
+    assert requantized[0] == requantized[1]
+    assert requantized[0] != (tmp_path / "a" / "model.safetensors").read_bytes()
+
     # Interrupted after two generations, then resumed: the same checkpoint, byte for byte.
     import compressor.search.evopress as evo
 

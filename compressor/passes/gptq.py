@@ -64,14 +64,18 @@ def compress_many(layers: list[LinearState], stats: InputStats | None, args: dic
         raise CompressorError("GPTQ needs calibration data")
     grid = grid_from_args(args)
     options = GPTQOptions.from_args(args)
-    weight = torch.cat([layer.weight for layer in layers])
+    # One linear: its own weight, not a copy (a 2048 x 5632 float32 weight is 46 MB).
+    weight = layers[0].weight if len(layers) == 1 else torch.cat([layer.weight for layer in layers])
     masks = [layer.mask for layer in layers]
     mask = None
     if any(m is not None for m in masks):
         mask = torch.cat([m if m is not None else torch.ones_like(layer.weight, dtype=torch.bool)
                           for m, layer in zip(masks, layers, strict=True)])
-    result = solve(weight, stats.hessian(), grid, options, layers[0].dtype, mask)
     rows = [layer.weight.shape[0] for layer in layers]
+    for layer in layers:
+        layer.weight = None  # the stacked copy replaces them (large layers: memory counts)
+    result = solve(weight, stats.hessian(), grid, options, layers[0].dtype, mask)
+    del weight
     for layer, weight, scale, zero, error in zip(
         layers, result.weight.split(rows), result.scale.split(rows), result.zero.split(rows),
         result.row_error.split(rows), strict=True,
@@ -91,18 +95,25 @@ class GPTQResult:
     damp: float  # the damping that succeeded
 
 
-def _inverse_hessian_factor(hessian: torch.Tensor, damp: float) -> tuple[torch.Tensor, float]:
-    """Upper Cholesky factor of (H + damp * mean(diag H) * I)^-1, raising damping until it exists."""
-    mean_diag = hessian.diagonal().mean()
-    eye = torch.eye(hessian.shape[0], device=hessian.device)
+def _inverse_hessian_factor(make_hessian: Callable[[], torch.Tensor], damp: float
+                            ) -> tuple[torch.Tensor, float]:
+    """Upper Cholesky factor of (H + damp * mean(diag H) * I)^-1, raising damping until it exists.
+
+    `make_hessian()` returns a fresh copy of H for each attempt, which is factorised in place: at
+    5632 inputs each square matrix is 127 MB, and this keeps two alive at most.
+    """
     for multiple in DAMP_RETRIES:
         tried = min(damp * multiple, 1.0)
-        factor, info = torch.linalg.cholesky_ex(hessian + tried * mean_diag * eye)
+        matrix = make_hessian()
+        matrix.diagonal().add_(tried * matrix.diagonal().mean())
+        info = torch.empty((), dtype=torch.int32, device=matrix.device)
+        torch.linalg.cholesky_ex(matrix, out=(matrix, info))  # lower factor, in place
         if info == 0:
-            inverse = torch.cholesky_inverse(factor)
-            upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
+            inverse = torch.cholesky_inverse(matrix)
+            del matrix
+            torch.linalg.cholesky_ex(inverse, upper=True, out=(inverse, info))
             if info == 0:
-                return upper, tried
+                return inverse, tried
     raise CompressorError(
         f"GPTQ: the Hessian is not positive definite even with damping {tried}; "
         "use more calibration samples or --method rtn"
@@ -129,28 +140,30 @@ def error_feedback(
     Returns (weight on the grid in the original column order, per-row solver loss, damping used).
     `align`: column blocks hold whole multiples of it (groups refitted inside the loop).
     """
-    W = weight.float().clone()
-    H = hessian.float().clone()
-    rows, cols = W.shape
-    dead = H.diagonal() == 0
-    H[dead, dead] = 1
-    W[:, dead] = 0
+    rows, cols = weight.shape
     if options.act_order:
-        perm = torch.argsort(H.diagonal(), descending=True)
-        W, H = W[:, perm], H[perm][:, perm]
+        perm = torch.argsort(hessian.diagonal(), descending=True)
         if mask is not None:
             mask = mask[:, perm]
     else:
-        perm = torch.arange(cols, device=W.device)
-    Hinv, damp = _inverse_hessian_factor(H, options.damp)
+        perm = torch.arange(cols, device=weight.device)
+    dead = (hessian.diagonal() == 0)[perm]
+
+    def permuted_hessian() -> torch.Tensor:
+        # Broadcast indices gather straight into one new matrix (H[perm][:, perm] makes two).
+        H = hessian.float()[perm[:, None], perm[None, :]] if options.act_order else hessian.float().clone()
+        H[dead, dead] = 1
+        return H
+
+    Hinv, damp = _inverse_hessian_factor(permuted_hessian, options.damp)
     blocksize = max(align, options.blocksize // align * align)
     # The loop runs once per column: keep each column a contiguous row (work on W^T), so the
-    # loop's cost is the arithmetic.
-    Wt = W.T.contiguous()
+    # loop's cost is the arithmetic. One copy of the weight, permuted and transposed at once.
+    Wt = weight.T[perm].float().contiguous()
+    Wt[dead] = 0
     keep = mask.T.contiguous().float() if mask is not None else None
     original_column = perm.tolist()
-    Qt = torch.zeros_like(Wt)
-    row_error = torch.zeros(rows, device=W.device)
+    row_error = torch.zeros(rows, device=weight.device)
 
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
@@ -162,7 +175,7 @@ def error_feedback(
             q = round_column(original_column[col], W1[i:])
             if keep is not None:
                 q = q * keep[col]
-            Qt[col] = q
+            Wt[col] = q  # the block works on its copy W1: row col of Wt is free for the result
             err = (W1[i] - q).div_(Hinv1[i, i])
             row_error.add_(err.square(), alpha=0.5)
             W1[i:].addr_(Hinv1[i, i:], err, alpha=-1)
@@ -170,7 +183,7 @@ def error_feedback(
         Wt[i2:].addmm_(Hinv[i1:i2, i2:].T, Err1, alpha=-1)
 
     inverse = torch.argsort(perm)
-    return Qt.T[:, inverse].contiguous(), row_error, damp
+    return Wt.T[:, inverse].contiguous(), row_error, damp
 
 
 @torch.no_grad()

@@ -139,14 +139,16 @@ def solve(
     scale_dtype: torch.dtype = torch.float32,
 ) -> SparseGPTResult:
     W = weight.float().clone()
-    H = hessian.float().clone().to(W.device)
     rows, cols = W.shape
-
-    dead = H.diagonal() == 0
-    H[dead, dead] = 1
+    dead = hessian.diagonal() == 0
     W[:, dead] = 0
 
-    Hinv, damp = _inverse_hessian_factor(H, options.damp)
+    def dead_filled_hessian() -> torch.Tensor:
+        H = hessian.float().clone().to(W.device)
+        H[dead, dead] = 1
+        return H
+
+    Hinv, damp = _inverse_hessian_factor(dead_filled_hessian, options.damp)
     blocksize = solver_blocksize(options.blocksize, cols, pattern, grid)
 
     scale = zero = None

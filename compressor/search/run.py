@@ -27,13 +27,15 @@ import yaml
 from compressor import budget, data
 from compressor.budget import Budget
 from compressor.errors import CompressorError
-from compressor.job import MANIFEST, RECIPE_FILE, Calibration, JobResult, build_manifest, peak_rss_mb
+from compressor.job import RECIPE_FILE, Calibration, JobResult, build_manifest, peak_rss_mb
 from compressor.model import ModelSource, block_linears, decoder_blocks, load_model
-from compressor.pack import check_output, save_checkpoint, staged_output
-from compressor.pipeline import resolve_device
+from compressor.pack import check_output, module_tensors
+from compressor.pipeline import compress_model, resolve_device
+from compressor.plan import build_plan
 from compressor.search import evopress, importance
 from compressor.search.database import LevelDatabase, build_database, quant_levels, sparsity_levels
 from compressor.search.fitness import DenseTargets, KLFitness
+from compressor.writer import CheckpointWriter, lighten
 
 STATE_FILE = "search.json"
 GRANULARITIES = ("fused", "module")
@@ -60,6 +62,11 @@ class SearchJob:
     # Importance allocations the search may start from (each scored against random starts): the
     # search then refines the best heuristic instead of walking to it from a random point.
     warm_starts: list[str] = field(default_factory=lambda: ["lim", "zd"])
+    # The database's levels are each calibrated on the dense model's activations (so the search can
+    # mix them freely) and the winner is assembled from them; "requantize" re-runs the winning plan
+    # through the sequential pipeline instead, so every layer compensates for the compressed layers
+    # before it, which matters most at 2-3 bits.
+    assemble: str = "database"
     settings: evopress.SearchSettings = field(default_factory=evopress.SearchSettings)
 
     def validate(self) -> Budget:
@@ -71,6 +78,8 @@ class SearchJob:
         if (target.kind == "sparsity") != (self.levels == "sparsity"):
             raise CompressorError(f"a {target.kind} budget needs --levels "
                                   f"{'sparsity' if target.kind == 'sparsity' else 'quant'}")
+        if self.assemble not in ("requantize", "database"):
+            raise CompressorError(f"unknown --assemble {self.assemble!r}; choose requantize or database")
         if self.fitness_dtype not in FITNESS_DTYPES:
             raise CompressorError(f"unknown --fitness-dtype {self.fitness_dtype!r}; "
                                   f"choose {' or '.join(FITNESS_DTYPES)}")
@@ -234,8 +243,20 @@ def run_search(
     stage(f"writing {output}")
     model.to("cpu")
     chosen = {name: level for unit, level in zip(units, state.parent, strict=True) for name in unit}
-    records = {name: database.state(name, level) for name, level in chosen.items()}
     recipe = plan_recipe(database, chosen)
+    if job.assemble == "requantize":
+        stage("re-quantizing the chosen levels through the sequential pipeline")
+        # Reloaded: the fitness may have scored candidates on this very model's weights.
+        del fitness, scorer
+        model, tokenizer = load_model(source)
+        ids = data.calibration_windows(tokenizer, calibration.source, calibration.samples, calibration.seqlen,
+                                       seed=calibration.seed, data_dir=data_dir)
+        records = compress_model(model, build_plan(model, recipe["passes"]), ids, torch_device,
+                                 calibration.batch_size, progress)
+        seconds["requantize"] = time.perf_counter() - start
+        start = time.perf_counter()
+    else:
+        records = {name: database.state(name, level) for name, level in chosen.items()}
     ignore = sorted({n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)} - set(records))
     total = space.total(state.parent)
     summary = {
@@ -244,23 +265,34 @@ def run_search(
         "generations": state.generation, "evaluations": state.evaluations,
         "final_fitness_kl": state.parent_fitness, "history": state.history,
         "per_module_level": {name: database.levels[level] for name, level in chosen.items()},
+        "assembled": job.assemble,
         "job": job.as_data(), "work_folder": str(work),
     }
-    with staged_output(output, overwrite) as folder:
-        weight_bytes = save_checkpoint(model, tokenizer, records, folder, ignore)
-        manifest = build_manifest(model, source, recipe, records, calibration)
-        manifest["search"] = summary
-        manifest["device"] = str(torch_device)
-        manifest["threads"] = torch.get_num_threads()
-        manifest["size"] = {"weights_bytes": weight_bytes}
-        seconds["write"] = time.perf_counter() - start
-        # Comparable with the other commands' "compress": everything but loading and writing.
-        seconds["compress"] = seconds["database"] + seconds["dense_targets"] + seconds["search"]
-        manifest["seconds"] = {k: round(v, 3) for k, v in seconds.items()}
-        manifest["peak_rss_mb"] = round(peak_rss_mb(), 1)
-        (folder / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-        (folder / RECIPE_FILE).write_text(yaml.safe_dump(recipe, sort_keys=False))
-        (folder / "levels.svg").write_text(levels_svg(units, state.parent, database))
+    writer = CheckpointWriter(output, {"search": str(work)}, overwrite)
+    prefix, blocks = decoder_blocks(model)
+    for index, block in enumerate(blocks):
+        block_prefix = f"{prefix}.{index}."
+        done = {n: s for n, s in records.items() if n.startswith(block_prefix)}
+        writer.write_block(index, module_tensors(block, block_prefix, done),
+                           {n: lighten(s) for n, s in done.items()}, None)
+    manifest = build_manifest(model, source, recipe, records, calibration)
+    manifest["search"] = summary
+    manifest["device"] = str(torch_device)
+    manifest["threads"] = torch.get_num_threads()
+    seconds["write"] = time.perf_counter() - start
+    # Comparable with the other commands' "compress": everything but loading and writing.
+    seconds["compress"] = (seconds["database"] + seconds["dense_targets"] + seconds["search"]
+                           + seconds.get("requantize", 0.0))
+    manifest["seconds"] = {k: round(v, 3) for k, v in seconds.items()}
+    manifest["peak_rss_mb"] = round(peak_rss_mb(), 1)
+    try:
+        writer.finish(model, tokenizer, records, ignore,
+                      lambda: module_tensors(model, "", {}, exclude=prefix + "."), manifest, {
+            RECIPE_FILE: yaml.safe_dump(recipe, sort_keys=False),
+            "levels.svg": levels_svg(units, state.parent, database)})
+    except BaseException:
+        writer.discard()
+        raise
     return JobResult(output=str(output), manifest=manifest)
 
 
