@@ -279,3 +279,29 @@ def test_unfamiliar_tensor_names_fall_back_to_a_whole_load(deep_dir, calibration
     monkeypatch.setattr(job_module, "StreamedModel", renamed)
     whole = compress(deep_dir, tmp_path / "b", calibration_file)
     assert not whole["streamed"] and whole["checksum"] == streamed["checksum"]
+
+
+def test_full_tmpfs_is_one_line_and_leaves_nothing(deep_dir, calibration_file, tmp_path):
+    """A real ENOSPC: a 100 kB tmpfs mounted in a private mount namespace (skipped where the
+    machine does not allow one)."""
+    import shlex
+    import shutil as sh
+
+    work = tmp_path / "small-disk"
+    work.mkdir()
+    if sh.which("unshare") is None or subprocess.run(
+            ["unshare", "-rm", "mount", "-t", "tmpfs", "-o", "size=4k", "tmpfs", str(work)],
+            capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs in a user namespace here")
+    command = [sys.executable, "-m", "compressor", "quantize", str(deep_dir), "--bits", "4",
+               "--group-size", "32", "--calibration", str(calibration_file), "--samples", "6",
+               "--seqlen", "32", "-o", str(work / "o")]
+    script = (f"mount -t tmpfs -o size=100k tmpfs {shlex.quote(str(work))} && "
+              f"{shlex.join(command)}; echo status=$?; ls -A {shlex.quote(str(work))}")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "kernels")])}
+    result = subprocess.run(["unshare", "-rm", "sh", "-c", script], capture_output=True, text=True,
+                            env=env, timeout=600)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: cannot write"), result.stderr
+    assert "No space left on device" in lines[0]
+    assert result.stdout.strip().splitlines() == ["status=2"]  # and the folder is empty
