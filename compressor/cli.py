@@ -71,20 +71,8 @@ def _default_output(model: str | None, tag: str) -> Path:
     return Path("out") / f"{stem}-{tag}"
 
 
-def _without_triton_on_cpu(device: str) -> None:
-    """torch._dynamo imports Triton whenever it is installed (80 MiB of resident memory), and
-    nothing in a CPU compression run uses it: mark it absent before torch._dynamo loads."""
-    import torch
-
-    on_cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
-    if on_cpu and "torch._dynamo" not in sys.modules:
-        sys.modules.setdefault("triton", None)
-
-
 def _run_job(model, recipe, output, calibration, device, overwrite, as_json, tag, allocation=None,
              resume: bool = False, low_memory: bool = False) -> None:
-    if low_memory:
-        _without_triton_on_cpu(device)
     from compressor import distributed
     from compressor.job import run_compression
     from compressor.model import resolve_source
