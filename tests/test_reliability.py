@@ -179,7 +179,7 @@ def _cli(args, script=None):
 def test_sigkill_then_resume_is_byte_identical(deep_dir, calibration_file, tmp_path):
     args = ["quantize", deep_dir, "--bits", "4", "--group-size", "32", "--asym", "--calibration",
             calibration_file, "--samples", "6", "--seqlen", "32", "--batch-size", "2", "--device", "cpu"]
-    # Killed and resumed with --low-memory (Triton kept unimported), compared with the lockstep run.
+    # Killed and resumed with --low-memory, compared with the lockstep run.
     killed = _cli([*args, "--low-memory", "-o", tmp_path / "o"], script=KILL_SCRIPT)
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     assert not (tmp_path / "o").exists() and staging_folder(tmp_path / "o").is_dir()
