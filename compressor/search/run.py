@@ -27,7 +27,7 @@ import yaml
 from compressor import budget, data
 from compressor.budget import Budget
 from compressor.errors import CompressorError
-from compressor.job import RECIPE_FILE, Calibration, JobResult, build_manifest, peak_rss_mb
+from compressor.job import RECIPE_FILE, Calibration, JobResult, WriteEachBlock, build_manifest, peak_rss_mb
 from compressor.model import ModelSource, block_linears, decoder_blocks, load_model
 from compressor.pack import check_output, module_tensors
 from compressor.pipeline import compress_model, resolve_device
@@ -35,7 +35,7 @@ from compressor.plan import build_plan
 from compressor.search import evopress, importance
 from compressor.search.database import LevelDatabase, build_database, quant_levels, sparsity_levels
 from compressor.search.fitness import DenseTargets, KLFitness
-from compressor.writer import CheckpointWriter, lighten
+from compressor.writer import CheckpointWriter
 
 STATE_FILE = "search.json"
 GRANULARITIES = ("fused", "module")
@@ -270,11 +270,10 @@ def run_search(
     }
     writer = CheckpointWriter(output, {"search": str(work)}, overwrite)
     prefix, blocks = decoder_blocks(model)
+    write_block = WriteEachBlock(writer, prefix, None)
     for index, block in enumerate(blocks):
         block_prefix = f"{prefix}.{index}."
-        done = {n: s for n, s in records.items() if n.startswith(block_prefix)}
-        writer.write_block(index, module_tensors(block, block_prefix, done),
-                           {n: lighten(s) for n, s in done.items()}, None)
+        write_block.done(index, block, {n: s for n, s in records.items() if n.startswith(block_prefix)}, None)
     manifest = build_manifest(model, source, recipe, records, calibration)
     manifest["search"] = summary
     manifest["device"] = str(torch_device)
