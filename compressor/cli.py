@@ -708,7 +708,32 @@ EXITS = tuple({click.exceptions.Exit, typer.Exit})
 ABORTS = tuple({click.exceptions.Abort, typer.Abort})
 
 
+def _option_value(argv: list[str], name: str) -> str | None:
+    for i, arg in enumerate(argv):
+        if arg == name and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith(name + "="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+def leave_out_triton_on_cpu(argv: list[str]) -> None:
+    """A --low-memory run that will not use CUDA goes without Triton: torch._dynamo, which
+    transformers imports, imports Triton whenever it is installed (about 80 MiB resident), though
+    Triton only compiles GPU kernels. Must run before transformers is imported."""
+    if "--low-memory" not in argv:
+        return
+    device = _option_value(argv, "--device") or "auto"
+    if device == "auto":
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu":
+        sys.modules.setdefault("triton", None)  # `import triton` now raises ImportError
+
+
 def main() -> None:
+    leave_out_triton_on_cpu(sys.argv[1:])
     try:
         # Without standalone mode, Typer returns (rather than raises) the status of an Exit, and
         # turns Ctrl-C into Exit(130): pass it on, or an interrupted run would exit 0.

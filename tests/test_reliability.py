@@ -306,3 +306,25 @@ def test_full_tmpfs_is_one_line_and_leaves_nothing(deep_dir, calibration_file, t
     assert len(lines) == 1 and lines[0].startswith("error: cannot write"), result.stderr
     assert "No space left on device" in lines[0]
     assert result.stdout.strip().splitlines() == ["status=2"]  # and the folder is empty
+
+
+TRITON_PROBE = """
+import sys
+from compressor.cli import leave_out_triton_on_cpu
+leave_out_triton_on_cpu(sys.argv[1:])
+import transformers.modeling_utils  # imports torch._dynamo, which imports Triton when it can
+print("triton" if sys.modules.get("triton") is not None else "none")
+"""
+
+
+@pytest.mark.parametrize(("argv", "expected"), [
+    (["quantize", "--low-memory", "--device", "cpu"], "none"),
+    (["quantize", "--device=cpu", "--low-memory"], "none"),
+    (["quantize", "--device", "cpu"], "triton"),  # only --low-memory runs trade it away
+])
+def test_low_memory_cpu_runs_leave_triton_out(argv, expected):
+    pytest.importorskip("triton")
+    probe = subprocess.run([sys.executable, "-c", TRITON_PROBE, *argv], capture_output=True, text=True,
+                           env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}, timeout=300)
+    assert probe.returncode == 0, probe.stderr
+    assert probe.stdout.split()[-1] == expected
