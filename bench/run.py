@@ -53,15 +53,17 @@ def _allocate(score: str, target: str) -> list[str]:
 
 
 def _search(target: str) -> list[str]:
-    # One level database (GPTQ g128 asym at 2..6 bits) serves every search of the suite.
+    # GPTQ g128 asym at 2..6 bits, calibrated on the LIM allocation's activations at the budget
+    # (the default --database-reference): one database per budget.
     return ["search", "--budget", target, "--group-size", "128", "--asym", "--bits-levels", "2,3,4,5,6",
-            "--database", str(WORK / "search-database")]
+            "--database", str(WORK / f"search-database-{target}")]
 
 
 def _sparsity_search(target: float) -> list[str]:
-    # SparseGPT levels from ~90% down to dense in steps of ~10%, one database for both targets.
+    # SparseGPT levels from ~90% down to dense in steps of ~10%, calibrated on the LIM allocation's
+    # activations at the target (+-10% by importance): one database per target.
     return ["search", "--budget", f"{target}sparsity", "--levels", "sparsity",
-            "--database", str(WORK / "search-sparsity-database")]
+            "--database", str(WORK / f"search-sparsity-database-{target}")]
 
 
 SUITES: dict[str, list[tuple[str, list[str]]]] = {

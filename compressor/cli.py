@@ -381,11 +381,16 @@ def search(
         "lim,zd", "--warm-starts",
         help="Importance allocations scored as starting points beside random ones (lim, zd; "
              "'' for random starts only)."),
+    database_reference: str = typer.Option(
+        "lim", "--database-reference",
+        help="Whose activations calibrate the database's levels: the model compressed by the lim or "
+             "zd allocation at the budget (close to the plans the search visits), or the dense "
+             "model's (dense, as in the EvoPress paper)."),
     assemble: str = typer.Option(
         "database", "--assemble",
-        help="How the winner is built: 'database' copies the levels as the search scored them (each "
-             "calibrated on dense inputs); 'requantize' runs the chosen per-layer levels through the "
-             "sequential pipeline (each layer calibrated on the compressed layers before it)."),
+        help="How the winner is built: 'database' copies the levels as the search scored them; "
+             "'requantize' runs the chosen per-layer levels through the sequential pipeline (each "
+             "layer calibrated on the compressed layers before it)."),
     search_seed: int = typer.Option(0, "--search-seed", help="Seed of the evolution."),
     database: Path = typer.Option(
         None, "--database", help="Level database folder, reusable across searches (default OUT.search/)."),
@@ -429,7 +434,7 @@ def search(
                         top_k=top_k, fitness_windows=fitness_windows, fitness_seqlen=fitness_seqlen,
                         fitness_dtype=fitness_dtype,
                         warm_starts=[s.strip() for s in warm_starts.split(",") if s.strip()],
-                        assemble=assemble, settings=settings)
+                        database_reference=database_reference, assemble=assemble, settings=settings)
         job.validate()
         source = resolve_source(model)
         output = output or _default_output(model, f"evopress-{job.budget}")

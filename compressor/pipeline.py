@@ -77,8 +77,15 @@ class BlockHooks:
     """What happens around each block: nothing for a model already in memory. A streamed model
     loads the block before and writes and drops it after (compressor.job wires these)."""
 
+    # Statistics gathered for every planned sub-group whatever its own steps need: for hooks that
+    # also compress the sub-group in other ways (the search's level database).
+    statistics_wanted: frozenset[str] = frozenset()
+
     def load(self, index: int, block) -> None:
         pass
+
+    def statistics(self, index: int, block, names: list[str], stats: InputStats) -> None:
+        """A sub-group's input statistics, complete, just before the plan compresses it."""
 
     def done(self, index: int, block, records: dict[str, LinearState], hidden: list | None) -> None:
         pass
@@ -109,7 +116,7 @@ def compress_model(
     hooks = hooks or BlockHooks()
     prefix, blocks = decoder_blocks(model)
     inputs = None
-    if needs_data(plan):  # also rejects unknown methods before any work
+    if needs_data(plan) or hooks.statistics_wanted:  # also rejects unknown methods before any work
         if calibration_ids is None or calibration_ids.numel() == 0:
             raise CompressorError("this method needs calibration data, and none was given")
         inputs = capture_block_inputs(model, blocks, prefix, calibration_ids, device, batch_size)
@@ -128,7 +135,9 @@ def compress_model(
             done = _compress_block_without_data(block, block_plan)
         else:
             compress_block = _compress_block_recomputing if low_memory else _compress_block
-            done, inputs.hidden = compress_block(block, block_plan, inputs, device)
+            observer = Observer(lambda names, stats, i=index, b=block: hooks.statistics(i, b, names, stats),
+                                hooks.statistics_wanted)
+            done, inputs.hidden = compress_block(block, block_plan, inputs, device, observer)
         block.to("cpu")
         done = {block_prefix + name: state for name, state in done.items()}
         hooks.done(index, block, done, None if inputs is None else inputs.hidden)
@@ -266,35 +275,6 @@ def _store(linear: torch.nn.Linear, state: LinearState) -> None:
         state.mask = state.mask.cpu()
 
 
-@torch.no_grad()
-def dense_block_statistics(block, inputs: BlockInputs, device, needed: set[str]):
-    """Run every chunk through the unchanged block, gathering each sub-group's input statistics.
-
-    For work that compresses each layer against the *dense* model's activations (the search's
-    level database) rather than sequentially. Returns (sub-groups, their statistics, block outputs).
-    """
-    linears = block_linears(block)
-    groups = linear_groups(block, inputs.hidden[0], inputs.kwargs[0], device)
-    stats = [
-        InputStats(linears[names[0]].in_features, hessian="hessian" in needed,
-                   moments="moments" in needed, samples="samples" in needed, device=device)
-        for names in groups
-    ]
-    handles = [
-        linears[names[0]].register_forward_pre_hook(lambda module, args, s=s: s.add_batch(args[0]))
-        for names, s in zip(groups, stats, strict=True)
-    ]
-    try:
-        outputs = [
-            output_hidden(block(hidden.to(device), **_to(kwargs, device)))
-            for hidden, kwargs in zip(inputs.hidden, inputs.kwargs, strict=True)
-        ]
-    finally:
-        for handle in handles:
-            handle.remove()
-    return groups, stats, outputs
-
-
 def _compress_block_without_data(block, block_plan: Plan) -> dict[str, LinearState]:
     linears = block_linears(block)
     return _compress_linears(linears, [n for n in block_plan if n in linears], block_plan, None)
@@ -309,20 +289,30 @@ def _planned_groups(block, block_plan: Plan, inputs: BlockInputs, device) -> lis
     ]
 
 
-def _new_stats(linear, steps: list[Step], device) -> InputStats:
-    needed = statistics_needed(steps)
+@dataclass(frozen=True)
+class Observer:
+    """Who sees each sub-group's statistics before it is compressed, and what they need gathered."""
+
+    see: Callable[[list[str], InputStats], None] = lambda names, stats: None
+    wanted: frozenset[str] = frozenset()
+
+
+def _new_stats(linear, steps: list[Step], device, wanted: frozenset[str] = frozenset()) -> InputStats:
+    needed = statistics_needed(steps) | wanted
     return InputStats(linear.in_features, hessian="hessian" in needed, moments="moments" in needed,
                       samples="samples" in needed, device=device)
 
 
-def _compress_block_recomputing(block, block_plan: Plan, inputs: BlockInputs, device):
+def _compress_block_recomputing(block, block_plan: Plan, inputs: BlockInputs, device,
+                                observer: Observer = Observer()):
     """Sub-group by sub-group: run each chunk from the block's input up to the sub-group's first
     linear (stopping there), gather the statistics, compress; then one full pass for the outputs,
     each replacing its input as it is made. Bit-identical to _compress_block's lockstep."""
     linears = block_linears(block)
     records: dict[str, LinearState] = {}
     for names in _planned_groups(block, block_plan, inputs, device):
-        stats = _new_stats(linears[names[0]], [s for name in names for s in block_plan[name]], device)
+        stats = _new_stats(linears[names[0]], [s for name in names for s in block_plan[name]], device,
+                           observer.wanted)
 
         def gather(module, args, stats=stats):
             stats.add_batch(args[0])
@@ -338,6 +328,7 @@ def _compress_block_recomputing(block, block_plan: Plan, inputs: BlockInputs, de
         finally:
             handle.remove()
         stats.all_reduce()  # a distributed run: the statistics of every rank's windows
+        observer.see(names, stats)
         records.update(_compress_linears(linears, names, block_plan, stats))
         del stats
     outputs = inputs.hidden
@@ -346,7 +337,7 @@ def _compress_block_recomputing(block, block_plan: Plan, inputs: BlockInputs, de
     return records, outputs
 
 
-def _compress_block(block, block_plan: Plan, inputs: BlockInputs, device):
+def _compress_block(block, block_plan: Plan, inputs: BlockInputs, device, observer: Observer = Observer()):
     """Run every chunk through the block in lockstep, compressing each sub-group just in time.
 
     Each chunk's forward runs as a greenlet (a coroutine on this thread). The hook on a sub-group's
@@ -363,7 +354,7 @@ def _compress_block(block, block_plan: Plan, inputs: BlockInputs, device):
     def at_group(index: int):
         def hook(module, args):
             if index not in stats:
-                stats[index] = _new_stats(linears[groups[index][0]], steps[index], device)
+                stats[index] = _new_stats(linears[groups[index][0]], steps[index], device, observer.wanted)
             stats[index].add_batch(args[0])
             driver.switch(index)  # wait here until the sub-group is compressed
 
@@ -399,6 +390,7 @@ def _compress_block(block, block_plan: Plan, inputs: BlockInputs, device):
             index = min(waiting.values())
             stat = stats.pop(index)
             stat.all_reduce()  # a distributed run: the statistics of every rank's windows
+            observer.see(groups[index], stat)
             records.update(_compress_linears(linears, groups[index], block_plan, stat))
             for chunk in [c for c, at in waiting.items() if at == index]:
                 del waiting[chunk]

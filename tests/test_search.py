@@ -328,6 +328,66 @@ def test_database_levels_equal_the_passes_run_directly(tmp_path):
         build_database(model, ids, levels[:2], tmp_path / "db")
 
 
+def test_database_on_a_reference_plan_holds_that_plans_sequential_result(tmp_path):
+    """Calibrated on the activations of a reference plan, the database's entries at the plan's own
+    levels are what the sequential pipeline makes of that plan, byte for byte; the other levels
+    are calibrated on the same (compressed) activations; the model itself is left dense."""
+    import copy
+
+    from compressor.pipeline import compress_model
+    from compressor.plan import build_plan
+    from compressor.search.database import LevelDatabase, build_database, quant_levels
+    from tests.conftest import make_model
+
+    model = make_model("llama")
+    dense_weights = {n: p.clone() for n, p in model.named_parameters()}
+    ids = torch.randint(0, 300, (6, 24))
+    levels = quant_levels([2, 4], group_size=32, symmetric=False)
+    step = {"method": "gptq", "group_size": 32, "symmetric": False}
+    reference = build_plan(model, [{**step, "bits": 2, "targets": [r"re:^model\.layers\.0\."]},
+                                   {**step, "bits": 4, "targets": [r"re:^model\.layers\.1\."]}])
+    database = build_database(model, ids, levels, tmp_path / "db", reference=reference)
+    assert all(torch.equal(p, dense_weights[n]) for n, p in model.named_parameters())
+
+    sequential = copy.deepcopy(model)
+    records = compress_model(sequential, reference, ids)
+    for name, steps in reference.items():
+        stored = database.state(name, 0 if steps[0].args["bits"] == 2 else 1)
+        assert torch.equal(stored.quant.codes, records[name].quant.codes), name
+        assert torch.equal(stored.weight, sequential.get_submodule(name).weight), name
+
+    # The reference is a start of the search where it fits the budget: w2 (level 0) for block 0's
+    # four units, w4 (level 1) for block 1's.
+    from compressor.search.run import reference_start, search_space, units_of
+    units = units_of(database, "fused")
+    space, _ = search_space(database, units, budget.Budget("bpw", 4.5))
+    assert reference_start(database, units, space) == [0] * 4 + [1] * 4
+    space, _ = search_space(database, units, budget.Budget("bpw", 4.0))  # the plan costs 4.25
+    assert reference_start(database, units, space) is None
+
+    # Block 0's first sub-group sees the embeddings either way; block 1 sees block 0 at 2 bits.
+    dense = build_database(model, ids, levels, tmp_path / "dense")
+    first, later = "model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"
+    assert torch.equal(dense.state(first, 1).quant.codes, database.state(first, 1).quant.codes)
+    assert not torch.equal(dense.state(later, 1).quant.codes, database.state(later, 1).quant.codes)
+
+    # An interrupted build resumes at the next block and ends with the same files.
+    def stop_after_first(done, total):
+        if done == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        build_database(model, ids, levels, tmp_path / "resumed", on_block=stop_after_first,
+                       reference=reference)
+    assert list(LevelDatabase(tmp_path / "resumed").index["blocks"]) == ["000"]
+    resumed = build_database(model, ids, levels, tmp_path / "resumed", reference=reference)
+    assert resumed.index == database.index
+    for file in database.index["blocks"].values():
+        assert (tmp_path / "resumed" / file).read_bytes() == (tmp_path / "db" / file).read_bytes()
+    with pytest.raises(CompressorError, match="other settings"):  # another reference, another database
+        build_database(model, ids, levels, tmp_path / "db")
+
+
 # --- end to end ---------------------------------------------------------------------------------
 
 SEARCH_ARGS = ["--budget", "3.5bpw", "--group-size", "32", "--bits-levels", "2,3,4", "--samples", "4",
@@ -418,6 +478,7 @@ def test_search_writes_a_loadable_checkpoint_and_resumes_identically(
     (["--budget", "3bpw", "--stages", "2x10"], "last selection stage"),
     (["--budget", "3bpw", "--granularity", "layer"], "granularity"),
     (["--budget", "3bpw", "--fitness-dtype", "float16"], "--fitness-dtype"),
+    (["--budget", "3bpw", "--database-reference", "random"], "--database-reference"),
     ([], "give a --budget"),
 ])
 def test_search_bad_input(llama_dir, calibration_file, tmp_path, capsys, monkeypatch, extra, message):

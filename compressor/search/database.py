@@ -1,9 +1,11 @@
 """The level database: every decoder-block linear compressed at every level, kept packed on disk.
 
 A level is a list of pass steps (plain recipe data), e.g. [gptq bits=3 g128] or [sparsegpt 0.4].
-Each linear is compressed at every level against the *dense* model's activations, with one set of
+Each linear is compressed at every level against one fixed set of activations, with one set of
 input statistics (one Hessian) per sub-group reused for all levels, so a level's result does not
-depend on what the other layers chose and a search can mix them freely.
+depend on what the other layers chose and a search can mix them freely. The activations are those
+of a reference plan run through the sequential pipeline (the search uses the LIM allocation at its
+budget), or the dense model's (EvoPress's choice) when there is none.
 
 On disk (written block by block, so an interrupted build resumes at the next block):
 
@@ -30,10 +32,11 @@ from safetensors.torch import save_file
 from compressor import budget, grids
 from compressor.errors import CompressorError
 from compressor.grids import IntGrid
-from compressor.model import decoder_blocks
+from compressor.model import block_linears, decoder_blocks
 from compressor.pack import pack_linear
 from compressor.passes import LinearState, QuantizedWeight, Step, apply_steps, get_pass
-from compressor.pipeline import capture_block_inputs, dense_block_statistics, statistics_needed
+from compressor.pipeline import BlockHooks, Plan, compress_model, statistics_needed
+from compressor.plan import compressible_linears
 
 INDEX = "index.json"
 FORMAT_VERSION = 1
@@ -126,6 +129,62 @@ def _write_index(folder: Path, index: dict) -> None:
     _write_atomic(folder / INDEX, lambda p: p.write_text(json.dumps(index, indent=1)))
 
 
+class _LevelBuilder(BlockHooks):
+    """Pipeline hooks: each sub-group is compressed at every level from the statistics the pipeline
+    gathered for it (before the reference plan compresses it), and a block's levels are written
+    once the block is done. Blocks already in the index are passed over (a resumed build). The
+    block's dense weights are put back once it has passed its output on: the model is unchanged."""
+
+    def __init__(self, folder: Path, index: dict, levels: list[Level], prefix: str, needed: set[str]):
+        self.folder, self.index, self.levels, self.prefix = folder, index, levels, prefix
+        self.statistics_wanted = frozenset(needed)
+        self.dense_bits = budget.DTYPE_BITS.get(index["dtype"], 16)
+        self.tensors: dict[str, torch.Tensor] = {}
+        self.groups: list[list[str]] = []
+        self.dense: dict[str, torch.Tensor] = {}
+
+    def statistics(self, number: int, block, names: list[str], stats) -> None:
+        linears = block_linears(block)
+        self.dense.update({name: linears[name].weight.data.clone() for name in names})
+        if f"{number:03d}" in self.index["blocks"]:
+            return
+        full = [f"{self.prefix}.{number}.{n}" for n in names]
+        self.groups.append(full)
+        for name, module_name in zip(names, full, strict=True):
+            self.index["modules"][module_name] = {"shape": list(linears[name].weight.shape),
+                                                  "block": f"{number:03d}", "levels": {}}
+        for level in self.levels:
+            # The sub-group's weights are still the dense ones here: the plan compresses it next.
+            states = [
+                LinearState(name=module_name, weight=linears[n].weight.data.float().clone(),
+                            dtype=linears[n].weight.dtype, original=linears[n].weight.data)
+                for n, module_name in zip(names, full, strict=True)
+            ]
+            apply_steps(states, list(level.steps), stats)
+            for state in states:
+                _store_state(self.tensors, self.index, level.name, state, self.dense_bits)
+
+    def done(self, number: int, block, records, hidden) -> None:
+        linears = block_linears(block)
+        for name, weight in self.dense.items():
+            linears[name].weight.data.copy_(weight)
+        self.dense = {}
+        key = f"{number:03d}"
+        if key in self.index["blocks"]:
+            return
+        file = f"block-{key}.safetensors"
+        _write_atomic(self.folder / file, lambda p, t=self.tensors: save_file(t, p))
+        self.index["blocks"][key] = file
+        self.index["groups"] = [g for g in self.index["groups"]
+                                if not g[0].startswith(f"{self.prefix}.{number}.")] + self.groups
+        _write_index(self.folder, self.index)
+        self.tensors, self.groups = {}, []
+
+
+def plan_as_data(plan: Plan) -> dict:
+    return {name: [{"method": s.method, **s.args} for s in steps] for name, steps in plan.items() if steps}
+
+
 @torch.no_grad()
 def build_database(
     model,
@@ -136,8 +195,16 @@ def build_database(
     batch_size: int | None = None,
     identity: dict | None = None,
     on_block=None,
+    reference: Plan | None = None,
 ) -> LevelDatabase:
     """Compress every block linear at every level; resumes a partial build of the same identity.
+
+    Each sub-group's levels are calibrated on the activations it receives when the blocks and
+    sub-groups before it are compressed by `reference` (a plan, e.g. an importance allocation at
+    the search's budget), or left dense when there is none: the sequential pipeline runs the
+    reference plan and, at each sub-group, the levels are made from the same statistics. At 2-3
+    bits the compressed model's activations drift far from the dense model's, and levels
+    calibrated near the configurations the search visits assemble into a better model.
 
     `identity` (model, calibration, levels: plain data) is stored in the index; a folder holding a
     database of something else is refused rather than silently mixed.
@@ -145,6 +212,8 @@ def build_database(
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     identity = {**(identity or {}), "levels": [level.as_data() for level in levels]}
+    if reference:
+        identity["reference"] = plan_as_data(reference)
     index = _read_index(folder)
     if index is not None and index["identity"] != identity:
         raise CompressorError(
@@ -154,46 +223,15 @@ def build_database(
         index = {"format": FORMAT_VERSION, "identity": identity, "levels": [lv.name for lv in levels],
                  "dtype": str(model.dtype).removeprefix("torch."), "blocks": {}, "groups": [],
                  "modules": {}}
-    dense_bits = budget.DTYPE_BITS.get(index["dtype"], 16)
-    steps = [s for level in levels for s in level.steps]
-    needed = statistics_needed(steps) or {"hessian"}
     prefix, blocks = decoder_blocks(model)
-    inputs = capture_block_inputs(model, blocks, prefix, calibration_ids, torch.device(device), batch_size)
-    for number, block in enumerate(blocks):
-        key = f"{number:03d}"
-        if key in index["blocks"] and number + 1 == len(blocks):
-            break  # the last block's outputs are not needed
-        block.to(device)
-        groups, stats, outputs = dense_block_statistics(block, inputs, device, needed)
-        if key not in index["blocks"]:
-            tensors, groups_full = {}, []
-            linears = dict(block.named_modules())
-            for names, stat in zip(groups, stats, strict=True):
-                full = [f"{prefix}.{number}.{n}" for n in names]
-                groups_full.append(full)
-                for name, module_name in zip(names, full, strict=True):
-                    weight = linears[name].weight
-                    index["modules"][module_name] = {"shape": list(weight.shape), "block": key,
-                                                     "levels": {}}
-                for level in levels:
-                    states = [
-                        LinearState(name=module_name, weight=linears[n].weight.data.float().clone(),
-                                    dtype=linears[n].weight.dtype, original=linears[n].weight.data)
-                        for n, module_name in zip(names, full, strict=True)
-                    ]
-                    apply_steps(states, list(level.steps), stat)
-                    for state in states:
-                        _store_state(tensors, index, level.name, state, dense_bits)
-            file = f"block-{key}.safetensors"
-            _write_atomic(folder / file, lambda p, t=tensors: save_file(t, p))
-            index["blocks"][key] = file
-            index["groups"] = [g for g in index["groups"] if not g[0].startswith(f"{prefix}.{number}.")]
-            index["groups"] += groups_full
-            _write_index(folder, index)
-        block.to("cpu")
-        inputs.hidden = outputs
-        if on_block:
-            on_block(number + 1, len(blocks))
+    if len(index["blocks"]) < len(blocks):
+        needed = statistics_needed([s for level in levels for s in level.steps]) or {"hessian"}
+        # Every block linear in the plan (dense where the reference leaves it), so that every
+        # sub-group's statistics are gathered. A resumed build re-runs the reference plan over the
+        # finished blocks (to propagate) but does not rebuild their levels.
+        plan = {name: list((reference or {}).get(name, [])) for name in compressible_linears(model)}
+        builder = _LevelBuilder(folder, index, levels, prefix, needed)
+        compress_model(model, plan, calibration_ids, device, batch_size, on_block, builder)
     return LevelDatabase(folder)
 
 

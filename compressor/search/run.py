@@ -62,10 +62,15 @@ class SearchJob:
     # Importance allocations the search may start from (each scored against random starts): the
     # search then refines the best heuristic instead of walking to it from a random point.
     warm_starts: list[str] = field(default_factory=lambda: ["lim", "zd"])
-    # The database's levels are each calibrated on the dense model's activations (so the search can
-    # mix them freely) and the winner is assembled from them; "requantize" re-runs the winning plan
-    # through the sequential pipeline instead, so every layer compensates for the compressed layers
-    # before it, which matters most at 2-3 bits.
+    # The activations the database's levels are calibrated on: those of the model compressed by an
+    # importance allocation at the budget (lim, zd), or the dense model's (dense, EvoPress's own
+    # choice). At 2-3 bits a compressed model's activations drift far from the dense ones, and
+    # levels calibrated on the dense activations assemble into a much worse model than the plan's
+    # sequential quantization would give.
+    database_reference: str = "lim"
+    # The winner is assembled from the database's levels; "requantize" re-runs the winning plan
+    # through the sequential pipeline instead, so every layer is calibrated on the layers before it
+    # as they were compressed.
     assemble: str = "database"
     settings: evopress.SearchSettings = field(default_factory=evopress.SearchSettings)
 
@@ -78,6 +83,9 @@ class SearchJob:
         if (target.kind == "sparsity") != (self.levels == "sparsity"):
             raise CompressorError(f"a {target.kind} budget needs --levels "
                                   f"{'sparsity' if target.kind == 'sparsity' else 'quant'}")
+        if self.database_reference not in ("dense", *importance.SCORES):
+            raise CompressorError(f"unknown --database-reference {self.database_reference!r}; choose "
+                                  f"{', '.join(importance.SCORES)} or dense")
         if self.assemble not in ("requantize", "database"):
             raise CompressorError(f"unknown --assemble {self.assemble!r}; choose requantize or database")
         if self.fitness_dtype not in FITNESS_DTYPES:
@@ -206,8 +214,12 @@ def run_search(
         ids = data.calibration_windows(tokenizer, calibration.source, calibration.samples, calibration.seqlen,
                                        seed=calibration.seed, data_dir=data_dir)
         identity = {"source": asdict(source), "calibration": asdict(calibration)}
+        reference = None
+        if job.database_reference != "dense":
+            stage(f"reference plan for the database: {job.database_reference} allocation at {target}")
+            reference = reference_plan(model, job, target, ids)
         database = build_database(model, ids, levels, database_folder, torch_device,
-                                  calibration.batch_size, identity, progress)
+                                  calibration.batch_size, identity, progress, reference)
     seconds["database"] = time.perf_counter() - start
 
     units = units_of(database, job.granularity)
@@ -220,7 +232,11 @@ def run_search(
     scorer.to(torch_device)
     targets = _dense_targets(scorer, tokenizer, job, calibration, data_dir, work, torch_device,
                              stage, progress)
-    warm = warm_starts(job.warm_starts, model, scorer, targets, units, space) if state is None else {}
+    warm = {}
+    if state is None:
+        warm = warm_starts(job.warm_starts, model, scorer, targets, units, space)
+        if (planned := reference_start(database, units, space)) is not None:
+            warm[f"{job.database_reference}-reference"] = planned
     fitness = KLFitness(scorer, database, units, targets)
     seconds["dense_targets"] = time.perf_counter() - start
 
@@ -293,6 +309,41 @@ def run_search(
         writer.discard()
         raise
     return JobResult(output=str(output), manifest=manifest)
+
+
+def reference_plan(model, job: SearchJob, target: Budget, ids: torch.Tensor):
+    """The importance heuristic's plan at the budget (what `compress quantize --allocate` or
+    `compress sparsify --allocate` would apply), run while building the database."""
+    try:
+        if job.levels == "quant":
+            step = {"method": "gptq", "bits": 4, "group_size": job.group_size, "symmetric": job.symmetric}
+            passes, _ = importance.allocate_recipe(model, step, target, job.database_reference, ids)
+        else:
+            step = {"method": "sparsegpt", "sparsity": target.value}
+            spread = min(0.1, target.value, 0.99 - target.value)
+            passes, _ = importance.allocate_sparsity_recipe(model, step, job.database_reference, ids, spread)
+    except CompressorError as error:
+        raise CompressorError(f"{error} (while planning the level database's reference; "
+                              "--database-reference dense needs none)") from None
+    return build_plan(model, passes)
+
+
+def reference_start(database: LevelDatabase, units: list[list[str]], space: evopress.Space
+                    ) -> list[int] | None:
+    """The database's reference plan as a start, where each unit's steps are one of the levels and
+    it fits the budget: the search then begins at exactly the heuristic's own checkpoint."""
+    reference = database.index["identity"].get("reference")
+    if not reference:
+        return None
+    steps_of_level = [level["steps"] for level in database.index["identity"]["levels"]]
+    start = []
+    for unit in units:
+        levels = {steps_of_level.index(reference[n]) if reference.get(n) in steps_of_level else None
+                  for n in unit}
+        if len(levels) != 1 or None in levels:
+            return None
+        start.append(levels.pop())
+    return start if space.total(start) <= space.limit else None
 
 
 def warm_starts(scores: list[str], model, scorer, targets: DenseTargets, units: list[list[str]],
