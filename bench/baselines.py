@@ -10,12 +10,13 @@ plain load of the same checkpoint. Prints the fields bench/run.py reads from `co
 from __future__ import annotations
 
 import json
-import resource
 import sys
 import time
 from pathlib import Path
 
 import torch
+
+from compressor.writer import peak_rss_mb
 
 
 def bitsandbytes(kind: str, model: Path, output: Path) -> dict:
@@ -37,7 +38,7 @@ def bitsandbytes(kind: str, model: Path, output: Path) -> dict:
     return {
         "output": str(output),
         "seconds": {"compress": seconds},
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_rss_mb": peak_rss_mb(),
         # 4-bit codes plus one float32 absmax per block of 64 weights.
         "bpw": {"stored": 4 + 32 / 64, "levels": 4.0},
         "size": {"weights_bytes": size},

@@ -26,6 +26,7 @@ import json
 import os
 import resource
 import shutil
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import fields
@@ -66,7 +67,16 @@ def _atomic(path: Path, write) -> None:
 
 
 def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+    """This process's peak resident set size, MiB. Linux: VmHWM, the high-water mark of this
+    process's own memory. ru_maxrss is not used there: a process started by a large one (Python's
+    subprocess uses vfork) inherits the launcher's peak in it at exec."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1024 if sys.platform != "darwin" else 2**20)
 
 
 def _pickled(value) -> bytes:

@@ -328,3 +328,18 @@ def test_low_memory_cpu_runs_leave_triton_out(argv, expected):
                            env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}, timeout=300)
     assert probe.returncode == 0, probe.stderr
     assert probe.stdout.split()[-1] == expected
+
+
+def test_peak_rss_is_the_process_own_not_its_launchers():
+    """A process started by a large one reports its own peak (Linux ru_maxrss would carry the
+    launcher's across exec, which made a benchmark child report 4.8 GB)."""
+    from compressor.writer import peak_rss_mb
+
+    ballast = b"\x01" * (1200 * 2**20)  # resident in this process
+    assert peak_rss_mb() > 1200
+    probe = "from compressor.writer import peak_rss_mb; print(peak_rss_mb())"
+    child = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300,
+                           env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    del ballast
+    assert child.returncode == 0, child.stderr
+    assert 50 < float(child.stdout.split()[-1]) < 1000

@@ -3,7 +3,7 @@
 Work that outlives one process sits in a work folder beside the output (OUT.search/ by default):
 
     search.json        the job's settings (so --resume needs nothing else) and the search state
-    database/          the level database (reusable by other searches of the same model and levels)
+    database/          the level database (reusable by searches of the same model, levels and reference)
     targets.pt         the dense model's top-k log-probabilities on the fitness windows
 
 The state is written after every generation; `--resume` continues from the last one and, with the
