@@ -409,7 +409,7 @@ def main() -> None:
     model = prepare(WORK / "smollm2-fp32")
     for suite in [*SUITES, "infer", "tasks", "scale"] if args.suite == "all" else [args.suite]:
         if suite == "scale":
-            print(write_scale(run_scale()))
+            print(write_scale(run_scale(args.resume)))
         elif suite == "infer":
             print(run_infer(model))
         elif suite == "tasks":

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -104,10 +105,17 @@ def load_check(out: Path) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def run_scale() -> dict:
+def run_scale(resume: bool = False) -> dict:
+    """`resume`: reuse the uninterrupted run's checkpoint if an earlier run of this command made it."""
     model = make_model()
     disk = sum(f.stat().st_size for f in model.glob("*.safetensors"))
-    whole = finish(compress([*COMMAND, str(model), "-o", str(WORK / "scale-w4g64"), "--overwrite"]))
+    done = WORK / "scale-w4g64" / "compress.json"
+    if resume and done.is_file() and json.loads(done.read_text())["source"]["path"] == str(model):
+        whole = json.loads(done.read_text())
+    else:
+        whole = finish(compress([*COMMAND, str(model), "-o", str(WORK / "scale-w4g64"), "--overwrite"]))
+    # A staging folder left by an earlier interrupted benchmark would look half done at once.
+    shutil.rmtree(WORK / ".scale-w4g64-resumed.partial", ignore_errors=True)
     killed_after = kill_halfway(WORK / "scale-w4g64-resumed", 22)
     resumed = finish(compress([*COMMAND, str(model), "-o", str(WORK / "scale-w4g64-resumed"), "--resume"]))
     result = {

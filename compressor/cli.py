@@ -116,7 +116,8 @@ OverwriteOpt = typer.Option(False, "--overwrite", help="Replace an existing outp
 LowMemoryOpt = typer.Option(
     False, "--low-memory",
     help="Keep one calibration chunk's activations instead of all of them (each sub-group's inputs "
-         "are recomputed): the same result, for about twice the calibration forwards.")
+         "are recomputed): the same result, for about twice the calibration forwards. On the CPU it "
+         "also keeps Triton (GPU kernels, ~80 MiB) out of the process.")
 ResumeOpt = typer.Option(
     False, "--resume",
     help="Continue an interrupted run (crash, kill, Ctrl-C) of the same command and settings from "
