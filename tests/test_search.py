@@ -490,6 +490,35 @@ def test_search_bad_input(llama_dir, calibration_file, tmp_path, capsys, monkeyp
     assert not (tmp_path / "x").exists()
 
 
+def test_sparsity_search_writes_the_chosen_sparse_weights(llama_dir, calibration_file, tmp_path, capsys,
+                                                          monkeypatch):
+    """The search leaves the model dense, so a float (sparse-only) level must reach the checkpoint from
+    the database, not from the module (the bug: a dense model written under a 50% manifest)."""
+    from transformers import AutoModelForCausalLM
+
+    from compressor.search.database import LevelDatabase
+    from tests.test_cli import run_cli
+
+    args = ["search", llama_dir, "--budget", "0.5sparsity", "--levels", "sparsity", "--sparsity-step", "0.2",
+            *SEARCH_ARGS[2:], "--calibration", calibration_file, "-o", tmp_path / "s"]
+    code, stdout, stderr = run_cli(args, capsys, monkeypatch)
+    assert code == 0, stderr
+    levels = json.loads(stdout)["search"]["per_module_level"]
+    database = LevelDatabase(tmp_path / "s.search" / "database")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "s").eval()
+    dense = AutoModelForCausalLM.from_pretrained(llama_dir).eval()
+    zeros = total = 0
+    for name, level in levels.items():
+        written = loaded.get_submodule(name).weight
+        assert torch.equal(written, database.weight(name, database.levels.index(level)).to(written.dtype))
+        zeros += int((written == 0).sum())
+        total += written.numel()
+    assert 0.45 <= zeros / total <= 0.5
+    ids = torch.randint(0, 300, (2, 20))
+    with torch.no_grad():
+        assert not torch.allclose(loaded(ids).logits, dense(ids).logits, atol=1e-3)
+
+
 def test_resume_without_a_search(tmp_path, capsys, monkeypatch):
     from tests.test_cli import run_cli
 

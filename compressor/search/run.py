@@ -289,7 +289,14 @@ def run_search(
     write_block = WriteEachBlock(writer, prefix, None)
     for index, block in enumerate(blocks):
         block_prefix = f"{prefix}.{index}."
-        write_block.done(index, block, {n: s for n, s in records.items() if n.startswith(block_prefix)}, None)
+        block_records = {n: s for n, s in records.items() if n.startswith(block_prefix)}
+        if job.assemble == "database":
+            # The search leaves the model dense; the writer packs quantized records from their codes
+            # but takes float (sparse-only) linears from the module, so those get the level's weight.
+            for name, record in block_records.items():
+                linear = model.get_submodule(name)
+                linear.weight.data = record.weight.to(linear.weight.dtype)
+        write_block.done(index, block, block_records, None)
     manifest = build_manifest(model, source, recipe, records, calibration)
     manifest["search"] = summary
     manifest["device"] = str(torch_device)
