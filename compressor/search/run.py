@@ -291,8 +291,8 @@ def run_search(
         block_prefix = f"{prefix}.{index}."
         block_records = {n: s for n, s in records.items() if n.startswith(block_prefix)}
         if job.assemble == "database":
-            # The search leaves the model dense; the writer packs quantized records from their codes
-            # but takes float (sparse-only) linears from the module, so those get the level's weight.
+            # The search leaves the model dense, and the writer takes float (sparse-only) linears from
+            # the module (quantized ones it packs from their codes): each linear gets its level's weight.
             for name, record in block_records.items():
                 linear = model.get_submodule(name)
                 linear.weight.data = record.weight.to(linear.weight.dtype)
