@@ -13,6 +13,12 @@ lockstep as coroutines (greenlets): each pauses at a sub-group until all chunks 
 it is compressed. Each chunk goes through each block exactly once, whatever the chunk size.
 
 No model-specific code: sub-groups are discovered by which linears receive the same tensor.
+
+Passes of the other scopes (compressor.passes.Scope) plug into the same loop: model passes run once
+before block 0's inputs are captured; a block's block passes run after its sub-groups are
+compressed, on the block's calibration inputs with the dense block's outputs as targets, and the
+block's outputs are computed again afterwards. With a block pass whose targets come from the dense
+model's own stream, that stream is carried beside the compressed one (twice the hidden states).
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ from compressor.passes import LinearState, Step, apply_steps, get_pass
 from compressor.stats import InputStats
 
 Plan = dict[str, list[Step]]  # full module name -> the passes applied to it, in order
+MODEL_KEY = ""  # the plan's key for model-scope steps (the model's own module name)
 
 # Tokens per forward chunk by default: big enough for efficient matmuls, small enough that the
 # temporaries stay under glibc's mmap threshold (32 MiB) and get reused rather than page-faulted.
@@ -42,10 +49,24 @@ class _StopForward(Exception):
 
 @dataclass
 class BlockInputs:
-    """Hidden states entering a block, in chunks, with the keyword arguments of each chunk's call."""
+    """Hidden states entering a block, in chunks, with the keyword arguments of each chunk's call.
+    `dense` is the dense model's own stream, carried only for block passes that target it."""
 
     hidden: list[torch.Tensor]
     kwargs: list[dict]
+    dense: list[torch.Tensor] | None = None
+
+
+@dataclass
+class BlockData:
+    """What a block pass learns from: the block's calibration inputs (the compressed model's
+    stream, what the block receives once deployed), each chunk's keyword arguments, and the dense
+    block's outputs as targets (chunk by chunk, on the CPU)."""
+
+    inputs: list[torch.Tensor]
+    kwargs: list[dict]
+    targets: list[torch.Tensor]
+    device: torch.device
 
 
 def resolve_device(device: str) -> torch.device:
@@ -90,6 +111,9 @@ class BlockHooks:
     def done(self, index: int, block, records: dict[str, LinearState], hidden: list | None) -> None:
         pass
 
+    def transformed(self, method: str, figures: dict) -> None:
+        """A model pass has run (figures for the manifest)."""
+
 
 @torch.no_grad()
 def compress_model(
@@ -115,15 +139,28 @@ def compress_model(
     device = torch.device(device)
     hooks = hooks or BlockHooks()
     prefix, blocks = decoder_blocks(model)
+    for step in plan.get(MODEL_KEY, []):  # a resumed run repeats them: the model was loaded afresh
+        hooks.transformed(step.method, get_pass(step.method).transform(model, step.args) or {})
+    block_steps = {n: steps for n, steps in plan.items() if n != MODEL_KEY and _is_block(n, prefix)}
+    if block_steps and distributed.world_size() > 1:
+        raise CompressorError("block passes (reconstruct) run in one process; drop torchrun")
+    carry_dense = any(get_pass(s.method).target_stream(s.args) == "dense"
+                      for steps in block_steps.values() for s in steps)
     inputs = None
     if needs_data(plan) or hooks.statistics_wanted:  # also rejects unknown methods before any work
         if calibration_ids is None or calibration_ids.numel() == 0:
             raise CompressorError("this method needs calibration data, and none was given")
         inputs = capture_block_inputs(model, blocks, prefix, calibration_ids, device, batch_size)
+        if carry_dense:
+            inputs.dense = list(inputs.hidden)
         if first_block > 0:
-            if resume_hidden is None or len(resume_hidden) != len(inputs.hidden):
+            # With a dense stream the saved states are the compressed stream, then the dense one.
+            saved = len(inputs.hidden) * (2 if carry_dense else 1)
+            if resume_hidden is None or len(resume_hidden) != saved:
                 raise CompressorError("the saved calibration activations do not match this run")
-            inputs.hidden = resume_hidden
+            inputs.hidden = resume_hidden[:len(inputs.hidden)]
+            if carry_dense:
+                inputs.dense = resume_hidden[len(inputs.hidden):]
     records: dict[str, LinearState] = {}
     for index in range(first_block, len(blocks)):
         block = blocks[index]
@@ -137,14 +174,51 @@ def compress_model(
             compress_block = _compress_block_recomputing if low_memory else _compress_block
             observer = Observer(lambda names, stats, i=index, b=block: hooks.statistics(i, b, names, stats),
                                 hooks.statistics_wanted)
-            done, inputs.hidden = compress_block(block, block_plan, inputs, device, observer)
+            steps = block_steps.get(f"{prefix}.{index}", [])
+            if steps:
+                done = _compress_and_refine_block(block, block_plan, steps, inputs, device, observer,
+                                                  compress_block)
+            else:
+                if inputs.dense is not None:  # a block without block passes: the dense stream moves on
+                    inputs.dense = _block_outputs(block, inputs.dense, inputs.kwargs, device)
+                done, inputs.hidden = compress_block(block, block_plan, inputs, device, observer)
         block.to("cpu")
         done = {block_prefix + name: state for name, state in done.items()}
-        hooks.done(index, block, done, None if inputs is None else inputs.hidden)
+        hidden = None if inputs is None else inputs.hidden + (inputs.dense or [])
+        hooks.done(index, block, done, hidden)
         records.update(done)
         if on_block:
             on_block(index + 1, len(blocks))
     return records
+
+
+def _is_block(name: str, prefix: str) -> bool:
+    return name.startswith(prefix + ".") and name[len(prefix) + 1:].isdigit()
+
+
+def _block_outputs(block, hidden: list[torch.Tensor], kwargs: list[dict], device) -> list[torch.Tensor]:
+    """The block's output for each chunk, as it is now."""
+    return [output_hidden(block(h.to(device), **_to(k, device))) for h, k in zip(hidden, kwargs, strict=True)]
+
+
+def _compress_and_refine_block(block, block_plan: Plan, steps: list[Step], inputs: BlockInputs, device,
+                               observer, compress_block) -> dict[str, LinearState]:
+    """Targets from the dense block, then the sub-groups compressed as usual, then the block passes
+    (on the block's inputs against those targets), then the block's outputs from its final weights."""
+    from_dense = [get_pass(s.method).target_stream(s.args) == "dense" for s in steps]
+    if any(from_dense) and not all(from_dense):
+        raise CompressorError("the block passes of one block must agree on their targets")
+    targets = _block_outputs(block, inputs.dense if all(from_dense) else inputs.hidden, inputs.kwargs, device)
+    block_inputs = list(inputs.hidden)  # the recomputing pipeline overwrites its list with outputs
+    done, _ = compress_block(block, block_plan, BlockInputs(list(inputs.hidden), inputs.kwargs), device,
+                             observer)
+    data = BlockData(inputs=block_inputs, kwargs=inputs.kwargs, targets=targets, device=device)
+    for step in steps:
+        get_pass(step.method).refine(block, done, data, step.args)
+    inputs.hidden = _block_outputs(block, block_inputs, inputs.kwargs, device)
+    if inputs.dense is not None:
+        inputs.dense = targets
+    return done
 
 
 def capture_block_inputs(model, blocks, prefix, ids, device, batch_size) -> BlockInputs:

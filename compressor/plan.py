@@ -3,6 +3,11 @@
 A recipe is plain data (YAML under recipes/): an ordered list of passes, each with its method, its
 settings and optionally which modules it targets. A plan is what the pipeline consumes: full module
 name -> the steps applied to it. Per-layer choices (mixed bits, a search result) are just plans.
+
+Where a step lands depends on its pass's scope (compressor.passes.Scope): a sub-group pass on each
+matching decoder-block linear, a block pass on each matching decoder block (its module name, e.g.
+"model.layers.3"), a model pass on the model itself (MODEL_KEY). Targets match the names of that
+scope's modules.
 """
 
 from __future__ import annotations
@@ -14,8 +19,8 @@ import yaml
 
 from compressor.errors import CompressorError
 from compressor.model import block_linears, decoder_blocks
-from compressor.passes import Step, get_pass
-from compressor.pipeline import Plan
+from compressor.passes import Scope, Step, get_pass, scope_of
+from compressor.pipeline import MODEL_KEY, Plan
 
 STEP_KEYS = {"method", "targets", "ignore"}
 
@@ -63,18 +68,31 @@ def validate_recipe(passes: list[dict]) -> None:
         get_pass(raw["method"]).validate(args)
 
 
+def decoder_block_names(model) -> list[str]:
+    prefix, blocks = decoder_blocks(model)
+    return [f"{prefix}.{i}" for i in range(len(blocks))]
+
+
+def recipe_scopes(passes: list[dict]) -> set[Scope]:
+    """The scopes a recipe's passes work at (a model pass means the model is loaded whole)."""
+    return {scope_of(raw["method"]) for raw in passes}
+
+
 def build_plan(model, passes: list[dict]) -> Plan:
-    """Expand a recipe's passes over the model's block linears."""
-    names = compressible_linears(model)
-    plan: Plan = {name: [] for name in names}
+    """Expand a recipe's passes over the modules of their scopes."""
+    names = {Scope.SUBGROUP: compressible_linears(model), Scope.BLOCK: decoder_block_names(model),
+             Scope.MODEL: [MODEL_KEY]}
+    plan: Plan = {}
     for raw in passes:
         args = _step_args(raw)
         get_pass(raw["method"]).validate(args)
+        scope = scope_of(raw["method"])
         targets = raw.get("targets") or ["re:.*"]
         ignore = raw.get("ignore") or []
-        chosen = [n for n in names if _matches(n, targets) and not _matches(n, ignore)]
+        chosen = [n for n in names[scope] if _matches(n, targets) and not _matches(n, ignore)]
         if not chosen:
             raise CompressorError(f"pass {raw['method']!r}: no module matches targets {targets}")
         for name in chosen:
-            plan[name].append(Step(raw["method"], dict(args)))
-    return {name: steps for name, steps in plan.items() if steps}
+            plan.setdefault(name, []).append(Step(raw["method"], dict(args)))
+    order = {name: i for i, name in enumerate([MODEL_KEY, *names[Scope.SUBGROUP], *names[Scope.BLOCK]])}
+    return dict(sorted(plan.items(), key=lambda item: order[item[0]]))

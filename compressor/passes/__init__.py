@@ -1,23 +1,33 @@
-"""Compression passes: each one turns (weight, input statistics, settings) into a compressed weight.
+"""Compression passes. A pass is a module compressor/passes/<name>.py, registered in METHODS, that
+declares the scope it works at, so the one sequential pipeline (compressor.pipeline) can drive any
+of them:
 
-A pass is a module with two functions, so the one sequential pipeline can drive any of them:
+    SCOPE = Scope.MODEL      once, before the blocks, on the whole model (embeddings, norms and head
+                             included): transform(model, args) -> dict of figures for the manifest
+    SCOPE = Scope.SUBGROUP   (the default) the linears of a block that read the same input, with
+                             their input statistics: compress(layer: LinearState, stats, args)
+                             updates the layer in place (weight, quantization, mask); optionally
+                             compress_many(layers, stats, args) and statistics(args) -> set[str]
+                             ({"hessian", "moments", "samples"}; default {"hessian"})
+    SCOPE = Scope.BLOCK      a whole decoder block once its linears are compressed, with the block's
+                             calibration inputs and the dense block's outputs as targets:
+                             refine(block, records, data: BlockData, args) may change every
+                             parameter of the block and the records' quantization parameters
 
+and every pass has
     validate(args)                                reject bad settings before any work
-    needs_data(args) -> bool                      does it need calibration statistics?
-    compress(layer: LinearState, stats, args)     update layer in place (weight, quantization, mask)
+    needs_data(args) -> bool                      does it need calibration data?
 
-and optionally
-    statistics(args) -> set[str]                  {"hessian", "moments", "samples"}; default {"hessian"}
-    compress_many(layers, stats, args)            several linears sharing an input at once
-
-Several steps may apply to the same linear in order (for example prune, then quantize the
-survivors); they share the layer's statistics, so the Hessian is accumulated once.
+Several sub-group steps may apply to the same linear in order (for example prune, then quantize
+the survivors); they share the layer's statistics, so the Hessian is accumulated once. The records
+(LinearState) are the only thing the writer reads.
 """
 
 from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass, field
+from enum import Enum
 from types import ModuleType
 
 import torch
@@ -79,13 +89,26 @@ class Step:
     args: dict = field(default_factory=dict)
 
 
-METHODS = ("rtn", "gptq", "fp4", "magnitude", "wanda", "sparsegpt", "dsnot")  # compressor/passes/<name>.py
+class Scope(str, Enum):
+    """What a pass sees and may change (see the module docstring)."""
+
+    MODEL = "model"
+    SUBGROUP = "subgroup"
+    BLOCK = "block"
+
+
+# The registry: compressor/passes/<name>.py for each name.
+METHODS = ("rtn", "gptq", "fp4", "magnitude", "wanda", "sparsegpt", "dsnot", "reconstruct")
 
 
 def get_pass(method: str) -> ModuleType:
     if method not in METHODS:
         raise CompressorError(f"unknown method {method!r}; choose one of: {', '.join(METHODS)}")
     return importlib.import_module(f"compressor.passes.{method}")
+
+
+def scope_of(method: str) -> Scope:
+    return getattr(get_pass(method), "SCOPE", Scope.SUBGROUP)
 
 
 def apply_steps(layers: list[LinearState], steps: list[Step], stats) -> None:
