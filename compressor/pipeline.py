@@ -60,12 +60,13 @@ class BlockInputs:
 @dataclass
 class BlockData:
     """What a block pass learns from: the block's calibration inputs (the compressed model's
-    stream, what the block receives once deployed), each chunk's keyword arguments, and the dense
-    block's outputs as targets (chunk by chunk, on the CPU)."""
+    stream, what the block receives once deployed), each chunk's keyword arguments, the dense
+    block's outputs as targets, and the block's linears' weights before any pass."""
 
     inputs: list[torch.Tensor]
     kwargs: list[dict]
     targets: list[torch.Tensor]
+    dense_weights: dict[str, torch.Tensor]
     device: torch.device
 
 
@@ -210,9 +211,11 @@ def _compress_and_refine_block(block, block_plan: Plan, steps: list[Step], input
         raise CompressorError("the block passes of one block must agree on their targets")
     targets = _block_outputs(block, inputs.dense if all(from_dense) else inputs.hidden, inputs.kwargs, device)
     block_inputs = list(inputs.hidden)  # the recomputing pipeline overwrites its list with outputs
+    dense_weights = {name: linear.weight.data.clone() for name, linear in block_linears(block).items()}
     done, _ = compress_block(block, block_plan, BlockInputs(list(inputs.hidden), inputs.kwargs), device,
-                             observer)
-    data = BlockData(inputs=block_inputs, kwargs=inputs.kwargs, targets=targets, device=device)
+                             observer, keep_unrounded=True)
+    data = BlockData(inputs=block_inputs, kwargs=inputs.kwargs, targets=targets, dense_weights=dense_weights,
+                     device=device)
     for step in steps:
         get_pass(step.method).refine(block, done, data, step.args)
     inputs.hidden = _block_outputs(block, block_inputs, inputs.kwargs, device)
@@ -315,11 +318,14 @@ def linear_groups(block, hidden: torch.Tensor, kwargs: dict, device) -> list[lis
     return [names for _, names in seen]
 
 
-def _compress_linears(linears: dict, names: list[str], block_plan: Plan, stats) -> dict[str, LinearState]:
-    """Apply each linear's steps; linears with identical steps go together where a pass can batch."""
+def _compress_linears(linears: dict, names: list[str], block_plan: Plan, stats,
+                      keep_unrounded: bool = False) -> dict[str, LinearState]:
+    """Apply each linear's steps; linears with identical steps go together where a pass can batch.
+    `keep_unrounded`: a block pass follows, which learns the rounding (LinearState.unrounded)."""
     states = {
         name: LinearState(name=name, weight=linears[name].weight.data.to(torch.float32, copy=True),
-                          dtype=linears[name].weight.dtype, original=linears[name].weight.data)
+                          dtype=linears[name].weight.dtype, original=linears[name].weight.data,
+                          keep_unrounded=keep_unrounded)
         for name in names
     }
     buckets: dict[str, list[str]] = {}
@@ -340,6 +346,8 @@ def _store(linear: torch.nn.Linear, state: LinearState) -> None:
         raise CompressorError(f"{state.name}: compression produced NaN/Inf weights")
     linear.weight.data.copy_(state.weight.to(linear.weight.dtype))
     state.weight = state.original = None
+    if state.unrounded is not None:
+        state.unrounded = state.unrounded.cpu()
     if state.quant is not None:
         for item in fields(state.quant):
             value = getattr(state.quant, item.name)
@@ -378,7 +386,7 @@ def _new_stats(linear, steps: list[Step], device, wanted: frozenset[str] = froze
 
 
 def _compress_block_recomputing(block, block_plan: Plan, inputs: BlockInputs, device,
-                                observer: Observer = Observer()):
+                                observer: Observer = Observer(), keep_unrounded: bool = False):
     """Sub-group by sub-group: run each chunk from the block's input up to the sub-group's first
     linear (stopping there), gather the statistics, compress; then one full pass for the outputs,
     each replacing its input as it is made. Bit-identical to _compress_block's lockstep."""
@@ -403,7 +411,7 @@ def _compress_block_recomputing(block, block_plan: Plan, inputs: BlockInputs, de
             handle.remove()
         stats.all_reduce()  # a distributed run: the statistics of every rank's windows
         observer.see(names, stats)
-        records.update(_compress_linears(linears, names, block_plan, stats))
+        records.update(_compress_linears(linears, names, block_plan, stats, keep_unrounded))
         del stats
     outputs = inputs.hidden
     for chunk, kwargs in enumerate(inputs.kwargs):
@@ -411,7 +419,8 @@ def _compress_block_recomputing(block, block_plan: Plan, inputs: BlockInputs, de
     return records, outputs
 
 
-def _compress_block(block, block_plan: Plan, inputs: BlockInputs, device, observer: Observer = Observer()):
+def _compress_block(block, block_plan: Plan, inputs: BlockInputs, device, observer: Observer = Observer(),
+                    keep_unrounded: bool = False):
     """Run every chunk through the block in lockstep, compressing each sub-group just in time.
 
     Each chunk's forward runs as a greenlet (a coroutine on this thread). The hook on a sub-group's
@@ -465,7 +474,7 @@ def _compress_block(block, block_plan: Plan, inputs: BlockInputs, device, observ
             stat = stats.pop(index)
             stat.all_reduce()  # a distributed run: the statistics of every rank's windows
             observer.see(groups[index], stat)
-            records.update(_compress_linears(linears, groups[index], block_plan, stat))
+            records.update(_compress_linears(linears, groups[index], block_plan, stat, keep_unrounded))
             for chunk in [c for c, at in waiting.items() if at == index]:
                 del waiting[chunk]
                 resume(chunk)

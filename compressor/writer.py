@@ -98,7 +98,7 @@ def lighten(state: LinearState) -> LinearState:
             value = getattr(state.quant, item.name)
             if isinstance(value, torch.Tensor):
                 setattr(state.quant, item.name, value.to("meta"))
-    state.weight = state.original = None
+    state.weight = state.original = state.unrounded = None
     return state
 
 

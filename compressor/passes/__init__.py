@@ -79,6 +79,10 @@ class LinearState:
     original: torch.Tensor | None = None  # the weight before any pass (DSnoT regrows from it)
     methods: list[str] = field(default_factory=list)
     metrics: dict = field(default_factory=dict)
+    # The weight just before it was rounded onto its grid (GPTQ: after error feedback), float32:
+    # what a block pass learns the rounding of. Only kept when one follows (keep_unrounded).
+    keep_unrounded: bool = False
+    unrounded: torch.Tensor | None = None
 
 
 @dataclass

@@ -74,13 +74,16 @@ def compress_many(layers: list[LinearState], stats: InputStats | None, args: dic
     rows = [layer.weight.shape[0] for layer in layers]
     for layer in layers:
         layer.weight = None  # the stacked copy replaces them (large layers: memory counts)
-    result = solve(weight, stats.hessian(), grid, options, layers[0].dtype, mask)
+    keep_unrounded = layers[0].keep_unrounded
+    result = solve(weight, stats.hessian(), grid, options, layers[0].dtype, mask, keep_unrounded)
     del weight
-    for layer, weight, scale, zero, error in zip(
+    unrounded = result.unrounded.split(rows) if keep_unrounded else [None] * len(layers)
+    for layer, weight, scale, zero, error, before in zip(
         layers, result.weight.split(rows), result.scale.split(rows), result.zero.split(rows),
-        result.row_error.split(rows), strict=True,
+        result.row_error.split(rows), unrounded, strict=True,
     ):
         layer.weight = weight  # on the grid already: the codes below are recovered exactly
+        layer.unrounded = before
         quantize_with_params(layer, grid, scale, zero, act_order=options.act_order)
         layer.methods.append("gptq")
         layer.metrics.update(gptq_error=float(error.sum()), gptq_damp=result.damp)
@@ -93,6 +96,7 @@ class GPTQResult:
     zero: torch.Tensor
     row_error: torch.Tensor  # per row: sum over columns of ((w - q) / Hinv_ii)^2 / 2, the solver's loss
     damp: float  # the damping that succeeded
+    unrounded: torch.Tensor | None = None  # each column just before rounding (after error feedback)
 
 
 def _inverse_hessian_factor(make_hessian: Callable[[], torch.Tensor], damp: float
@@ -194,8 +198,11 @@ def solve(
     options: GPTQOptions = GPTQOptions(),
     scale_dtype: torch.dtype = torch.float32,
     mask: torch.Tensor | None = None,
+    keep_unrounded: bool = False,
 ) -> GPTQResult:
-    """GPTQ onto an integer grid: error_feedback with the grid's rounding and group parameters."""
+    """GPTQ onto an integer grid: error_feedback with the grid's rounding and group parameters.
+    `keep_unrounded` also returns each column as it was just before rounding (one more copy of
+    the weight), where a later pass learns the rounding from GPTQ's error-fed values."""
     rows, cols = weight.shape
     width = grid.group_width(cols)
     dead = hessian.diagonal() == 0
@@ -211,8 +218,11 @@ def solve(
         zero = torch.zeros(rows, groups, device=weight.device)
     groups_of = grids.group_index(cols, width).tolist()
     scale_t, zero_t = scale.T, zero.T  # views: a group refit below shows through
+    unrounded_t = torch.empty(cols, rows, device=weight.device) if keep_unrounded else None
 
     def round_column(col: int, upcoming: torch.Tensor) -> torch.Tensor:
+        if unrounded_t is not None:
+            unrounded_t[col] = upcoming[0]
         g = groups_of[col]
         if not static and grid.group_size > 0 and col % width == 0:
             # Dynamic groups (original order, so upcoming holds the group): fit the group on its
@@ -224,7 +234,9 @@ def solve(
 
     align = width if grid.group_size > 0 else 1  # blocks hold whole groups, as the reference's do
     weight, row_error, damp = error_feedback(weight, hessian, round_column, options, mask, align)
-    return GPTQResult(weight=weight, scale=scale, zero=zero, row_error=row_error, damp=damp)
+    unrounded = None if unrounded_t is None else unrounded_t.T.contiguous()
+    return GPTQResult(weight=weight, scale=scale, zero=zero, row_error=row_error, damp=damp,
+                      unrounded=unrounded)
 
 
 def _whole_slice(grid: IntGrid) -> IntGrid:

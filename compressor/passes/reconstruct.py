@@ -1,0 +1,312 @@
+"""Block-wise reconstruction: once a block's linears are quantized (GPTQ, RTN) or pruned, learn what
+their format allows so that the block's output matches the dense block's on the calibration windows.
+
+The loss is the mean squared error between the compressed block's output (on the calibration
+inputs it receives in the compressed model) and the dense block's output (ALGORITHMS-2.md A).
+What is learned, by `train`:
+
+    rounding  AutoRound / SignRound: a rounding offset per weight and a range multiplier per group
+              (and a zero-point offset per group on an asymmetric grid), over the dense weights,
+              by signed gradient descent with a linearly decaying step; the codes start where the
+              initialising pass left them (GPTQ's or RTN's), so learning starts from its result
+    full      Block-AP (EfficientQAT): the weights themselves, the scales and the zero points under
+              fake quantization, by Adam
+
+A pruned linear keeps its mask exactly; in a sparse linear that is not quantized, the surviving
+weights are learned (Adam). Rounding goes through the straight-through estimator. The forwards run
+in bfloat16 autocast on CUDA and on CPUs with native bf16 (AMX/AVX512-BF16; elsewhere bf16 is
+emulated and ~7x slower than float32, so `bf16: auto` keeps float32); parameters, the loss and the
+final rounding are float32. Each step learns from `batch` calibration windows (AutoRound's light
+recipe: 4 windows, 50 steps). The result is kept only where it lowers the block's error on
+all calibration windows (evaluated in float32): reconstruction never leaves a block worse than
+its initialisation.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch.func import functional_call
+
+from compressor import grids
+from compressor.errors import CompressorError
+from compressor.model import block_linears
+from compressor.passes import LinearState, QuantizedWeight, Scope, check_keys
+from compressor.pipeline import BlockData
+
+SCOPE = Scope.BLOCK
+TRAIN = ("rounding", "full")
+TARGETS = ("dense", "compressed")
+
+
+@dataclass(frozen=True)
+class ReconstructOptions:
+    train: str = "rounding"
+    iters: int = 100  # optimiser steps per block, one calibration chunk each
+    lr: float | None = None  # default: 1/iters for rounding (AutoRound), 1e-3 relative for full
+    targets: str = "dense"  # dense: the dense model's own stream; compressed: dense block on our inputs
+    batch: int = 4  # calibration windows per step
+    start: str = "init"  # rounding: init = what the initialising pass rounded (GPTQ's error-fed
+    # weights); dense = the dense weights (AutoRound from its round-to-nearest start)
+    bf16: bool | str = "auto"  # autocast the forwards: auto = where the hardware has bf16 matmuls
+    seed: int = 0
+
+    @classmethod
+    def from_args(cls, args: dict) -> ReconstructOptions:
+        check_keys("reconstruct", args, {"train", "iters", "lr", "targets", "batch", "start", "bf16", "seed"})
+        options = cls(**args)
+        if options.bf16 not in (True, False, "auto"):
+            raise CompressorError(f"reconstruct: bf16 must be true, false or auto, got {options.bf16!r}")
+        if not isinstance(options.batch, int) or isinstance(options.batch, bool) or options.batch < 1:
+            raise CompressorError(f"reconstruct: batch must be a positive integer, got {options.batch!r}")
+        if options.train not in TRAIN:
+            raise CompressorError(
+                f"reconstruct: train must be one of {', '.join(TRAIN)}, got {options.train!r}")
+        if options.targets not in TARGETS:
+            raise CompressorError(
+                f"reconstruct: targets must be one of {', '.join(TARGETS)}, got {options.targets!r}")
+        if not isinstance(options.iters, int) or isinstance(options.iters, bool) or options.iters < 1:
+            raise CompressorError(f"reconstruct: iters must be a positive integer, got {options.iters!r}")
+        if options.lr is not None and not (isinstance(options.lr, (int, float)) and 0 < options.lr < 1):
+            raise CompressorError(f"reconstruct: lr must be in (0, 1), got {options.lr!r}")
+        return options
+
+
+def validate(args: dict) -> None:
+    ReconstructOptions.from_args(args)
+
+
+def needs_data(args: dict) -> bool:
+    return True
+
+
+def target_stream(args: dict) -> str:
+    return ReconstructOptions.from_args(args).targets
+
+
+def round_ste(x: torch.Tensor) -> torch.Tensor:
+    """round(x) forward, identity backward."""
+    return x + (torch.round(x) - x).detach()
+
+
+class LearnedLinear:
+    """One linear's trainable quantization (or sparse weights) and how to make its weight."""
+
+    def __init__(self, state: LinearState, dense: torch.Tensor, current: torch.Tensor, train: str,
+                 start: str = "init"):
+        self.state, self.train = state, train
+        self.mask = None if state.mask is None else state.mask.to(dense.device)
+        quant = state.quant
+        self.params: dict[str, torch.Tensor] = {}
+        self.signed: list[torch.Tensor] = []  # parameters moved by signed descent (rounding)
+        if quant is None:  # sparse only: learn the surviving weights
+            self.params["weight"] = current.float().clone().requires_grad_()
+            return
+        grid = quant.grid
+        self.grid = grid
+        self.index = grids.group_index(dense.shape[1], grid.group_width(dense.shape[1])).to(dense.device)
+        self.scale0 = quant.scale.float().to(dense.device)
+        self.zero0 = quant.zero.float().to(dense.device)
+        if train == "rounding":
+            # The latent value in grid units is what the initialising pass rounded: GPTQ's
+            # error-fed weight (its codes are round(latent)), else the dense weight (RTN). Its
+            # fraction tells which weights sit near a rounding boundary, as in AutoRound.
+            unrounded = state.unrounded
+            before = dense if unrounded is None or start == "dense" else unrounded.to(dense.device)
+            self.latent = before.float() / self.scale0[:, self.index]
+            self.params["offset"] = torch.zeros_like(self.latent, requires_grad=True)
+            self.params["range"] = torch.ones_like(self.scale0, requires_grad=True)
+            self.signed += [self.params["offset"], self.params["range"]]
+        else:  # full: weights, scales and zero points (Block-AP)
+            self.params["weight"] = current.float().clone().requires_grad_()
+            self.params["range"] = torch.ones_like(self.scale0, requires_grad=True)
+        if not grid.symmetric:
+            self.params["zero"] = torch.zeros_like(self.zero0, requires_grad=True)
+            if train == "rounding":
+                self.signed.append(self.params["zero"])
+
+    def scale_zero(self) -> tuple[torch.Tensor, torch.Tensor]:
+        scale = self.scale0 * self.params["range"]
+        zero = self.zero0
+        if "zero" in self.params:
+            zero = torch.clamp(round_ste(self.zero0 + self.params["zero"]), 0, self.grid.maxq)
+        return scale, zero
+
+    def units(self) -> torch.Tensor:
+        """The weight in grid units before rounding (codes minus zero)."""
+        scale, _ = self.scale_zero()
+        if self.train == "rounding":
+            ratio = self.scale0[:, self.index] / scale[:, self.index]
+            return (self.latent + self.params["offset"]) * ratio
+        return self.params["weight"] / scale[:, self.index]
+
+    def weight(self) -> torch.Tensor:
+        if self.state.quant is None:
+            w = self.params["weight"]
+        else:
+            scale, zero = self.scale_zero()
+            z = zero[:, self.index]
+            q = torch.clamp(round_ste(self.units()) + z, 0, self.grid.maxq)
+            w = scale[:, self.index] * (q - z)
+        return w if self.mask is None else w * self.mask
+
+    @torch.no_grad()
+    def clamp_(self) -> None:
+        if "offset" in self.params:
+            self.params["offset"].clamp_(-0.5, 0.5)
+        self.params.get("range", torch.ones(1)).clamp_(0.5, 1.5)
+        if "zero" in self.params:
+            self.params["zero"].clamp_(-2.0, 2.0)
+
+    @torch.no_grad()
+    def final(self, dtype: torch.dtype) -> tuple[torch.Tensor, QuantizedWeight | None]:
+        """The weight as the checkpoint stores it, and its codes (computed as the writer packs them)."""
+        if self.state.quant is None:
+            w = self.weight()
+            return w.to(dtype), None
+        scale, zero = self.scale_zero()
+        scale = scale.to(self.state.quant.scale.dtype).float()  # what the loader multiplies by
+        zero = torch.round(zero)
+        units = self.units()
+        codes = torch.clamp(torch.round(units) + zero[:, self.index], 0, self.grid.maxq)
+        if self.mask is not None:
+            codes = codes.where(self.mask, zero[:, self.index])
+        codes = codes.to(torch.uint8)
+        stored = self.state.quant
+        quant = QuantizedWeight(grid=self.grid, codes=codes.cpu(), scale=scale.to(stored.scale.dtype).cpu(),
+                                zero=zero.cpu(), act_order=stored.act_order)
+        return grids.dequantize(codes, scale, zero, self.grid, dtype), quant
+
+
+def _autocast(device: torch.device, bf16: bool | str):
+    if bf16 == "auto":  # native bf16 matmuls: CUDA, or a CPU with AMX / AVX512-BF16
+        bf16 = device.type == "cuda" or torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    enabled = bool(bf16) and device.type in ("cpu", "cuda")
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
+
+
+def _windows(data: BlockData, batch: int) -> list[tuple[int, int, int]]:
+    """(chunk, first row, last row) of every `batch` windows, within the pipeline's chunks."""
+    return [(c, start, min(start + batch, len(hidden)))
+            for c, hidden in enumerate(data.inputs) for start in range(0, len(hidden), batch)]
+
+
+def _rows(obj, batch: int, start: int, stop: int):
+    """Rows start:stop of a chunk's tensors whose leading dimension is the chunk's batch."""
+    if isinstance(obj, torch.Tensor):
+        return obj[start:stop] if obj.dim() > 0 and obj.shape[0] == batch and batch > 1 else obj
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_rows(o, batch, start, stop) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _rows(v, batch, start, stop) for k, v in obj.items()}
+    return obj
+
+
+def _forward(block, weights: dict[str, torch.Tensor], hidden, kwargs, device):
+    from compressor.pipeline import _to, output_hidden
+
+    output = functional_call(block, weights, args=(hidden.to(device),), kwargs=_to(kwargs, device))
+    return output_hidden(output)
+
+
+@torch.no_grad()
+def block_error(block, data: BlockData, weights: dict[str, torch.Tensor] | None = None) -> float:
+    """Mean squared error of the block's output against the targets over every calibration chunk
+    (float32), with `weights` (linear name -> weight) in place of the block's own where given."""
+    weights = {f"{n}.weight": w for n, w in (weights or {}).items()}
+    total, count = 0.0, 0
+    for hidden, kwargs, target in zip(data.inputs, data.kwargs, data.targets, strict=True):
+        out = _forward(block, weights, hidden, kwargs, data.device)
+        total += float((out.float() - target.to(data.device).float()).pow(2).sum())
+        count += target.numel()
+    return total / count
+
+
+def _learnable(state: LinearState) -> bool:
+    """Integer grids and sparse float weights; 4-bit float grids are left as they are."""
+    return isinstance(state.quant, QuantizedWeight) or (state.quant is None and state.mask is not None)
+
+
+def refine(block, records: dict[str, LinearState], data: BlockData, args: dict) -> None:
+    options = ReconstructOptions.from_args(args)
+    linears = block_linears(block)
+    learned = {
+        name: LearnedLinear(state, data.dense_weights[name].to(data.device), linears[name].weight.data,
+                            options.train, options.start)
+        for name, state in records.items()
+        if name in linears and _learnable(state)
+    }
+    if not learned:
+        return
+    before = block_error(block, data)
+    frozen = [p for p in block.parameters() if p.requires_grad]
+    for param in frozen:
+        param.requires_grad_(False)
+    try:
+        with torch.enable_grad():  # the pipeline runs under no_grad
+            _train(block, learned, data, options)
+    finally:
+        for param in frozen:
+            param.requires_grad_(True)
+    results = {name: unit.final(linears[name].weight.dtype) for name, unit in learned.items()}
+    after = block_error(block, data, {name: weight for name, (weight, _) in results.items()})
+    kept = after < before
+    for name, (weight, quant) in results.items():
+        state = records[name]
+        if kept:
+            linears[name].weight.data.copy_(weight)
+            if quant is not None:
+                state.quant = quant
+        state.unrounded = None
+        state.methods.append("reconstruct")
+        state.metrics.update(block_error_before=before, block_error_after=min(before, after),
+                             reconstruct_kept=kept)
+
+
+def _train(block, learned: dict[str, LearnedLinear], data: BlockData, options: ReconstructOptions) -> None:
+    generator = torch.Generator().manual_seed(options.seed)
+    signed = [p for unit in learned.values() for p in unit.signed]
+    adam_params = [p for unit in learned.values() for key, p in unit.params.items()
+                   if not any(p is s for s in signed)]
+    sign_lr = options.lr or 1.0 / options.iters
+    adam = None
+    if adam_params:
+        # Weights move relative to their own size; scale multipliers and zero offsets are O(1).
+        groups = []
+        for unit in learned.values():
+            for key, p in unit.params.items():
+                if any(p is s for s in signed):
+                    continue
+                size = float(p.detach().abs().mean()) if key == "weight" else 1.0
+                groups.append({"params": [p], "lr": (options.lr or 1e-3) * size})
+        adam = torch.optim.Adam(groups)
+        base = [g["lr"] for g in adam.param_groups]
+    windows = _windows(data, options.batch)
+    for step in range(options.iters):
+        chunk, start, stop = windows[int(torch.randint(len(windows), (1,), generator=generator))]
+        rows = len(data.inputs[chunk])
+        weights = {f"{name}.weight": unit.weight() for name, unit in learned.items()}
+        with _autocast(data.device, options.bf16):
+            out = _forward(block, weights, data.inputs[chunk][start:stop],
+                           _rows(data.kwargs[chunk], rows, start, stop), data.device)
+        target = data.targets[chunk][start:stop].to(data.device).float()
+        loss = (out.float() - target).pow(2).mean()
+        if not math.isfinite(loss.item()):
+            raise CompressorError("reconstruct: the loss became NaN/Inf; try --no-bf16 or a lower lr")
+        params = signed + adam_params
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
+        decay = 1 - step / options.iters  # linear to zero, as AutoRound
+        with torch.no_grad():
+            for p, g in zip(signed, grads[:len(signed)], strict=True):
+                if g is not None:
+                    p.sub_(sign_lr * decay * torch.sign(g))
+            if adam is not None:
+                for p, g in zip(adam_params, grads[len(signed):], strict=True):
+                    p.grad = g
+                for group, lr in zip(adam.param_groups, base, strict=True):
+                    group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / options.iters))
+                adam.step()
+            for unit in learned.values():
+                unit.clamp_()
