@@ -230,7 +230,8 @@ def find_layout(model) -> Layout:
                                   "without bias, so the residual stream cannot be rotated through it")
     if not norms:
         raise CompressorError("cannot rotate: no RMSNorm of the hidden size found")
-    weights = {id(m.weight): f"{prefix}.{i}.{n}" for i, b in enumerate(blocks) for n, m in block_linears(b).items()}
+    weights = {id(m.weight): f"{prefix}.{i}.{n}"
+               for i, block in enumerate(blocks) for n, m in block_linears(block).items()}
     head_name = next(n for n, m in model.named_modules() if m is head)
     weights[id(head.weight)] = head_name
     trace = _Trace(weights, hidden)
