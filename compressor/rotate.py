@@ -278,6 +278,11 @@ def untie_embeddings(model) -> bool:
     text_config = getattr(model.config, "get_text_config", lambda: None)()
     if text_config is not None and text_config is not model.config:
         text_config.tie_word_embeddings = False
+    # transformers 5 reads the config when it decides what to tie (from_pretrained, tie_weights()),
+    # but a model keeps the mapping it computed at init in all_tied_weights_keys and ties by it
+    # without recomputing in places (init_weights): recompute it, now empty, from the config.
+    if hasattr(model, "all_tied_weights_keys") and hasattr(model, "get_expanded_tied_weights_keys"):
+        model.all_tied_weights_keys = model.get_expanded_tied_weights_keys(all_submodels=True)
     return tied
 
 

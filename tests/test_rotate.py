@@ -222,6 +222,10 @@ def test_untied_model_survives_save_and_load(tmp_path):
 
     model = make_model("llama")
     get_pass("rotate").transform(model, {})
+    assert model.all_tied_weights_keys == {}
+    model.tie_weights()  # transformers' own re-tying (it also runs in init_weights) leaves it untied
+    model.tie_weights(recompute_mapping=False)
+    assert model.lm_head.weight is not model.get_input_embeddings().weight
     model.save_pretrained(tmp_path)
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     assert torch.equal(reloaded.lm_head.weight, model.lm_head.weight)
