@@ -177,6 +177,8 @@ def _compress(source, recipe, writer, calibration, torch_device, data_dir, stage
         return module_tensors(model, "", {}, exclude=prefix + ".")
 
     manifest = build_manifest(model, source, recipe, records, calibration if ids is not None else None)
+    if hooks.transforms:
+        manifest["transforms"] = hooks.transforms
     manifest.update(device=str(torch_device), threads=torch.get_num_threads(),
                     world_size=distributed.world_size(), streamed=streamed is not None,
                     low_memory=low_memory,
@@ -196,6 +198,10 @@ class WriteEachBlock(BlockHooks):
     def __init__(self, writer: CheckpointWriter, prefix: str, streamed: StreamedModel | None):
         self.writer, self.prefix, self.streamed = writer, prefix, streamed
         self.outside_dropped = False
+        self.transforms: list[dict] = []  # what each model pass reported, for the manifest
+
+    def transformed(self, method: str, figures: dict) -> None:
+        self.transforms.append({"method": method, **figures})
 
     def load(self, index: int, block) -> None:
         if self.streamed is None:

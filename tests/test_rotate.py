@@ -194,6 +194,9 @@ def test_rotated_gptq_checkpoint_reloads_with_plain_transformers(tiny_model_dir,
     out = tmp_path / "out"
     result = run_compression(ModelSource(str(tiny_model_dir)), recipe, out, calibration, "cpu")
     assert result.manifest["streamed"] is False
+    assert result.manifest["transforms"][0] == {
+        "method": "rotate", "hidden_rotation": "hadamard-12x8", "untied_embeddings": True,
+        "head_rotation": "hadamard-12x2", "norms_folded": 5, "readers": 11, "writers": 4}
     config = json.loads((out / "config.json").read_text())
     assert config["tie_word_embeddings"] is False
     reloaded = AutoModelForCausalLM.from_pretrained(out).eval()
