@@ -353,13 +353,9 @@ def rotate_heads(model, seed: int = 0) -> str:
     times H^T. The same H for every head and block, so grouped-query heads stay consistent.
     Returns the label of H (rotation_label)."""
     pairs = _attention_pairs(model)  # every block checked before anything changes
-    head_dim = pairs[0][2]
-    h = orthogonal_matrix(head_dim, seed)
+    rotations = {dim: orthogonal_matrix(dim, seed) for _, _, dim in pairs}
     for v, o, dim in pairs:
-        if dim != head_dim:
-            h_block = orthogonal_matrix(dim, seed)
-        else:
-            h_block = h
+        h_block = rotations[dim]
         # v rows [heads * d, in] -> per head H @ rows;  o columns [out, heads * d] -> per head cols @ H^T
         w = v.weight.double().reshape(-1, dim, v.in_features)
         _update(v.weight, (h_block @ w).reshape(v.out_features, v.in_features))
@@ -367,4 +363,4 @@ def rotate_heads(model, seed: int = 0) -> str:
             _update(v.bias, (h_block @ v.bias.double().reshape(-1, dim, 1)).reshape(-1))
         w = o.weight.double().reshape(o.out_features, -1, dim)
         _update(o.weight, (w @ h_block.T).reshape(o.out_features, o.in_features))
-    return rotation_label(head_dim)
+    return rotation_label(pairs[0][2])

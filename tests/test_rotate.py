@@ -238,7 +238,8 @@ def test_untied_model_survives_save_and_load(tmp_path):
 
 # -- what it is for --------------------------------------------------------------------------------
 
-def test_rotation_lowers_gptq_error_with_an_outlier_channel(calibration_file):
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_rotation_lowers_gptq_error_with_an_outlier_channel(calibration_file, family):
     from compressor import data
 
     from .conftest import make_tokenizer
@@ -247,10 +248,11 @@ def test_rotation_lowers_gptq_error_with_an_outlier_channel(calibration_file):
     test_ids = IDS
     errors = {}
     for rotated in (False, True):
-        model = outlier_model("llama")
+        model = outlier_model(family)
         dense = logits(model, test_ids)
         gptq = {"method": "gptq", "bits": 3, "group_size": 0}
         passes = [{"method": "rotate"}, gptq] if rotated else [gptq]
         compress_model(model, build_plan(model, passes), ids)
         errors[rotated] = ((logits(model, test_ids) - dense).pow(2).mean() / dense.pow(2).mean()).item()
-    assert errors[True] < errors[False], errors
+    # The outlier channel dominates every unrotated per-channel grid (about 100x worse here).
+    assert errors[True] < errors[False] / 5, errors
