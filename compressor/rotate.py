@@ -141,6 +141,12 @@ class Layout:
 _TRANSPARENT = {"__getitem__", "view", "reshape", "contiguous", "to", "float", "type_as", "clone",
                 "dropout"}
 _ADDS = {"add", "__add__", "__radd__", "add_", "__iadd__"}
+# Scaling by a number commutes with a rotation too (Granite's residual_multiplier, for example).
+_SCALINGS = {"mul", "__mul__", "__rmul__", "div", "__truediv__"}
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) or (isinstance(value, torch.Tensor) and value.dim() == 0)
 
 
 class _Trace(TorchFunctionMode):
@@ -179,8 +185,9 @@ class _Trace(TorchFunctionMode):
         sources = [self.tracked[id(a)] for a in inputs if id(a) in self.tracked]
         if not sources or not isinstance(out, torch.Tensor):
             return out  # nothing followed, or only a shape / size / dtype query
+        scaling = name in _SCALINGS and sum(not _is_number(a) for a in args) == 1
         for kind, source in sources:
-            if name in _TRANSPARENT and out.shape[-1] == self.hidden:
+            if (name in _TRANSPARENT or scaling) and out.shape[-1] == self.hidden:
                 self.track(out, kind, source)
             elif kind == "norm":
                 self.foreign.setdefault(source, name)
@@ -255,8 +262,18 @@ def find_layout(model) -> Layout:
         raise CompressorError(f"cannot rotate: {head_name} does not read a final RMSNorm")
     readers = {n for names in trace.readers.values() for n in names}
     writers = [n for n in weights.values() if n in trace.added and n not in readers]
-    if not writers:
-        raise CompressorError("cannot rotate: found no linear whose output is added to the residual stream")
+    for index, block in enumerate(blocks):
+        names = {f"{prefix}.{index}.{n}": m for n, m in block_linears(block).items()}
+        if not any(n in writers for n in names):
+            raise CompressorError(f"cannot rotate: no linear of {prefix}.{index} adds its output to the "
+                                  "residual stream as it is")
+        # A hidden-sized output that neither reads the stream nor is added to it as it is: we cannot
+        # tell whether it belongs to the stream, so we do not guess.
+        unknown = [n for n, m in names.items() if m.out_features == hidden and n not in readers
+                   and n not in writers]
+        if unknown:
+            raise CompressorError(f"cannot rotate: {unknown[0]} writes the hidden size but is not added "
+                                  "to the residual stream as it is")
     return Layout(hidden=hidden, norms=trace.readers, writers=writers)
 
 

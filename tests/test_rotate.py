@@ -89,6 +89,16 @@ def test_rotation_keeps_the_logits(family, heads, dtype):
     assert relative(logits(model), before) < 1e-4
 
 
+def test_a_scaled_residual_branch_is_still_rotated():
+    # Granite-style: the MLP's output is multiplied by a number before it is added to the stream.
+    model = make_model("llama")
+    for block in model.model.layers:
+        block.mlp.register_forward_hook(lambda module, args, out: out * 0.5)
+    before = logits(model)
+    get_pass("rotate").transform(model, {})
+    assert relative(logits(model), before) < 1e-4
+
+
 def test_layout_is_found_generically():
     model = make_model("qwen2")
     layout = rotate.find_layout(model)
@@ -128,7 +138,8 @@ def _with_layer_norm(family: str):
     return model
 
 
-@pytest.mark.parametrize("breaking", ["layer_norm", "norm_not_into_linear", "gemma_style_gain", "no_v_proj"])
+@pytest.mark.parametrize("breaking", ["layer_norm", "norm_not_into_linear", "gemma_style_gain", "no_v_proj",
+                                      "writer_scaled_per_channel"])
 def test_unfoldable_models_are_refused_untouched(breaking):
     model = make_model("llama")
     if breaking == "layer_norm":
@@ -146,6 +157,9 @@ def test_unfoldable_models_are_refused_untouched(breaking):
                 return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * (1 + self.weight)
 
         model.model.norm = GemmaRMSNorm(torch.zeros(96))
+    elif breaking == "writer_scaled_per_channel":  # a per-channel scale does not commute with Q
+        scale = torch.linspace(0.5, 2, 96)
+        model.model.layers[0].mlp.register_forward_hook(lambda module, args, out: out * scale)
     else:  # the values' projection under another name: R2 cannot find it
         attention = model.model.layers[0].self_attn
         attention._modules["value"] = attention._modules.pop("v_proj")
