@@ -21,8 +21,9 @@ from compressor.errors import CompressorError
 from compressor.fpgrids import FloatGrid
 from compressor.model import ModelSource, decoder_blocks, load_model
 from compressor.pack import check_output, module_tensors
+from compressor.passes import Scope
 from compressor.pipeline import BlockHooks, compress_model, needs_data, resolve_device
-from compressor.plan import build_plan, validate_recipe
+from compressor.plan import build_plan, recipe_scopes, validate_recipe
 from compressor.stream import NamesDiffer, StreamedModel, can_stream, keep_heap_small, return_freed_memory
 from compressor.writer import CheckpointWriter, lighten, peak_rss_mb
 
@@ -73,8 +74,9 @@ def run_compression(
 
     A local safetensors model is streamed (compressor.stream): one decoder block in memory at a
     time, input and output alike; `low_memory` also keeps one calibration chunk's activations
-    instead of all of them (compressor.pipeline). Other sources (GGUF, hub ids) and importance
-    allocations, which score the whole model first, are loaded whole. Either way the output is
+    instead of all of them (compressor.pipeline). Other sources (GGUF, hub ids), importance
+    allocations, which score the whole model first, and recipes with a model pass, which changes
+    the embeddings, norms and head too, are loaded whole. Either way the output is
     written block by block (compressor.writer), and `resume` continues an interrupted run of the
     same settings.
 
@@ -112,7 +114,10 @@ def _compress(source, recipe, writer, calibration, torch_device, data_dir, stage
     start = time.perf_counter()
     stage(f"loading {source.label}")
     streamed = None
-    if allocation is None and can_stream(source):
+    # A model pass (rotate) changes the embeddings, norms and head as well as the blocks: the model
+    # is loaded whole, so those are written from the transformed model, not copied from the source.
+    whole = allocation is not None or Scope.MODEL in recipe_scopes(recipe["passes"])
+    if not whole and can_stream(source):
         try:
             streamed = StreamedModel(source)
         except NamesDiffer:
@@ -172,6 +177,8 @@ def _compress(source, recipe, writer, calibration, torch_device, data_dir, stage
         return module_tensors(model, "", {}, exclude=prefix + ".")
 
     manifest = build_manifest(model, source, recipe, records, calibration if ids is not None else None)
+    if hooks.transforms:
+        manifest["transforms"] = hooks.transforms
     manifest.update(device=str(torch_device), threads=torch.get_num_threads(),
                     world_size=distributed.world_size(), streamed=streamed is not None,
                     low_memory=low_memory,
@@ -191,6 +198,10 @@ class WriteEachBlock(BlockHooks):
     def __init__(self, writer: CheckpointWriter, prefix: str, streamed: StreamedModel | None):
         self.writer, self.prefix, self.streamed = writer, prefix, streamed
         self.outside_dropped = False
+        self.transforms: list[dict] = []  # what each model pass reported, for the manifest
+
+    def transformed(self, method: str, figures: dict) -> None:
+        self.transforms.append({"method": method, **figures})
 
     def load(self, index: int, block) -> None:
         if self.streamed is None:

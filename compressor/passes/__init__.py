@@ -103,6 +103,7 @@ class Scope(str, Enum):
 
 # The registry: compressor/passes/<name>.py for each name.
 METHODS = ("rtn", "gptq", "fp4", "magnitude", "wanda", "sparsegpt", "dsnot", "reconstruct")
+METHODS += ("rotate",)  # a model pass: compressor/passes/rotate.py
 
 
 def get_pass(method: str) -> ModuleType:
