@@ -98,6 +98,16 @@ SUITES: dict[str, list[tuple[str, list[str]]]] = {
         # The same search scored in float32 (the default is bfloat16): quality and time of each.
         ("evopress-3.5bpw-fp32-fitness", [*_search("3.5bpw"), "--fitness-dtype", "float32"]),
     ],
+    # Learned PTQ (issue 19): each layout as plain GPTQ, with the rotation folded in first, with
+    # block-wise reconstruction after, and both.
+    "learned": [
+        (f"gptq-{label}{suffix}", [*_quant("gptq", bits, group, symmetric), *extra])
+        for label, bits, group, symmetric in (("w4g64-sym", 4, 64, True), ("w3g64-asym", 3, 64, False),
+                                              ("w4g64-asym", 4, 64, False), ("w2g64-asym", 2, 64, False),
+                                              ("w4g128-sym", 4, 128, True))
+        for suffix, extra in (("", []), ("-rot", ["--rotate"]), ("-rec", ["--reconstruct"]),
+                              ("-rot-rec", ["--rotate", "--reconstruct"]))
+    ],
     # Per-layer sparsity at equal total sparsity: uniform SparseGPT, LIM / ZD (+-10% by importance),
     # EvoPress over SparseGPT levels.
     "search-sparsity": [

@@ -123,6 +123,35 @@ ResumeOpt = typer.Option(
     help="Continue an interrupted run (crash, kill, Ctrl-C) of the same command and settings from "
          "its last finished block; the result is identical to an uninterrupted run.")
 JsonOpt = typer.Option(False, "--json", help="Print the result as JSON on stdout.")
+RotateOpt = typer.Option(
+    False, "--rotate",
+    help="First fold the norms and a Hadamard rotation of the residual stream (and of each head's "
+         "values) into the weights: outliers spread, the dense model's output is unchanged, the "
+         "checkpoint stays a plain model (a tied embedding is untied: +1 embedding matrix on disk).")
+ReconstructOpt = typer.Option(
+    False, "--reconstruct",
+    help="After each block's linears are quantized or pruned, learn their rounding and ranges "
+         "(or surviving weights) against the dense block's output on the calibration windows.")
+ReconstructTrainOpt = typer.Option(
+    "rounding", "--reconstruct-train",
+    help="What --reconstruct learns: rounding (AutoRound: rounding offsets, ranges, zero points) or "
+         "full (Block-AP: the weights themselves under fake quantization).")
+ReconstructItersOpt = typer.Option(50, "--reconstruct-iters", min=1, help="--reconstruct steps per block.")
+
+
+def _with_transforms(passes: list[dict], rotate: bool, reconstruct: bool, train: str, iters: int
+                     ) -> tuple[list[dict], str]:
+    """The recipe's passes with --rotate before and --reconstruct after, and the output tag's suffix."""
+    suffix = ""
+    if rotate:
+        passes = [{"method": "rotate"}, *passes]
+        suffix += "-rot"
+    if reconstruct:
+        passes = [*passes, {"method": "reconstruct", "train": train, "iters": iters}]
+        suffix += "-rec"
+    elif train != "rounding" or iters != 50:
+        raise CompressorError("--reconstruct-train / --reconstruct-iters need --reconstruct")
+    return passes, suffix
 BaselineOpt = typer.Option(
     None, "--baseline", help="Dense model to compare with (default: the source in compress.json).")
 DeviceOpt = typer.Option("auto", "--device", help="auto, cpu or cuda (one block on it at a time).")
@@ -183,6 +212,10 @@ def quantize(
         help="GPTQ: quantize columns by descending Hessian diagonal (static groups)."),
     mse: bool = typer.Option(False, "--mse", help="Search a shrunken range per group (slower)."),
     damp: float = typer.Option(0.01, "--damp", help="GPTQ damping, fraction of mean(diag H)."),
+    rotate: bool = RotateOpt,
+    reconstruct: bool = ReconstructOpt,
+    reconstruct_train: str = ReconstructTrainOpt,
+    reconstruct_iters: int = ReconstructItersOpt,
     calibration: str = CalibrationOpt,
     samples: int = SamplesOpt,
     seqlen: int = SeqlenOpt,
@@ -227,9 +260,13 @@ def quantize(
             tag += f"-g{group_size}"
         elif group_size not in (None, 0, -1):
             raise CompressorError(f"--format {number_format} has a fixed block size; drop --group-size")
+        if reconstruct:
+            raise CompressorError(f"--reconstruct learns integer grids and sparse masks; --format "
+                                  f"{number_format} keeps its float grid (not learned yet)")
+        passes, suffix = _with_transforms([step], rotate, reconstruct, reconstruct_train, reconstruct_iters)
         cal = _calibration(calibration, samples, seqlen, seed, data_dir, batch_size)
-        _run_job(model, {"passes": [step]}, output, cal, device, overwrite, as_json, tag, None, resume,
-                 low_memory)
+        _run_job(model, {"passes": passes}, output, cal, device, overwrite, as_json, tag + suffix, None,
+                 resume, low_memory)
         return
     if act_bits is not None:
         raise CompressorError("--act-bits needs --format fp4 or --format e2m1")
@@ -249,9 +286,13 @@ def quantize(
         step["mse"] = True
     if method == "gptq":
         step.update(act_order=act_order, damp=damp)
-    recipe = {"passes": [step]}
+    if allocation and (rotate or reconstruct):
+        raise CompressorError("--allocate spreads one quantization pass: use a recipe (compress run) "
+                              "to combine it with --rotate / --reconstruct")
+    passes, suffix = _with_transforms([step], rotate, reconstruct, reconstruct_train, reconstruct_iters)
+    recipe = {"passes": passes}
     width = f"{allocation['budget']}-{allocate}" if allocation else f"w{int(bits)}"
-    tag = f"{method}-{width}" + (f"g{group_size}" if group_size > 0 else "-channel")
+    tag = f"{method}-{width}" + (f"g{group_size}" if group_size > 0 else "-channel") + suffix
     cal = _calibration(calibration, samples, seqlen, seed, data_dir, batch_size)
     _run_job(model, recipe, output, cal, device, overwrite, as_json, tag, allocation, resume, low_memory)
 
@@ -281,6 +322,10 @@ def sparsify(
     update_threshold: float = typer.Option(
         0.1, "--update-threshold", min=0.0,
         help="DSnoT 'expectation': stop a row when |expected error| is below this."),
+    rotate: bool = RotateOpt,
+    reconstruct: bool = ReconstructOpt,
+    reconstruct_train: str = ReconstructTrainOpt,
+    reconstruct_iters: int = ReconstructItersOpt,
     calibration: str = CalibrationOpt,
     samples: int = SamplesOpt,
     seqlen: int = SeqlenOpt,
@@ -311,13 +356,17 @@ def sparsify(
     if dsnot:
         passes.append({"method": "dsnot", "criterion": dsnot_criterion, "max_cycles": max_cycles,
                        "update_threshold": update_threshold})
+    if allocate is not None and (rotate or reconstruct):
+        raise CompressorError("--allocate spreads one pruning pass: use a recipe (compress run) "
+                              "to combine it with --rotate / --reconstruct")
+    passes, suffix = _with_transforms(passes, rotate, reconstruct, reconstruct_train, reconstruct_iters)
     allocation = None
     if allocate is not None:
         if pattern is not None:
             raise CompressorError("--allocate spreads an unstructured --sparsity, not an N:M --pattern")
         allocation = {"score": allocate, "spread": spread}
     label = pattern.replace(":", "of") if pattern else f"s{round(100 * sparsity)}"
-    tag = f"{method}-{label}" + (f"-{allocate}" if allocate else "") + ("-dsnot" if dsnot else "")
+    tag = f"{method}-{label}" + (f"-{allocate}" if allocate else "") + ("-dsnot" if dsnot else "") + suffix
     cal = _calibration(calibration, samples, seqlen, seed, data_dir, batch_size)
     _run_job(model, {"passes": passes}, output, cal, device, overwrite, as_json, tag, allocation,
              resume, low_memory)

@@ -23,7 +23,7 @@ from compressor.model import ModelSource, decoder_blocks, load_model
 from compressor.pack import check_output, module_tensors
 from compressor.passes import Scope
 from compressor.pipeline import BlockHooks, compress_model, needs_data, resolve_device
-from compressor.plan import build_plan, recipe_scopes, validate_recipe
+from compressor.plan import build_plan, compressible_linears, recipe_scopes, validate_recipe
 from compressor.stream import NamesDiffer, StreamedModel, can_stream, keep_heap_small, return_freed_memory
 from compressor.writer import CheckpointWriter, lighten, peak_rss_mb
 
@@ -155,7 +155,8 @@ def _compress(source, recipe, writer, calibration, torch_device, data_dir, stage
 
     start = time.perf_counter()
     first_block = writer.blocks_done
-    stage(f"compressing {len(plan)} linears on {torch_device}"
+    linear_count = len(set(plan) & set(compressible_linears(model)))
+    stage(f"compressing {linear_count} linears on {torch_device}"
           + (f", resuming at block {first_block}" if first_block else ""))
     prefix, _ = decoder_blocks(model)
     hooks = WriteEachBlock(writer, prefix, streamed)

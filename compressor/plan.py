@@ -61,11 +61,22 @@ def _step_args(raw) -> dict:
     return {k: v for k, v in raw.items() if k not in STEP_KEYS}
 
 
+# Sub-group passes whose result a block pass can learn: integer grids and sparse masks.
+LEARNABLE = {"rtn", "gptq", "magnitude", "wanda", "sparsegpt", "dsnot"}
+
+
 def validate_recipe(passes: list[dict]) -> None:
     """Reject unknown methods and bad settings before any model is loaded."""
-    for raw in passes:
+    for index, raw in enumerate(passes):
         args = _step_args(raw)
         get_pass(raw["method"]).validate(args)
+        if scope_of(raw["method"]) == Scope.BLOCK:
+            before = {p["method"] for p in passes[:index]}
+            if not before & LEARNABLE:
+                found = ", ".join(sorted(before)) or "no pass"
+                raise CompressorError(
+                    f"{raw['method']} has nothing to learn after {found}: it refines an integer "
+                    "quantization (gptq, rtn) or a sparse mask (magnitude, wanda, sparsegpt) before it")
 
 
 def decoder_block_names(model) -> list[str]:
