@@ -1,4 +1,4 @@
-"""Compression passes. A pass is a module compressor/passes/<name>.py, registered in METHODS, that
+"""Compression passes. A pass is a module compressor/passes/<name>.py, registered in PASSES, that
 declares the scope it works at, so the one sequential pipeline (compressor.pipeline) can drive any
 of them:
 
@@ -101,15 +101,27 @@ class Scope(str, Enum):
     BLOCK = "block"
 
 
-# The registry: compressor/passes/<name>.py for each name.
-METHODS = ("rtn", "gptq", "fp4", "magnitude", "wanda", "sparsegpt", "dsnot", "reconstruct")
-METHODS += ("rotate",)  # a model pass: compressor/passes/rotate.py
+# The registry: method name -> the module that implements it (imported on first use).
+PASSES: dict[str, str | ModuleType] = {
+    name: f"compressor.passes.{name}"
+    for name in ("rotate",  # model scope
+                 "rtn", "gptq", "fp4", "magnitude", "wanda", "sparsegpt", "dsnot",  # sub-group scope
+                 "reconstruct")  # block scope
+}
+
+
+def register_pass(method: str, module: str | ModuleType) -> None:
+    """Add a pass (a module path or an object with the module's functions) under `method`."""
+    PASSES[method] = module
 
 
 def get_pass(method: str) -> ModuleType:
-    if method not in METHODS:
-        raise CompressorError(f"unknown method {method!r}; choose one of: {', '.join(METHODS)}")
-    return importlib.import_module(f"compressor.passes.{method}")
+    module = PASSES.get(method)
+    if module is None:
+        raise CompressorError(f"unknown method {method!r}; choose one of: {', '.join(PASSES)}")
+    if isinstance(module, str):
+        module = PASSES[method] = importlib.import_module(module)
+    return module
 
 
 def scope_of(method: str) -> Scope:

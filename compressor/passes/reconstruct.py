@@ -109,18 +109,18 @@ class LearnedLinear:
         self.index = grids.group_index(dense.shape[1], grid.group_width(dense.shape[1])).to(dense.device)
         self.scale0 = quant.scale.float().to(dense.device)
         self.zero0 = quant.zero.float().to(dense.device)
+        # What the initialising pass rounded: GPTQ's error-fed weight (its codes are exactly
+        # round(before / s)), else the dense weight (RTN). Its fractions tell which weights sit near
+        # a rounding boundary, where a small learned move flips the code (as in AutoRound).
+        unrounded = state.unrounded
+        before = dense if unrounded is None or start == "dense" else unrounded.to(dense.device)
         if train == "rounding":
-            # The latent value in grid units is what the initialising pass rounded: GPTQ's
-            # error-fed weight (its codes are round(latent)), else the dense weight (RTN). Its
-            # fraction tells which weights sit near a rounding boundary, as in AutoRound.
-            unrounded = state.unrounded
-            before = dense if unrounded is None or start == "dense" else unrounded.to(dense.device)
             self.latent = before.float() / self.scale0[:, self.index]
             self.params["offset"] = torch.zeros_like(self.latent, requires_grad=True)
             self.params["range"] = torch.ones_like(self.scale0, requires_grad=True)
             self.signed += [self.params["offset"], self.params["range"]]
         else:  # full: weights, scales and zero points (Block-AP)
-            self.params["weight"] = current.float().clone().requires_grad_()
+            self.params["weight"] = before.float().clone().requires_grad_()
             self.params["range"] = torch.ones_like(self.scale0, requires_grad=True)
         if not grid.symmetric:
             self.params["zero"] = torch.zeros_like(self.zero0, requires_grad=True)
