@@ -7,7 +7,6 @@ stderr and exit status 2; progress goes to stderr and is shown only on a termina
 from __future__ import annotations
 
 import json
-import math
 import os
 import sys
 from contextlib import contextmanager
@@ -66,26 +65,21 @@ def _emit(result: dict, as_json: bool, render) -> None:
         render(result)
 
 
-def _default_output(model: str | None, tag: str) -> Path:
-    stem = Path(model).stem if model else "SmolLM2-135M-Instruct"
-    return Path("out") / f"{stem}-{tag}"
-
-
 def _run_job(model, recipe, output, calibration, device, overwrite, as_json, tag, allocation=None,
              resume: bool = False, low_memory: bool = False) -> None:
     from compressor import distributed
-    from compressor.job import run_compression
-    from compressor.model import resolve_source
+    from compressor.api import default_output, run_job
+    from compressor.recipes import Job
     from compressor.writer import staging_folder
 
-    source = resolve_source(model)
-    output = output or _default_output(model, tag)
+    output = output or default_output(model, tag)
     # Under torchrun every rank runs this; rank 0 alone reports (distributed is set up by the job).
     lead = int(os.environ.get("RANK", "0")) == 0
     try:
         with progress_bar(not as_json and lead) as (stage, advance):
-            result = run_compression(source, recipe, output, calibration, device, overwrite, stage,
-                                     advance, allocation, resume, low_memory)
+            result = run_job(model, Job(recipe, allocation, tag), output, **calibration, device=device,
+                             overwrite=overwrite, resume=resume, low_memory=low_memory, on_stage=stage,
+                             on_block=advance)
     except KeyboardInterrupt:
         if staging_folder(output).is_dir():
             err.print(f"interrupted; the finished blocks are kept in {staging_folder(output)}: "
@@ -139,19 +133,6 @@ ReconstructTrainOpt = typer.Option(
 ReconstructItersOpt = typer.Option(50, "--reconstruct-iters", min=1, help="--reconstruct steps per block.")
 
 
-def _with_transforms(passes: list[dict], rotate: bool, reconstruct: bool, train: str, iters: int
-                     ) -> tuple[list[dict], str]:
-    """The recipe's passes with --rotate before and --reconstruct after, and the output tag's suffix."""
-    suffix = ""
-    if rotate:
-        passes = [{"method": "rotate"}, *passes]
-        suffix += "-rot"
-    if reconstruct:
-        passes = [*passes, {"method": "reconstruct", "train": train, "iters": iters}]
-        suffix += "-rec"
-    elif train != "rounding" or iters != 50:
-        raise CompressorError("--reconstruct-train / --reconstruct-iters need --reconstruct")
-    return passes, suffix
 BaselineOpt = typer.Option(
     None, "--baseline", help="Dense model to compare with (default: the source in compress.json).")
 DeviceOpt = typer.Option("auto", "--device", help="auto, cpu or cuda (one block on it at a time).")
@@ -171,11 +152,9 @@ DataDirOpt = typer.Option(
 )
 
 
-def _calibration(calibration, samples, seqlen, seed, data_dir, batch_size):
-    from compressor.job import Calibration
-
-    return Calibration(source=calibration, samples=samples, seqlen=seqlen, seed=seed,
-                       data_dir=data_dir, batch_size=batch_size)
+def _calibration(calibration, samples, seqlen, seed, data_dir, batch_size) -> dict:
+    return dict(calibration=calibration, samples=samples, seqlen=seqlen, seed=seed, data_dir=data_dir,
+                batch_size=batch_size)
 
 
 @app.command()
@@ -235,66 +214,13 @@ def quantize(
     Examples: compress quantize --bits 4 --group-size 128 MODEL -o out/w4;
     compress quantize --format nvfp4 MODEL -o out/nvfp4
     """
-    from compressor.budget import parse_budget
-    from compressor.fpgrids import float_grid
+    from compressor.recipes import quantize_job
 
-    if not math.isfinite(bits):
-        raise CompressorError(f"--bits must be a number of bits from 2 to 8, got {bits}")
-    if number_format.lower() != "int":
-        float_grid(number_format)  # an unknown name fails here, before any work
-        if allocate is not None or budget is not None or bits != 4:
-            raise CompressorError(f"--format {number_format} is 4-bit: no --bits other than 4, "
-                                  "--allocate or --budget")
-        step = {"method": "fp4", "format": number_format.lower()}
-        tag = step["format"]
-        if method not in (None, "rtn", "gptq"):
-            raise CompressorError(f"unknown --method {method!r} for --format; choose rtn or gptq")
-        if method == "gptq":
-            step.update(gptq=True, act_order=act_order, damp=damp)
-            tag += "-gptq"
-        if act_bits is not None:
-            step["act_bits"] = act_bits
-            tag += f"-a{act_bits}"
-        if group_size not in (None, 0, -1) and step["format"] in ("fp4", "e2m1"):
-            step["group_size"] = group_size
-            tag += f"-g{group_size}"
-        elif group_size not in (None, 0, -1):
-            raise CompressorError(f"--format {number_format} has a fixed block size; drop --group-size")
-        if reconstruct:
-            raise CompressorError(f"--reconstruct learns integer grids and sparse masks; --format "
-                                  f"{number_format} keeps its float grid (not learned yet)")
-        passes, suffix = _with_transforms([step], rotate, reconstruct, reconstruct_train, reconstruct_iters)
-        cal = _calibration(calibration, samples, seqlen, seed, data_dir, batch_size)
-        _run_job(model, {"passes": passes}, output, cal, device, overwrite, as_json, tag + suffix, None,
-                 resume, low_memory)
-        return
-    if act_bits is not None:
-        raise CompressorError("--act-bits needs --format fp4 or --format e2m1")
-    group_size = 128 if group_size is None else group_size
-    method = method or "gptq"
-    allocation = None
-    if allocate is not None:
-        target = parse_budget(budget) if budget else parse_budget(f"{bits}bits")
-        allocation = {"score": allocate, "budget": target}
-        bits = 4  # a placeholder for validation: the allocation picks the widths
-    elif budget is not None:
-        raise CompressorError("--budget needs --allocate lim|zd (or use `compress search`)")
-    elif bits != int(bits):
-        raise CompressorError(f"fractional --bits {bits:g} needs --allocate lim or --allocate zd")
-    step = {"method": method, "bits": int(bits), "group_size": group_size, "symmetric": symmetric}
-    if mse:
-        step["mse"] = True
-    if method == "gptq":
-        step.update(act_order=act_order, damp=damp)
-    if allocation and (rotate or reconstruct):
-        raise CompressorError("--allocate spreads one quantization pass: use a recipe (compress run) "
-                              "to combine it with --rotate / --reconstruct")
-    passes, suffix = _with_transforms([step], rotate, reconstruct, reconstruct_train, reconstruct_iters)
-    recipe = {"passes": passes}
-    width = f"{allocation['budget']}-{allocate}" if allocation else f"w{int(bits)}"
-    tag = f"{method}-{width}" + (f"g{group_size}" if group_size > 0 else "-channel") + suffix
+    job = quantize_job(bits, group_size, symmetric, method, number_format, act_bits, act_order, mse, damp,
+                       allocate, budget, rotate, reconstruct, reconstruct_train, reconstruct_iters)
     cal = _calibration(calibration, samples, seqlen, seed, data_dir, batch_size)
-    _run_job(model, recipe, output, cal, device, overwrite, as_json, tag, allocation, resume, low_memory)
+    _run_job(model, job.recipe, output, cal, device, overwrite, as_json, job.tag, job.allocation, resume,
+             low_memory)
 
 
 @app.command()
@@ -343,33 +269,13 @@ def sparsify(
 
     Example: compress sparsify --pattern 2:4 --method wanda --dsnot MODEL -o out/s24
     """
-    from compressor.sparsity import check_sparsity, parse_nm
+    from compressor.recipes import sparsify_job
 
-    if (pattern is None) == (sparsity is None):
-        raise CompressorError("give exactly one of --pattern N:M or --sparsity F")
-    if pattern is not None:
-        parse_nm(pattern)  # the reason a pattern is wrong, before anything is loaded
-    else:
-        check_sparsity(sparsity)
-    step = {"method": method, **({"pattern": pattern} if pattern else {"sparsity": sparsity})}
-    passes = [step]
-    if dsnot:
-        passes.append({"method": "dsnot", "criterion": dsnot_criterion, "max_cycles": max_cycles,
-                       "update_threshold": update_threshold})
-    if allocate is not None and (rotate or reconstruct):
-        raise CompressorError("--allocate spreads one pruning pass: use a recipe (compress run) "
-                              "to combine it with --rotate / --reconstruct")
-    passes, suffix = _with_transforms(passes, rotate, reconstruct, reconstruct_train, reconstruct_iters)
-    allocation = None
-    if allocate is not None:
-        if pattern is not None:
-            raise CompressorError("--allocate spreads an unstructured --sparsity, not an N:M --pattern")
-        allocation = {"score": allocate, "spread": spread}
-    label = pattern.replace(":", "of") if pattern else f"s{round(100 * sparsity)}"
-    tag = f"{method}-{label}" + (f"-{allocate}" if allocate else "") + ("-dsnot" if dsnot else "") + suffix
+    job = sparsify_job(pattern, sparsity, method, dsnot, allocate, spread, dsnot_criterion, max_cycles,
+                       update_threshold, rotate, reconstruct, reconstruct_train, reconstruct_iters)
     cal = _calibration(calibration, samples, seqlen, seed, data_dir, batch_size)
-    _run_job(model, {"passes": passes}, output, cal, device, overwrite, as_json, tag, allocation,
-             resume, low_memory)
+    _run_job(model, job.recipe, output, cal, device, overwrite, as_json, job.tag, job.allocation, resume,
+             low_memory)
 
 
 @app.command()
@@ -461,6 +367,8 @@ def search(
 
     Example: compress search --budget 3.5bpw MODEL -o out/evo35   (then --resume out/evo35 after a crash)
     """
+    from compressor.api import default_output
+    from compressor.job import Calibration
     from compressor.model import resolve_source
     from compressor.search.evopress import SearchSettings, parse_stages
     from compressor.search.run import SearchJob, load_resume, run_search
@@ -487,8 +395,9 @@ def search(
                         database_reference=database_reference, assemble=assemble, settings=settings)
         job.validate()
         source = resolve_source(model)
-        output = output or _default_output(model, f"evopress-{job.budget}")
-    cal = _calibration(calibration, samples, seqlen, seed, data_dir, batch_size)
+        output = output or default_output(model, f"evopress-{job.budget}")
+    cal = Calibration(source=calibration, samples=samples, seqlen=seqlen, seed=seed, data_dir=data_dir,
+                      batch_size=batch_size)
     with progress_bar(not as_json) as (stage, advance):
         result = run_search(source, job, output, cal, device, overwrite, database, resume is not None,
                             stage, advance)

@@ -245,3 +245,25 @@ def test_cli_quantize_with_reconstruct(llama_dir, calibration_file, tmp_path, ca
     assert all("reconstruct" in m["methods"] for m in summary["modules"].values())
     assert (out / "recipe.yaml").is_file()
     assert scope_of("reconstruct") == Scope.BLOCK
+
+
+def test_python_api_writes_the_bytes_the_cli_writes(llama_dir, calibration_file, tmp_path, capsys,
+                                                    monkeypatch, isolated_cache):
+    import compressor
+
+    cli_out = tmp_path / "cli"
+    code, stdout, stderr = run_cli(
+        ["quantize", llama_dir, "--bits", "3", "--group-size", "32", "--asym", "--rotate", "--reconstruct",
+         "--reconstruct-iters", "5", "--calibration", calibration_file, "--samples", "4", "--seqlen", "32",
+         "-o", cli_out, "--json"], capsys, monkeypatch)
+    assert code == 0, stderr
+    from_cli = json.loads(stdout)
+    result = compressor.quantize(str(llama_dir), output=tmp_path / "api", bits=3, group_size=32,
+                                 symmetric=False, rotate=True, reconstruct=True, reconstruct_iters=5,
+                                 calibration=str(calibration_file), samples=4, seqlen=32)
+    assert result.manifest["checksum"]["sha256"] == from_cli["checksum"]["sha256"]
+    assert [p["method"] for p in result.manifest["recipe"]["passes"]] == ["rotate", "gptq", "reconstruct"]
+    # compressor.run takes the same recipe as data and writes the same bytes again.
+    again = compressor.run(result.manifest["recipe"], str(llama_dir), tmp_path / "run",
+                           calibration=str(calibration_file), samples=4, seqlen=32)
+    assert again.manifest["checksum"]["sha256"] == from_cli["checksum"]["sha256"]

@@ -1,0 +1,75 @@
+"""The Python API: the compressing commands as functions, with the CLI's options as keywords.
+
+    import compressor
+    result = compressor.quantize("MODEL", bits=4, group_size=64, reconstruct=True, output="out/w4r")
+    result.output, result.manifest["bpw"]
+
+`compress quantize|sparsify|run` are thin wrappers over these (they add the progress bar and the
+printing), so the same options give the same checkpoint, byte for byte.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from compressor.job import Calibration, JobResult, run_compression
+from compressor.recipes import Job, quantize_job, sparsify_job
+
+
+def default_output(model: str | None, tag: str) -> Path:
+    stem = Path(model).stem if model else "SmolLM2-135M-Instruct"
+    return Path("out") / f"{stem}-{tag}"
+
+
+def run_job(model: str | None, job: Job, output: str | Path | None = None, *,
+            calibration: str = "c4", samples: int = 128, seqlen: int = 512, seed: int = 0,
+            batch_size: int | None = None, data_dir: str | None = None, device: str = "auto",
+            overwrite: bool = False, resume: bool = False, low_memory: bool = False,
+            on_stage: Callable[[str], None] | None = None,
+            on_block: Callable[[int, int], None] | None = None) -> JobResult:
+    """Compress `model` (a folder, a .gguf file, a hub id; None = the default SmolLM2) as `job` says."""
+    from compressor.model import resolve_source
+
+    source = resolve_source(model)
+    output = Path(output) if output is not None else default_output(model, job.tag)
+    cal = Calibration(source=calibration, samples=samples, seqlen=seqlen, seed=seed, data_dir=data_dir,
+                      batch_size=batch_size)
+    return run_compression(source, job.recipe, output, cal, device, overwrite, on_stage, on_block,
+                           job.allocation, resume, low_memory)
+
+
+RUN_KEYS = {"calibration", "samples", "seqlen", "seed", "batch_size", "data_dir", "device", "overwrite",
+            "resume", "low_memory", "on_stage", "on_block"}
+
+
+def _split(options: dict) -> tuple[dict, dict]:
+    return ({k: v for k, v in options.items() if k not in RUN_KEYS},
+            {k: v for k, v in options.items() if k in RUN_KEYS})
+
+
+def quantize(model: str | None = None, output: str | Path | None = None, **options) -> JobResult:
+    """`compress quantize`: bits, group_size, symmetric, method, number_format, act_bits, act_order,
+    mse, damp, allocate, budget, rotate, reconstruct, reconstruct_train, reconstruct_iters, and the
+    run options of run_job (calibration, samples, seqlen, seed, device, ...)."""
+    recipe_options, run_options = _split(options)
+    return run_job(model, quantize_job(**recipe_options), output, **run_options)
+
+
+def sparsify(model: str | None = None, output: str | Path | None = None, **options) -> JobResult:
+    """`compress sparsify`: pattern or sparsity, method, dsnot, allocate, spread, dsnot_criterion,
+    max_cycles, update_threshold, rotate, reconstruct, ..., and the run options of run_job."""
+    recipe_options, run_options = _split(options)
+    return run_job(model, sparsify_job(**recipe_options), output, **run_options)
+
+
+def run(recipe: str | Path | dict, model: str | None = None, output: str | Path | None = None,
+        **options) -> JobResult:
+    """`compress run`: the passes of a recipe (a YAML path or the same data as a dict)."""
+    from compressor.plan import load_recipe
+
+    tag = "recipe"
+    if not isinstance(recipe, dict):
+        tag = Path(recipe).stem
+        recipe = load_recipe(recipe)
+    return run_job(model, Job(recipe, None, tag), output, **options)

@@ -1,0 +1,136 @@
+"""Recipes from options: the one place where `compress quantize` / `compress sparsify` and the
+Python API (compressor.quantize, compressor.sparsify) turn their options into passes.
+
+Each builder returns a Job: the recipe (plain data, as a recipe YAML would hold it), the importance
+allocation if one was asked for (compressor.search.importance), and a short tag naming the run
+(the default output folder's suffix). Every option is checked here, before any model is loaded.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from compressor.errors import CompressorError
+
+
+@dataclass
+class Job:
+    recipe: dict
+    allocation: dict | None
+    tag: str
+
+
+def with_transforms(passes: list[dict], rotate: bool = False, reconstruct: bool = False,
+                    reconstruct_train: str = "rounding", reconstruct_iters: int = 50
+                    ) -> tuple[list[dict], str]:
+    """`passes` with the rotation (a model pass) first and the block reconstruction last, and the
+    tag's suffix for them."""
+    suffix = ""
+    if rotate:
+        passes = [{"method": "rotate"}, *passes]
+        suffix += "-rot"
+    if reconstruct:
+        passes = [*passes, {"method": "reconstruct", "train": reconstruct_train, "iters": reconstruct_iters}]
+        suffix += "-rec"
+    elif reconstruct_train != "rounding" or reconstruct_iters != 50:
+        raise CompressorError("--reconstruct-train / --reconstruct-iters need --reconstruct")
+    return passes, suffix
+
+
+def quantize_job(bits: float = 4, group_size: int | None = None, symmetric: bool = True,
+                 method: str | None = None, number_format: str = "int", act_bits: int | None = None,
+                 act_order: bool = True, mse: bool = False, damp: float = 0.01,
+                 allocate: str | None = None, budget: str | None = None, rotate: bool = False,
+                 reconstruct: bool = False, reconstruct_train: str = "rounding",
+                 reconstruct_iters: int = 50) -> Job:
+    """The options of `compress quantize` (see its --help) as a recipe."""
+    from compressor.budget import parse_budget
+    from compressor.fpgrids import float_grid
+
+    transforms = dict(rotate=rotate, reconstruct=reconstruct, reconstruct_train=reconstruct_train,
+                      reconstruct_iters=reconstruct_iters)
+    if not math.isfinite(bits):
+        raise CompressorError(f"--bits must be a number of bits from 2 to 8, got {bits}")
+    if number_format.lower() != "int":
+        float_grid(number_format)  # an unknown name fails here, before any work
+        if allocate is not None or budget is not None or bits != 4:
+            raise CompressorError(f"--format {number_format} is 4-bit: no --bits other than 4, "
+                                  "--allocate or --budget")
+        step = {"method": "fp4", "format": number_format.lower()}
+        tag = step["format"]
+        if method not in (None, "rtn", "gptq"):
+            raise CompressorError(f"unknown --method {method!r} for --format; choose rtn or gptq")
+        if method == "gptq":
+            step.update(gptq=True, act_order=act_order, damp=damp)
+            tag += "-gptq"
+        if act_bits is not None:
+            step["act_bits"] = act_bits
+            tag += f"-a{act_bits}"
+        if group_size not in (None, 0, -1) and step["format"] in ("fp4", "e2m1"):
+            step["group_size"] = group_size
+            tag += f"-g{group_size}"
+        elif group_size not in (None, 0, -1):
+            raise CompressorError(f"--format {number_format} has a fixed block size; drop --group-size")
+        if reconstruct:
+            raise CompressorError(f"--reconstruct learns integer grids and sparse masks; --format "
+                                  f"{number_format} keeps its float grid (not learned yet)")
+        passes, suffix = with_transforms([step], **transforms)
+        return Job({"passes": passes}, None, tag + suffix)
+    if act_bits is not None:
+        raise CompressorError("--act-bits needs --format fp4 or --format e2m1")
+    group_size = 128 if group_size is None else group_size
+    method = method or "gptq"
+    allocation = None
+    if allocate is not None:
+        target = parse_budget(budget) if budget else parse_budget(f"{bits}bits")
+        allocation = {"score": allocate, "budget": target}
+        bits = 4  # a placeholder for validation: the allocation picks the widths
+    elif budget is not None:
+        raise CompressorError("--budget needs --allocate lim|zd (or use `compress search`)")
+    elif bits != int(bits):
+        raise CompressorError(f"fractional --bits {bits:g} needs --allocate lim or --allocate zd")
+    step = {"method": method, "bits": int(bits), "group_size": group_size, "symmetric": symmetric}
+    if mse:
+        step["mse"] = True
+    if method == "gptq":
+        step.update(act_order=act_order, damp=damp)
+    if allocation and (rotate or reconstruct):
+        raise CompressorError("--allocate spreads one quantization pass: use a recipe (compress run) "
+                              "to combine it with --rotate / --reconstruct")
+    passes, suffix = with_transforms([step], **transforms)
+    width = f"{allocation['budget']}-{allocate}" if allocation else f"w{int(bits)}"
+    tag = f"{method}-{width}" + (f"g{group_size}" if group_size > 0 else "-channel") + suffix
+    return Job({"passes": passes}, allocation, tag)
+
+
+def sparsify_job(pattern: str | None = None, sparsity: float | None = None, method: str = "wanda",
+                 dsnot: bool = False, allocate: str | None = None, spread: float = 0.1,
+                 dsnot_criterion: str = "error", max_cycles: int = 50, update_threshold: float = 0.1,
+                 rotate: bool = False, reconstruct: bool = False, reconstruct_train: str = "rounding",
+                 reconstruct_iters: int = 50) -> Job:
+    """The options of `compress sparsify` (see its --help) as a recipe."""
+    from compressor.sparsity import check_sparsity, parse_nm
+
+    if (pattern is None) == (sparsity is None):
+        raise CompressorError("give exactly one of --pattern N:M or --sparsity F")
+    if pattern is not None:
+        parse_nm(pattern)  # the reason a pattern is wrong, before anything is loaded
+    else:
+        check_sparsity(sparsity)
+    passes = [{"method": method, **({"pattern": pattern} if pattern else {"sparsity": sparsity})}]
+    if dsnot:
+        passes.append({"method": "dsnot", "criterion": dsnot_criterion, "max_cycles": max_cycles,
+                       "update_threshold": update_threshold})
+    if allocate is not None and (rotate or reconstruct):
+        raise CompressorError("--allocate spreads one pruning pass: use a recipe (compress run) "
+                              "to combine it with --rotate / --reconstruct")
+    passes, suffix = with_transforms(passes, rotate, reconstruct, reconstruct_train, reconstruct_iters)
+    allocation = None
+    if allocate is not None:
+        if pattern is not None:
+            raise CompressorError("--allocate spreads an unstructured --sparsity, not an N:M --pattern")
+        allocation = {"score": allocate, "spread": spread}
+    label = pattern.replace(":", "of") if pattern else f"s{round(100 * sparsity)}"
+    tag = f"{method}-{label}" + (f"-{allocate}" if allocate else "") + ("-dsnot" if dsnot else "") + suffix
+    return Job({"passes": passes}, allocation, tag)
