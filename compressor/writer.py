@@ -37,6 +37,7 @@ from safetensors.torch import save_file
 
 from compressor import distributed
 from compressor.errors import CompressorError
+from compressor.files import atomic_write
 from compressor.pack import INDEX_NAME, WEIGHTS_NAME, check_output, module_tensors, quantization_config
 from compressor.passes import LinearState
 from compressor.stream import SafetensorsReader
@@ -49,21 +50,6 @@ MANIFEST = "compress.json"
 
 def staging_folder(output: Path) -> Path:
     return output.with_name(f".{output.name}.partial")
-
-
-def _atomic(path: Path, write) -> None:
-    """write(temporary path), then rename: a reader never sees half a file. A failed write (a full
-    disk, a quota) is one clear error."""
-    partial = path.with_name(path.name + ".tmp")
-    try:
-        write(partial)
-        os.replace(partial, path)
-    except Exception as error:  # noqa: BLE001 - safetensors and torch wrap OSError their own way
-        partial.unlink(missing_ok=True)
-        if isinstance(error, CompressorError):
-            raise
-        first = (str(error).strip() or type(error).__name__).splitlines()[0]
-        raise CompressorError(f"cannot write {path}: {first}")
 
 
 def peak_rss_mb() -> float:
@@ -143,14 +129,15 @@ class CheckpointWriter:
                     hidden: list[torch.Tensor] | None) -> None:
         if hidden is not None:
             chunks = {f"chunk-{i:05d}": h.detach().cpu().contiguous() for i, h in enumerate(hidden)}
-            _atomic(self._hidden_path(index), lambda p: save_file(chunks, p))
+            atomic_write(self._hidden_path(index), lambda p: save_file(chunks, p))
         if self.writes:
-            _atomic(self.staging / f"block-{index:05d}.safetensors",
-                    lambda p: save_file(tensors, p, metadata={"format": "pt"}))
-            _atomic(self.resume_dir / f"records-{index:05d}.pt", lambda p: p.write_bytes(_pickled(records)))
+            atomic_write(self.staging / f"block-{index:05d}.safetensors",
+                         lambda p: save_file(tensors, p, metadata={"format": "pt"}))
+            atomic_write(self.resume_dir / f"records-{index:05d}.pt",
+                         lambda p: p.write_bytes(_pickled(records)))
         distributed.barrier()  # every rank's hidden states are on disk before progress says so
         if self.writes:
-            _atomic(self.resume_dir / PROGRESS, lambda p: p.write_text(json.dumps(
+            atomic_write(self.resume_dir / PROGRESS, lambda p: p.write_text(json.dumps(
                 {"identity": self.identity, "blocks_done": index + 1}, indent=1)))
         distributed.barrier()
         if index > 0:
@@ -188,8 +175,8 @@ class CheckpointWriter:
             return 0
         started = time.perf_counter()
         outside = outside_tensors()
-        _atomic(self.staging / "outside.safetensors",
-                lambda p, tensors=outside: save_file(tensors, p, metadata={"format": "pt"}))
+        atomic_write(self.staging / "outside.safetensors",
+                     lambda p, tensors=outside: save_file(tensors, p, metadata={"format": "pt"}))
         del outside
         weight_bytes = self._regroup()
         try:
@@ -197,7 +184,7 @@ class CheckpointWriter:
         except OSError as error:
             raise CompressorError(f"cannot write the config and tokenizer to {self.staging}: {error}")
         for name, text in extra_files.items():
-            _atomic(self.staging / name, lambda p, t=text: p.write_text(t))
+            atomic_write(self.staging / name, lambda p, t=text: p.write_text(t))
         shutil.rmtree(self.resume_dir)
         manifest["size"] = {
             "weights_bytes": weight_bytes,
@@ -207,7 +194,7 @@ class CheckpointWriter:
         manifest.setdefault("seconds", {})["write"] = round(
             manifest["seconds"].get("write", 0.0) + time.perf_counter() - started, 3)
         manifest["peak_rss_mb"] = round(peak_rss_mb(), 1)
-        _atomic(self.staging / MANIFEST, lambda p: p.write_text(json.dumps(manifest, indent=2) + "\n"))
+        atomic_write(self.staging / MANIFEST, lambda p: p.write_text(json.dumps(manifest, indent=2) + "\n"))
         self._rename_into_place()
         return weight_bytes
 
@@ -229,7 +216,7 @@ class CheckpointWriter:
         weight_map, total = {}, 0
         for name, group in zip(names, groups, strict=True):
             tensors = {key: reader.read(key) for _, reader in group for key in sorted(reader.keys())}
-            _atomic(self.staging / name, lambda p, t=tensors: save_file(t, p, metadata={"format": "pt"}))
+            atomic_write(self.staging / name, lambda p, t=tensors: save_file(t, p, metadata={"format": "pt"}))
             weight_map.update({key: name for key in tensors})
             total += sum(t.numel() * t.element_size() for t in tensors.values())
             del tensors

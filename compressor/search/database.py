@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +30,7 @@ from safetensors.torch import save_file
 
 from compressor import budget, grids
 from compressor.errors import CompressorError
+from compressor.files import atomic_write
 from compressor.grids import IntGrid
 from compressor.model import block_linears, decoder_blocks
 from compressor.pack import pack_linear
@@ -119,14 +119,8 @@ def _state_meta(state: LinearState, dense_bits: int) -> dict:
     return meta
 
 
-def _write_atomic(path: Path, write) -> None:
-    partial = path.with_name(path.name + ".partial")
-    write(partial)
-    os.replace(partial, path)
-
-
 def _write_index(folder: Path, index: dict) -> None:
-    _write_atomic(folder / INDEX, lambda p: p.write_text(json.dumps(index, indent=1)))
+    atomic_write(folder / INDEX, lambda p: p.write_text(json.dumps(index, indent=1)))
 
 
 class _LevelBuilder(BlockHooks):
@@ -173,7 +167,7 @@ class _LevelBuilder(BlockHooks):
         if key in self.index["blocks"]:
             return
         file = f"block-{key}.safetensors"
-        _write_atomic(self.folder / file, lambda p, t=self.tensors: save_file(t, p))
+        atomic_write(self.folder / file, lambda p, t=self.tensors: save_file(t, p))
         self.index["blocks"][key] = file
         self.index["groups"] = [g for g in self.index["groups"]
                                 if not g[0].startswith(f"{self.prefix}.{number}.")] + self.groups

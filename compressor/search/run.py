@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -27,6 +26,7 @@ import yaml
 from compressor import budget, data
 from compressor.budget import Budget
 from compressor.errors import CompressorError
+from compressor.files import atomic_write
 from compressor.job import RECIPE_FILE, Calibration, JobResult, WriteEachBlock, build_manifest, peak_rss_mb
 from compressor.model import ModelSource, block_linears, decoder_blocks, load_model
 from compressor.pack import check_output, module_tensors
@@ -123,9 +123,7 @@ def work_folder(output: Path) -> Path:
 
 
 def _save_json(path: Path, content: dict) -> None:
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(json.dumps(content, indent=1))
-    os.replace(partial, path)
+    atomic_write(path, lambda p: p.write_text(json.dumps(content, indent=1)))
 
 
 def load_resume(output: Path) -> dict:
