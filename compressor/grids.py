@@ -47,6 +47,20 @@ class IntGrid:
         return in_features % self.group_width(in_features) != 0
 
 
+def sign_offset(bits: int) -> int:
+    """The code of 0.0 on a symmetric grid, and what turns our unsigned codes into the signed
+    codes compressed-tensors stores ([-8, 7] at 4 bits)."""
+    return 2 ** (bits - 1)
+
+
+def to_signed(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    return (codes.to(torch.int16) - sign_offset(bits)).to(torch.int8)
+
+
+def from_signed(signed: torch.Tensor, bits: int) -> torch.Tensor:
+    return (signed.to(torch.int16) + sign_offset(bits)).to(torch.uint8)
+
+
 def group_index(in_features: int, group_width: int) -> torch.Tensor:
     """Column -> group number; the last group takes whatever columns are left."""
     return torch.arange(in_features) // group_width
@@ -80,7 +94,7 @@ def _params_from_range(
     # that the in-memory model and the reloaded checkpoint see bit-identical weights.
     scale = scale.to(scale_dtype).float()
     if grid.symmetric:
-        zero = torch.full_like(scale, (grid.maxq + 1) // 2)
+        zero = torch.full_like(scale, sign_offset(grid.bits))
     else:
         zero = torch.round(-xmin / scale).clamp(0, grid.maxq)
     return scale, zero

@@ -23,7 +23,7 @@ from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
 from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
 from safetensors import safe_open
 
-from compressor import fpgrids
+from compressor import fpgrids, grids
 from compressor.errors import CompressorError
 from compressor.fpgrids import FloatGrid
 from compressor.grids import IntGrid
@@ -41,8 +41,7 @@ def pack_linear(q: QuantizedWeight | FloatWeight) -> dict[str, torch.Tensor]:
     if isinstance(q, FloatWeight):
         return pack_float_linear(q)
     out_features, in_features = q.codes.shape
-    offset = 2 ** (q.grid.bits - 1)
-    signed = (q.codes.to(torch.int16) - offset).to(torch.int8)
+    signed = grids.to_signed(q.codes, q.grid.bits)
     tensors = {
         "weight_packed": pack_to_int32(signed, q.grid.bits),
         "weight_scale": q.scale.contiguous(),
@@ -50,7 +49,7 @@ def pack_linear(q: QuantizedWeight | FloatWeight) -> dict[str, torch.Tensor]:
     }
     if not q.grid.symmetric:
         # Block strategy (always used when asymmetric, see above) keeps int8 zero points.
-        tensors["weight_zero_point"] = (q.zero.to(torch.int16) - offset).to(torch.int8)
+        tensors["weight_zero_point"] = grids.to_signed(q.zero, q.grid.bits)
     return tensors
 
 

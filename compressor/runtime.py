@@ -23,6 +23,7 @@ import torch
 from safetensors import safe_open
 
 from compressor.errors import CompressorError
+from compressor.grids import from_signed, sign_offset
 from compressor.model import ModelSource, load_model, load_tokenizer, read_json
 from compressor.pack import tensor_files
 from compressor.sparse24 import accelerate_2of4
@@ -71,15 +72,14 @@ def packed_linear(name: str, args: dict, read, bias, dtype, device: str,
         raise CompressorError(f"{name}: {args.get('type')} weights are not run packed; use the dense loader")
     bits = int(args["num_bits"])
     shape = torch.Size(read(f"{name}.weight_shape").tolist())
-    offset = 2 ** (bits - 1)
     signed = unpack_from_int32(read(f"{name}.weight_packed"), bits, shape)
-    codes = (signed.to(torch.int16) + offset).to(torch.uint8)
+    codes = from_signed(signed, bits)
     scale = read(f"{name}.weight_scale").float()
     if scale.dim() == 1:
         scale = scale[:, None]
     zero = None
     if not args.get("symmetric", True):
-        zero = read(f"{name}.weight_zero_point").float().reshape(scale.shape) + offset
+        zero = read(f"{name}.weight_zero_point").float().reshape(scale.shape) + sign_offset(bits)
     g_idx = read(f"{name}.weight_g_idx", optional=True)
     width = _group_width(args, shape[1])
     # The aten int4/int8 kernels are CPU ones; elsewhere Triton's dequantize-matmul when installed.

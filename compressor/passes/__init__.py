@@ -34,7 +34,7 @@ import torch
 
 from compressor.errors import CompressorError
 from compressor.fpgrids import FloatGrid
-from compressor.grids import IntGrid
+from compressor.grids import SUPPORTED_BITS, IntGrid
 
 
 @dataclass
@@ -142,7 +142,7 @@ def apply_steps(layers: list[LinearState], steps: list[Step], stats) -> None:
 def grid_from_args(args: dict) -> IntGrid:
     """Validate and build an integer grid from user settings (bits, group_size, symmetric, mse)."""
     bits = args.get("bits", 4)
-    if not isinstance(bits, int) or isinstance(bits, bool) or not 2 <= bits <= 8:
+    if not isinstance(bits, int) or isinstance(bits, bool) or bits not in SUPPORTED_BITS:
         raise CompressorError(f"bits must be an integer from 2 to 8, got {bits!r}")
     group_size = args.get("group_size", 128)
     if not isinstance(group_size, int) or isinstance(group_size, bool) or group_size < -1:

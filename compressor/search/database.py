@@ -31,7 +31,7 @@ from safetensors.torch import save_file
 from compressor import budget, grids
 from compressor.errors import CompressorError
 from compressor.files import atomic_write
-from compressor.grids import IntGrid
+from compressor.grids import IntGrid, from_signed
 from compressor.model import block_linears, decoder_blocks
 from compressor.pack import pack_linear
 from compressor.passes import LinearState, QuantizedWeight, Step, apply_steps, get_pass
@@ -292,7 +292,7 @@ class LevelDatabase:
             packed = self._tensor(module, name, "weight_packed")
             shape = torch.Size([out_features, in_features])
             signed = unpack_from_int32(packed, grid.bits, shape)
-            codes = (signed.to(torch.int16) + 2 ** (grid.bits - 1)).to(torch.uint8)
+            codes = from_signed(signed, grid.bits)
             scale = self._tensor(module, name, "weight_scale")
             zero = self._tensor(module, name, "zero")
             state.quant = QuantizedWeight(grid=grid, codes=codes, scale=scale, zero=zero,
