@@ -99,7 +99,7 @@ class GPTQResult:
     unrounded: torch.Tensor | None = None  # each column just before rounding (after error feedback)
 
 
-def _inverse_hessian_factor(make_hessian: Callable[[], torch.Tensor], damp: float
+def inverse_hessian_factor(make_hessian: Callable[[], torch.Tensor], damp: float
                             ) -> tuple[torch.Tensor, float]:
     """Upper Cholesky factor of (H + damp * mean(diag H) * I)^-1, raising damping until it exists.
 
@@ -159,7 +159,7 @@ def error_feedback(
         H[dead, dead] = 1
         return H
 
-    Hinv, damp = _inverse_hessian_factor(permuted_hessian, options.damp)
+    Hinv, damp = inverse_hessian_factor(permuted_hessian, options.damp)
     blocksize = max(align, options.blocksize // align * align)
     # The loop runs once per column: keep each column a contiguous row (work on W^T), so the
     # loop's cost is the arithmetic. One copy of the weight, permuted and transposed at once.
@@ -227,7 +227,7 @@ def solve(
         if not static and grid.group_size > 0 and col % width == 0:
             # Dynamic groups (original order, so upcoming holds the group): fit the group on its
             # already-updated columns.
-            s, z = grids.choose_qparams(upcoming[:width].T, _whole_slice(grid), scale_dtype)
+            s, z = grids.choose_qparams(upcoming[:width].T, whole_row_grid(grid), scale_dtype)
             scale[:, g], zero[:, g] = s[:, 0], z[:, 0]
         s, z = scale_t[g], zero_t[g]
         return (torch.clamp(torch.round(upcoming[0] / s) + z, 0, grid.maxq) - z) * s
@@ -239,6 +239,6 @@ def solve(
                       unrounded=unrounded)
 
 
-def _whole_slice(grid: IntGrid) -> IntGrid:
+def whole_row_grid(grid: IntGrid) -> IntGrid:
     """The same grid with one group spanning whatever slice it is given."""
     return IntGrid(bits=grid.bits, group_size=0, symmetric=grid.symmetric, mse=grid.mse)

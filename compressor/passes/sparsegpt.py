@@ -28,7 +28,7 @@ from compressor import grids
 from compressor.errors import CompressorError
 from compressor.grids import IntGrid
 from compressor.passes import QUANT_KEYS, LinearState, check_keys, grid_from_args
-from compressor.passes.gptq import _inverse_hessian_factor, _whole_slice
+from compressor.passes.gptq import inverse_hessian_factor, whole_row_grid
 from compressor.passes.magnitude import PATTERN_KEYS, begin_pruning, finish_pruning
 from compressor.passes.rtn import quantize_with_params
 from compressor.sparsity import Pattern, pattern_from_args, pruned_per_row, select_mask
@@ -148,7 +148,7 @@ def solve(
         H[dead, dead] = 1
         return H
 
-    Hinv, damp = _inverse_hessian_factor(dead_filled_hessian, options.damp)
+    Hinv, damp = inverse_hessian_factor(dead_filled_hessian, options.damp)
     blocksize = solver_blocksize(options.blocksize, cols, pattern, grid)
 
     scale = zero = None
@@ -189,7 +189,7 @@ def solve(
                 keep1[i:i + m] = select_mask(score.T, pattern).T
             if dynamic and col % width == 0:
                 group = W1[i:i + width] * keep1[i:i + width]
-                s, z = grids.choose_qparams(group.T, _whole_slice(grid), scale_dtype)
+                s, z = grids.choose_qparams(group.T, whole_row_grid(grid), scale_dtype)
                 scale[:, col // width], zero[:, col // width] = s[:, 0], z[:, 0]
             w = W1[i]
             q = w * keep1[i]
