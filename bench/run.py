@@ -107,7 +107,8 @@ SUITES: dict[str, list[tuple[str, list[str]]]] = {
                                               ("w4g128-sym", 4, 128, True))
         for suffix, extra in (("", []), ("-rot", ["--rotate"]), ("-rec", ["--reconstruct"]),
                               ("-rot-rec", ["--rotate", "--reconstruct"]))
-    ],
+    ] + [("gptq-w4g64-sym-rot-rec-compressed-targets",
+          ["run", str(HERE / "w4-rotate-gptq-reconstruct-compressed-targets.yaml")])],
     # Per-layer sparsity at equal total sparsity: uniform SparseGPT, LIM / ZD (+-10% by importance),
     # EvoPress over SparseGPT levels.
     "search-sparsity": [
