@@ -267,3 +267,16 @@ def test_python_api_writes_the_bytes_the_cli_writes(llama_dir, calibration_file,
     again = compressor.run(result.manifest["recipe"], str(llama_dir), tmp_path / "run",
                            calibration=str(calibration_file), samples=4, seqlen=32)
     assert again.manifest["checksum"]["sha256"] == from_cli["checksum"]["sha256"]
+
+
+def test_compressed_target_stream_through_a_recipe(llama_dir, calibration_file, tmp_path):
+    """`target_stream: compressed` (the dense block on the compressed model's stream: one stream, no
+    copy of the dense one) runs from a recipe; `targets` stays the recipe's module selector."""
+    second_block = {**RECONSTRUCT, "target_stream": "compressed", "targets": ["re:layers\\.1$"]}
+    recipe = {"passes": [GPTQ_W3, second_block]}
+    manifest = run_compression(ModelSource(str(llama_dir)), recipe, tmp_path / "o",
+                               Calibration(str(calibration_file), 6, 32, batch_size=2), "cpu").manifest
+    methods = {name: m["methods"] for name, m in manifest["modules"].items()}
+    assert all(m == (["gptq", "reconstruct"] if ".layers.1." in n else ["gptq"]) for n, m in methods.items())
+    with pytest.raises(CompressorError, match="target_stream must be one of"):
+        validate_recipe([GPTQ_W3, {"method": "reconstruct", "target_stream": "teacher"}])

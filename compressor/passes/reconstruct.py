@@ -46,7 +46,9 @@ class ReconstructOptions:
     train: str = "rounding"
     iters: int = 100  # optimiser steps per block, one calibration chunk each
     lr: float | None = None  # default: 1/iters for rounding (AutoRound), 1e-3 relative for full
-    targets: str = "dense"  # dense: the dense model's own stream; compressed: dense block on our inputs
+    # The targets: the dense block on the dense model's own stream (dense), or on the compressed
+    # model's stream (compressed). ("targets" in a recipe step picks modules.)
+    target_stream: str = "dense"
     batch: int = 4  # calibration windows per step
     start: str = "init"  # rounding: init = what the initialising pass rounded (GPTQ's error-fed
     # weights); dense = the dense weights (AutoRound from its round-to-nearest start)
@@ -55,7 +57,8 @@ class ReconstructOptions:
 
     @classmethod
     def from_args(cls, args: dict) -> ReconstructOptions:
-        check_keys("reconstruct", args, {"train", "iters", "lr", "targets", "batch", "start", "bf16", "seed"})
+        check_keys("reconstruct", args,
+                   {"train", "iters", "lr", "target_stream", "batch", "start", "bf16", "seed"})
         options = cls(**args)
         if options.bf16 not in (True, False, "auto"):
             raise CompressorError(f"reconstruct: bf16 must be true, false or auto, got {options.bf16!r}")
@@ -64,9 +67,9 @@ class ReconstructOptions:
         if options.train not in TRAIN:
             raise CompressorError(
                 f"reconstruct: train must be one of {', '.join(TRAIN)}, got {options.train!r}")
-        if options.targets not in TARGETS:
-            raise CompressorError(
-                f"reconstruct: targets must be one of {', '.join(TARGETS)}, got {options.targets!r}")
+        if options.target_stream not in TARGETS:
+            raise CompressorError(f"reconstruct: target_stream must be one of {', '.join(TARGETS)}, "
+                                  f"got {options.target_stream!r}")
         if not isinstance(options.iters, int) or isinstance(options.iters, bool) or options.iters < 1:
             raise CompressorError(f"reconstruct: iters must be a positive integer, got {options.iters!r}")
         if options.lr is not None and not (isinstance(options.lr, (int, float)) and 0 < options.lr < 1):
@@ -83,7 +86,7 @@ def needs_data(args: dict) -> bool:
 
 
 def target_stream(args: dict) -> str:
-    return ReconstructOptions.from_args(args).targets
+    return ReconstructOptions.from_args(args).target_stream
 
 
 def round_ste(x: torch.Tensor) -> torch.Tensor:
