@@ -209,7 +209,9 @@ def _compress_and_refine_block(block, block_plan: Plan, steps: list[Step], input
     from_dense = [get_pass(s.method).target_stream(s.args) == "dense" for s in steps]
     if any(from_dense) and not all(from_dense):
         raise CompressorError("the block passes of one block must agree on their targets")
-    targets = _block_outputs(block, inputs.dense if all(from_dense) else inputs.hidden, inputs.kwargs, device)
+    if inputs.dense is not None:  # the dense stream moves on through the dense block
+        inputs.dense = _block_outputs(block, inputs.dense, inputs.kwargs, device)
+    targets = inputs.dense if all(from_dense) else _block_outputs(block, inputs.hidden, inputs.kwargs, device)
     block_inputs = list(inputs.hidden)  # the recomputing pipeline overwrites its list with outputs
     dense_weights = {name: linear.weight.data.clone() for name, linear in block_linears(block).items()}
     done, _ = compress_block(block, block_plan, BlockInputs(list(inputs.hidden), inputs.kwargs), device,
@@ -219,8 +221,6 @@ def _compress_and_refine_block(block, block_plan: Plan, steps: list[Step], input
     for step in steps:
         get_pass(step.method).refine(block, done, data, step.args)
     inputs.hidden = _block_outputs(block, block_inputs, inputs.kwargs, device)
-    if inputs.dense is not None:
-        inputs.dense = targets
     return done
 
 
@@ -273,14 +273,15 @@ def _to(obj, device):
     return obj
 
 
-def _first_sample(obj, batch: int):
-    """Slice a chunk's kwargs down to its first sample (tensors whose leading dim is the batch)."""
+def batch_rows(obj, batch: int, start: int, stop: int):
+    """Rows start:stop of a chunk's tensors whose leading dimension is the chunk's batch (the
+    hidden states and per-sample kwargs; shared ones such as [1, seq] positions stay whole)."""
     if isinstance(obj, torch.Tensor):
-        return obj[:1] if obj.dim() > 0 and obj.shape[0] == batch and batch > 1 else obj
+        return obj[start:stop] if obj.dim() > 0 and obj.shape[0] == batch and batch > 1 else obj
     if isinstance(obj, (tuple, list)):
-        return type(obj)(_first_sample(o, batch) for o in obj)
+        return type(obj)(batch_rows(o, batch, start, stop) for o in obj)
     if isinstance(obj, dict):
-        return {k: _first_sample(v, batch) for k, v in obj.items()}
+        return {k: batch_rows(v, batch, start, stop) for k, v in obj.items()}
     return obj
 
 
@@ -311,7 +312,7 @@ def linear_groups(block, hidden: torch.Tensor, kwargs: dict, device) -> list[lis
         handles.append(linear.register_forward_pre_hook(record(name)))
     try:
         batch = hidden.shape[0]
-        block(_first_sample(hidden, batch).to(device), **_to(_first_sample(kwargs, batch), device))
+        block(batch_rows(hidden, batch, 0, 1).to(device), **_to(batch_rows(kwargs, batch, 0, 1), device))
     finally:
         for handle in handles:
             handle.remove()

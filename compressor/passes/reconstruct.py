@@ -34,7 +34,7 @@ from compressor import grids
 from compressor.errors import CompressorError
 from compressor.model import block_linears
 from compressor.passes import LinearState, QuantizedWeight, Scope, check_keys
-from compressor.pipeline import BlockData
+from compressor.pipeline import BlockData, batch_rows
 
 SCOPE = Scope.BLOCK
 TRAIN = ("rounding", "full")
@@ -196,17 +196,6 @@ def _windows(data: BlockData, batch: int) -> list[tuple[int, int, int]]:
             for c, hidden in enumerate(data.inputs) for start in range(0, len(hidden), batch)]
 
 
-def _rows(obj, batch: int, start: int, stop: int):
-    """Rows start:stop of a chunk's tensors whose leading dimension is the chunk's batch."""
-    if isinstance(obj, torch.Tensor):
-        return obj[start:stop] if obj.dim() > 0 and obj.shape[0] == batch and batch > 1 else obj
-    if isinstance(obj, (tuple, list)):
-        return type(obj)(_rows(o, batch, start, stop) for o in obj)
-    if isinstance(obj, dict):
-        return {k: _rows(v, batch, start, stop) for k, v in obj.items()}
-    return obj
-
-
 def _forward(block, weights: dict[str, torch.Tensor], hidden, kwargs, device):
     from compressor.pipeline import _to, output_hidden
 
@@ -293,7 +282,7 @@ def _train(block, learned: dict[str, LearnedLinear], data: BlockData, options: R
         weights = {f"{name}.weight": unit.weight() for name, unit in learned.items()}
         with _autocast(data.device, options.bf16):
             out = _forward(block, weights, data.inputs[chunk][start:stop],
-                           _rows(data.kwargs[chunk], rows, start, stop), data.device)
+                           batch_rows(data.kwargs[chunk], rows, start, stop), data.device)
         target = data.targets[chunk][start:stop].to(data.device).float()
         loss = (out.float() - target).pow(2).mean()
         if not math.isfinite(loss.item()):
