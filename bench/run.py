@@ -101,10 +101,13 @@ SUITES: dict[str, list[tuple[str, list[str]]]] = {
     # Learned PTQ (issue 19): each layout as plain GPTQ, with the rotation folded in first, with
     # block-wise reconstruction after, and both.
     "learned": [
-        (f"gptq-{label}{suffix}", [*_quant("gptq", bits, group, symmetric), *extra])
-        for label, bits, group, symmetric in (("w4g64-sym", 4, 64, True), ("w3g64-asym", 3, 64, False),
-                                              ("w4g64-asym", 4, 64, False), ("w2g64-asym", 2, 64, False),
-                                              ("w4g128-sym", 4, 128, True))
+        (f"gptq-{label}{suffix}", [*_quant("gptq", bits, group, symmetric), *grid_flags, *extra])
+        for label, bits, group, symmetric, grid_flags in (
+            ("w4g64-sym", 4, 64, True, []), ("w3g64-asym", 3, 64, False, []),
+            ("w4g64-asym", 4, 64, False, []), ("w2g64-asym", 2, 64, False, []),
+            ("w4g128-sym", 4, 128, True, []),
+            # AutoRound's symmetric grid: every code, a signed scale (its 24.88 is on this grid).
+            ("w4g64-full", 4, 64, True, ["--full-range"]))
         for suffix, extra in (("", []), ("-rot", ["--rotate"]), ("-rec", ["--reconstruct"]),
                               ("-rot-rec", ["--rotate", "--reconstruct"]))
     ] + [("gptq-w4g64-sym-rot-rec-compressed-targets",

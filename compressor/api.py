@@ -35,6 +35,8 @@ def run_job(model: str | None, job: Job, output: str | Path | None = None, *,
     output = Path(output) if output is not None else default_output(model, job.tag)
     cal = Calibration(source=calibration, samples=samples, seqlen=seqlen, seed=seed, data_dir=data_dir,
                       batch_size=batch_size)
+    if job.allocation is not None and job.allocation["score"] == "ip":
+        return _integer_programme(source, job, output, cal, device, overwrite, resume, on_stage, on_block)
     return run_compression(source, job.recipe, output, cal, device, overwrite, on_stage, on_block,
                            job.allocation, resume, low_memory)
 
@@ -49,8 +51,8 @@ def _split(options: dict) -> tuple[dict, dict]:
 
 
 def quantize(model: str | None = None, output: str | Path | None = None, **options) -> JobResult:
-    """`compress quantize`: bits, group_size, symmetric, method, number_format, act_bits, act_order,
-    mse, damp, allocate, budget, rotate, reconstruct, reconstruct_train, reconstruct_iters, and the
+    """`compress quantize`: bits, group_size, symmetric, full_range, method, number_format, act_bits,
+    act_order, mse, damp, allocate, budget, rotate, reconstruct, reconstruct_train, reconstruct_iters, and the
     run options of run_job (calibration, samples, seqlen, seed, device, ...)."""
     recipe_options, run_options = _split(options)
     return run_job(model, quantize_job(**recipe_options), output, **run_options)
@@ -73,3 +75,16 @@ def run(recipe: str | Path | dict, model: str | None = None, output: str | Path 
         tag = Path(recipe).stem
         recipe = load_recipe(recipe)
     return run_job(model, Job(recipe, None, tag), output, **options)
+
+
+def _integer_programme(source, job: Job, output: Path, cal: Calibration, device: str, overwrite: bool,
+                       resume: bool, on_stage, on_block) -> JobResult:
+    """`--allocate ip`: the search's level database (GPTQ at 2-6 bits on the job's grid), per-unit
+    KL growths, AdaQuant's integer programme; the checkpoint is written as `compress search` does."""
+    from compressor.search.run import SearchJob, run_search
+
+    step = job.recipe["passes"][0]
+    search = SearchJob(budget=str(job.allocation["budget"]), group_size=step["group_size"],
+                       symmetric=step["symmetric"], algorithm="ip")
+    return run_search(None if resume else source, search, output, cal, device, overwrite, None, resume,
+                      on_stage, on_block)

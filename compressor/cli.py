@@ -165,7 +165,9 @@ def quantize(
     allocate: str = typer.Option(
         None, "--allocate",
         help="Mixed bits per decoder layer by importance: lim (input/output cosine, needs data) or zd "
-             "(weight z-scores, data-free). The most important layers get the higher width."),
+             "(weight z-scores, data-free): the most important layers get the higher width. Or ip: "
+             "AdaQuant's integer programme over GPTQ 2-6 bit levels per fused group, from each "
+             "group's measured KL growth (as `compress search --algorithm ip`)."),
     budget: str = typer.Option(
         None, "--budget", help="With --allocate, instead of --bits: e.g. 3.5bpw (stored bits per weight)."),
     group_size: int = typer.Option(
@@ -173,6 +175,10 @@ def quantize(
         help="Columns per scale group; 0 or -1 = per-channel. Ragged tails are fine. Default 128; "
              "with --format fp4/e2m1 columns per exponent bias, default per-channel."),
     symmetric: bool = typer.Option(True, "--sym/--asym", help="Symmetric grid, or with zero points."),
+    full_range: bool = typer.Option(
+        False, "--full-range",
+        help="Symmetric grid using every code (llama.cpp Q4_0, AutoRound): a signed scale puts each "
+             "group's extreme weight on code -2^(bits-1), a 1/16 finer step at 4 bits. Same layout."),
     method: str = typer.Option(
         None, "--method", show_default=False,
         help="gptq (error feedback, calibrated) or rtn (round to nearest). Default gptq for int, rtn "
@@ -217,7 +223,8 @@ def quantize(
     from compressor.recipes import quantize_job
 
     job = quantize_job(bits, group_size, symmetric, method, number_format, act_bits, act_order, mse, damp,
-                       allocate, budget, rotate, reconstruct, reconstruct_train, reconstruct_iters)
+                       allocate, budget, rotate, reconstruct, reconstruct_train, reconstruct_iters,
+                       full_range=full_range)
     cal = _calibration(calibration, samples, seqlen, seed, data_dir, batch_size)
     _run_job(model, job.recipe, output, cal, device, overwrite, as_json, job.tag, job.allocation, resume,
              low_memory)
@@ -330,9 +337,10 @@ def search(
     fitness_windows: int = typer.Option(64, "--fitness-windows", min=1, help="Pool of fitness windows."),
     fitness_seqlen: int = typer.Option(512, "--fitness-seqlen", min=2, help="Tokens per fitness window."),
     fitness_dtype: str = typer.Option(
-        "bfloat16", "--fitness-dtype",
-        help="Precision of the forwards that score candidates (bfloat16 is several times faster on "
-             "CPUs with AMX/AVX512-BF16 and on GPUs; float32 elsewhere). The checkpoint is unaffected."),
+        "auto", "--fitness-dtype",
+        help="Precision of the forwards that score candidates: auto (bfloat16 where native: CPUs with "
+             "AMX/AVX512-BF16, GPUs; float32 elsewhere, where emulated bfloat16 is several times "
+             "slower), bfloat16 or float32. The checkpoint is unaffected."),
     warm_starts: str = typer.Option(
         "lim,zd", "--warm-starts",
         help="Importance allocations scored as starting points beside random ones (lim, zd; "
@@ -347,6 +355,11 @@ def search(
         help="How the winner is built: 'database' copies the levels as the search scored them; "
              "'requantize' runs the chosen per-layer levels through the sequential pipeline (each "
              "layer calibrated on the compressed layers before it)."),
+    algorithm: str = typer.Option(
+        "evopress", "--algorithm",
+        help="evopress (evolutionary search on the KL) or ip (AdaQuant: each unit's KL growth at each "
+             "level with the rest at the top level, then the exact integer programme; minutes)."),
+    ip_windows: int = typer.Option(2, "--ip-windows", min=1, help="ip: fitness windows per measurement."),
     search_seed: int = typer.Option(0, "--search-seed", help="Seed of the evolution."),
     database: Path = typer.Option(
         None, "--database", help="Level database folder, reusable across searches (default OUT.search/)."),
@@ -363,7 +376,8 @@ def search(
     overwrite: bool = OverwriteOpt,
     as_json: bool = JsonOpt,
 ):
-    """EvoPress search of per-layer levels under a budget; writes the winning packed checkpoint.
+    """EvoPress search (or AdaQuant's integer programme) of per-layer levels under a budget; writes
+    the winning packed checkpoint.
 
     Example: compress search --budget 3.5bpw MODEL -o out/evo35   (then --resume out/evo35 after a crash)
     """
@@ -392,10 +406,11 @@ def search(
                         top_k=top_k, fitness_windows=fitness_windows, fitness_seqlen=fitness_seqlen,
                         fitness_dtype=fitness_dtype,
                         warm_starts=[s.strip() for s in warm_starts.split(",") if s.strip()],
-                        database_reference=database_reference, assemble=assemble, settings=settings)
+                        database_reference=database_reference, assemble=assemble, algorithm=algorithm,
+                        ip_windows=ip_windows, settings=settings)
         job.validate()
         source = resolve_source(model)
-        output = output or default_output(model, f"evopress-{job.budget}")
+        output = output or default_output(model, f"{algorithm}-{job.budget}")
     cal = Calibration(source=calibration, samples=samples, seqlen=seqlen, seed=seed, data_dir=data_dir,
                       batch_size=batch_size)
     with progress_bar(not as_json) as (stage, advance):
@@ -408,6 +423,10 @@ def search(
 def _print_search(summary: dict) -> None:
     _print_job(summary)
     found = summary["search"]
+    if found.get("algorithm") == "ip":
+        out.print(f"  integer programme: {found['evaluations']} evaluations, KL {found['final_fitness_kl']:.4f}, "
+                  f"budget {found['budget']} -> {found['achieved']:.4f}")
+        return
     out.print(f"  search: {found['generations']} generations, {found['evaluations']} evaluations, "
               f"final KL {found['final_fitness_kl']}, budget {found['budget']} -> "
               f"{found['achieved']:.4f}")

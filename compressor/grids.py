@@ -8,6 +8,13 @@ Codes are unsigned integers in [0, 2^bits - 1]; the dequantized value is scale *
 A symmetric grid is the same formula with zero fixed at 2^(bits-1), so that code 2^(bits-1) is 0.0:
 this is the GPTQ reference convention and, after subtracting 2^(bits-1), the signed convention of
 compressed-tensors ([-8, 7] at 4 bits) -- one formula serves both.
+
+The GPTQ reference symmetric grid spends its range as scale = 2 * absmax / maxq: the largest positive
+weight falls between codes and the code -2^(bits-1) is reached only by clipping. The *full-range*
+symmetric grid (llama.cpp's Q4_0, AutoRound's default) divides the group's extreme weight, with its
+sign, by -2^(bits-1): the extreme lands exactly on the extra negative code and every step is
+2^(bits-1) / (maxq / 2) finer (7.5/8 at 4 bits, 3.5/4 at 3). The scale is then negative for half of
+the groups; the stored layout and the dequantization are unchanged, so every loader reads it as is.
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ class IntGrid:
     group_size: int = 128  # 0 = per-channel (one scale per output row)
     symmetric: bool = True
     mse: bool = False  # search a shrunken range that minimises the rounding error
+    full_range: bool = False  # symmetric only: signed scale, the extreme weight on code -2^(bits-1)
 
     @property
     def format(self) -> str:
@@ -82,6 +90,11 @@ def _params_from_range(
     """Scale and zero for ranges [xmin, xmax] (0 is always kept representable)."""
     xmin = xmin.clamp(max=0)
     xmax = xmax.clamp(min=0)
+    if grid.symmetric and grid.full_range:
+        extreme = torch.where(xmax >= -xmin, xmax, xmin)
+        extreme = torch.where(extreme == 0, 1.0, extreme)  # an all-zero group: any scale is exact
+        scale = (extreme / -sign_offset(grid.bits)).to(scale_dtype).float()
+        return scale, torch.full_like(scale, sign_offset(grid.bits))
     if grid.symmetric:
         xmax = torch.maximum(xmin.abs(), xmax)
         xmin = -xmax

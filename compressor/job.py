@@ -232,6 +232,8 @@ def build_manifest(model, source: ModelSource, recipe: dict, records: dict, cali
             grid = state.quant.grid
             entry.update(bits=grid.bits, group_size=grid.group_size, symmetric=grid.symmetric,
                          act_order=state.quant.act_order)
+            if getattr(grid, "full_range", False):
+                entry["full_range"] = True
             if isinstance(grid, FloatGrid):
                 entry["format"] = grid.format
         row = (out_features, in_features, grid, scale_bits)

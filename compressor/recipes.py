@@ -43,7 +43,7 @@ def quantize_job(bits: float = 4, group_size: int | None = None, symmetric: bool
                  act_order: bool = True, mse: bool = False, damp: float = 0.01,
                  allocate: str | None = None, budget: str | None = None, rotate: bool = False,
                  reconstruct: bool = False, reconstruct_train: str = "rounding",
-                 reconstruct_iters: int = 50) -> Job:
+                 reconstruct_iters: int = 50, full_range: bool = False) -> Job:
     """The options of `compress quantize` (see its --help) as a recipe."""
     from compressor.budget import parse_budget
     from compressor.fpgrids import float_grid
@@ -91,16 +91,25 @@ def quantize_job(bits: float = 4, group_size: int | None = None, symmetric: bool
     elif bits != int(bits):
         raise CompressorError(f"fractional --bits {bits:g} needs --allocate lim or --allocate zd")
     step = {"method": method, "bits": int(bits), "group_size": group_size, "symmetric": symmetric}
+    if full_range:
+        if not symmetric:
+            raise CompressorError("--full-range is a symmetric grid: drop --asym (zero points already "
+                                  "use every code)")
+        step["full_range"] = True
     if mse:
         step["mse"] = True
     if method == "gptq":
         step.update(act_order=act_order, damp=damp)
+    if allocate == "ip" and (method != "gptq" or mse or full_range):
+        raise CompressorError("--allocate ip chooses among GPTQ levels of the level database: drop "
+                              "--method rtn, --mse and --full-range")
     if allocation and (rotate or reconstruct):
         raise CompressorError("--allocate spreads one quantization pass: use a recipe (compress run) "
                               "to combine it with --rotate / --reconstruct")
     passes, suffix = with_transforms([step], **transforms)
     width = f"{allocation['budget']}-{allocate}" if allocation else f"w{int(bits)}"
-    tag = f"{method}-{width}" + (f"g{group_size}" if group_size > 0 else "-channel") + suffix
+    tag = (f"{method}-{width}" + (f"g{group_size}" if group_size > 0 else "-channel")
+           + ("-full" if full_range else "") + suffix)
     return Job({"passes": passes}, allocation, tag)
 
 

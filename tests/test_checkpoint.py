@@ -26,8 +26,10 @@ from .conftest import make_tokenizer
         {"method": "rtn", "bits": 8, "group_size": 0, "symmetric": True},
         {"method": "gptq", "bits": 4, "group_size": 32, "symmetric": False, "act_order": True},
         {"method": "gptq", "bits": 3, "group_size": 64, "symmetric": True, "act_order": False},
+        {"method": "gptq", "bits": 4, "group_size": 64, "symmetric": True, "full_range": True},
     ],
-    ids=["w4g32", "w3g64-asym-ragged", "w2-channel-asym", "w8-channel", "gptq-w4g32-act", "gptq-w3g64"],
+    ids=["w4g32", "w3g64-asym-ragged", "w2-channel-asym", "w8-channel", "gptq-w4g32-act", "gptq-w3g64",
+         "gptq-w4g64-full-range"],
 )
 def test_reload_gives_identical_logits(tiny_model_dir, calibration_file, tmp_path, step):
     from transformers import AutoModelForCausalLM

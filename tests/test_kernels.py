@@ -90,6 +90,7 @@ def _quantize(llama_dir, calibration_file, tmp_path, capsys, monkeypatch, *extra
     (["--bits", "3", "--group-size", "64", "--asym"], "aten-int4"),  # 96 inputs: run as groups of 32
     (["--bits", "5", "--group-size", "64", "--asym"], "dequant"),
     (["--bits", "8", "--group-size", "0", "--sym"], "aten-int8"),
+    (["--bits", "4", "--group-size", "32", "--full-range"], "aten-int4"),  # negative scales
 ])
 def test_packed_model_matches_the_dense_loader(llama_dir, calibration_file, tmp_path, capsys, monkeypatch,
                                                extra, backend):

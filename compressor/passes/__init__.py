@@ -140,7 +140,8 @@ def apply_steps(layers: list[LinearState], steps: list[Step], stats) -> None:
 
 
 def grid_from_args(args: dict) -> IntGrid:
-    """Validate and build an integer grid from user settings (bits, group_size, symmetric, mse)."""
+    """Validate and build an integer grid from user settings (bits, group_size, symmetric, mse,
+    full_range)."""
     bits = args.get("bits", 4)
     if not isinstance(bits, int) or isinstance(bits, bool) or bits not in SUPPORTED_BITS:
         raise CompressorError(f"bits must be an integer from 2 to 8, got {bits!r}")
@@ -149,15 +150,19 @@ def grid_from_args(args: dict) -> IntGrid:
         raise CompressorError(
             f"group size must be a positive integer, or 0 / -1 for per-channel; got {group_size!r}"
         )
+    full_range = bool(args.get("full_range", False))
+    if full_range and not args.get("symmetric", True):
+        raise CompressorError("full_range is a symmetric grid; an asymmetric grid already uses every code")
     return IntGrid(
         bits=bits,
         group_size=max(group_size, 0),
         symmetric=bool(args.get("symmetric", True)),
         mse=bool(args.get("mse", False)),
+        full_range=full_range,
     )
 
 
-QUANT_KEYS = {"bits", "group_size", "symmetric", "mse"}
+QUANT_KEYS = {"bits", "group_size", "symmetric", "mse", "full_range"}
 
 
 def check_keys(method: str, args: dict, allowed: set[str]) -> None:

@@ -9,6 +9,8 @@ contiguous in the original column order, and ragged last groups.
 
 from __future__ import annotations
 
+import dataclasses
+
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -241,4 +243,4 @@ def solve(
 
 def whole_row_grid(grid: IntGrid) -> IntGrid:
     """The same grid with one group spanning whatever slice it is given."""
-    return IntGrid(bits=grid.bits, group_size=0, symmetric=grid.symmetric, mse=grid.mse)
+    return dataclasses.replace(grid, group_size=0)

@@ -184,8 +184,10 @@ class LearnedLinear:
 
 
 def _autocast(device: torch.device, bf16: bool | str):
-    if bf16 == "auto":  # native bf16 matmuls: CUDA, or a CPU with AMX / AVX512-BF16
-        bf16 = device.type == "cuda" or torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    if bf16 == "auto":
+        from compressor.pipeline import native_bf16
+
+        bf16 = native_bf16(device)
     enabled = bool(bf16) and device.type in ("cpu", "cuda")
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
 

@@ -18,6 +18,7 @@ keeps dequantized fp16 copies (100-200 GB for a 7B model); safetensors files are
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from dataclasses import dataclass
@@ -113,8 +114,7 @@ def _state_meta(state: LinearState, dense_bits: int) -> dict:
         "costs": budget.linear_costs(out_features, in_features, grid, dense_bits, kept),
     }
     if grid is not None:
-        meta["grid"] = {"bits": grid.bits, "group_size": grid.group_size, "symmetric": grid.symmetric,
-                        "mse": grid.mse}
+        meta["grid"] = dataclasses.asdict(grid)
         meta["act_order"] = state.quant.act_order
     return meta
 

@@ -30,16 +30,17 @@ from compressor.files import atomic_write
 from compressor.job import RECIPE_FILE, Calibration, JobResult, WriteEachBlock, build_manifest, peak_rss_mb
 from compressor.model import ModelSource, block_linears, decoder_blocks, load_model
 from compressor.pack import check_output, module_tensors
-from compressor.pipeline import compress_model, resolve_device
+from compressor.pipeline import compress_model, native_bf16, resolve_device
 from compressor.plan import build_plan
-from compressor.search import evopress, importance
+from compressor.search import evopress, importance, ip
 from compressor.search.database import LevelDatabase, build_database, quant_levels, sparsity_levels
 from compressor.search.fitness import DenseTargets, KLFitness
 from compressor.writer import CheckpointWriter
 
 STATE_FILE = "search.json"
 GRANULARITIES = ("fused", "module")
-FITNESS_DTYPES = ("bfloat16", "float32")
+FITNESS_DTYPES = ("auto", "bfloat16", "float32")
+ALGORITHMS = ("evopress", "ip")
 
 
 @dataclass
@@ -56,9 +57,10 @@ class SearchJob:
     top_k: int = 128  # dense probabilities kept per token for the KL
     fitness_windows: int = 64  # pool of calibration windows the stages draw from
     fitness_seqlen: int = 512
-    # The fitness only ranks candidates: bfloat16 forwards (AMX / AVX512-BF16 on CPUs, tensor cores
-    # on GPUs) are several times faster; the written checkpoint is unaffected.
-    fitness_dtype: str = "bfloat16"
+    # The fitness only ranks candidates: bfloat16 forwards are several times faster where they are
+    # native (AMX / AVX512-BF16 on CPUs, GPUs) and several times slower elsewhere, hence "auto"
+    # (bfloat16 where native, else float32). The written checkpoint is unaffected.
+    fitness_dtype: str = "auto"
     # Importance allocations the search may start from (each scored against random starts): the
     # search then refines the best heuristic instead of walking to it from a random point.
     warm_starts: list[str] = field(default_factory=lambda: ["lim", "zd"])
@@ -72,6 +74,10 @@ class SearchJob:
     # through the sequential pipeline instead, so every layer is calibrated on the layers before it
     # as they were compressed.
     assemble: str = "database"
+    # evopress (evolutionary search on the KL) or ip (AdaQuant's integer programme over per-unit KL
+    # growths measured on `ip_windows` of the fitness pool, solved exactly).
+    algorithm: str = "evopress"
+    ip_windows: int = 2
     settings: evopress.SearchSettings = field(default_factory=evopress.SearchSettings)
 
     def validate(self) -> Budget:
@@ -94,6 +100,10 @@ class SearchJob:
         if unknown := set(self.warm_starts) - set(importance.SCORES):
             raise CompressorError(f"unknown warm start {', '.join(sorted(unknown))}; choose from "
                                   f"{', '.join(importance.SCORES)}")
+        if self.algorithm not in ALGORITHMS:
+            raise CompressorError(f"unknown --algorithm {self.algorithm!r}; choose {' or '.join(ALGORITHMS)}")
+        if not 1 <= self.ip_windows <= self.fitness_windows:
+            raise CompressorError(f"--ip-windows must be from 1 to --fitness-windows ({self.fitness_windows})")
         if self.top_k < 1 or self.fitness_windows < 1 or self.fitness_seqlen < 2:
             raise CompressorError("--top-k, --fitness-windows must be positive and --fitness-seqlen >= 2")
         self.level_list()
@@ -225,32 +235,21 @@ def run_search(
 
     start = time.perf_counter()
     # A copy in the fitness dtype scores candidates; the model itself stays as loaded for writing.
-    dtype = getattr(torch, job.fitness_dtype)
+    dtype = getattr(torch, job.fitness_dtype) if job.fitness_dtype != "auto" else (
+        torch.bfloat16 if native_bf16(torch_device) else torch.float32)
     scorer = model if dtype == model.dtype else copy.deepcopy(model).to(dtype)
     scorer.to(torch_device)
     targets = _dense_targets(scorer, tokenizer, job, calibration, data_dir, work, torch_device,
                              stage, progress)
-    warm = {}
-    if state is None:
-        warm = warm_starts(job.warm_starts, model, scorer, targets, units, space)
-        if (planned := reference_start(database, units, space)) is not None:
-            warm[f"{job.database_reference}-reference"] = planned
     fitness = KLFitness(scorer, database, units, targets)
     seconds["dense_targets"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    settings = job.settings
-    if state is None:
-        stage("choosing a start within the budget")
-        state = evopress.start(space, fitness, targets.pool, targets.seqlen, settings, warm)
-        save(state)
-    while state.generation < settings.generations:
-        stage(f"EvoPress generation {state.generation + 1}/{settings.generations}"
-              + (f", best KL {state.parent_fitness:.4f}" if state.parent_fitness is not None else ""))
-        progress(state.generation, settings.generations)
-        state = evopress.generation(state, space, fitness, targets.pool, targets.seqlen, settings)
-        save(state)
-    progress(settings.generations, settings.generations)
+    if job.algorithm == "ip":
+        state = _integer_programme(job, space, fitness, state, save, stage, progress)
+    else:
+        state = _evolve(job, model, scorer, targets, database, units, space, fitness, state, save, stage,
+                        progress)
     seconds["search"] = time.perf_counter() - start
 
     start = time.perf_counter()
@@ -276,7 +275,7 @@ def run_search(
     summary = {
         "budget": str(target), "achieved": budget.achieved(target.kind, total, weights),
         "levels": database.levels, "granularity": job.granularity, "units": len(units),
-        "generations": state.generation, "evaluations": state.evaluations,
+        "algorithm": job.algorithm, "generations": state.generation, "evaluations": state.evaluations,
         "final_fitness_kl": state.parent_fitness, "history": state.history,
         "per_module_level": {name: database.levels[level] for name, level in chosen.items()},
         "assembled": job.assemble,
@@ -314,6 +313,55 @@ def run_search(
         writer.discard()
         raise
     return JobResult(output=str(output), manifest=manifest)
+
+
+def _evolve(job, model, scorer, targets, database, units, space, fitness, state, save, stage, progress):
+    """EvoPress generations from the best of the warm and random starts, saved after each."""
+    settings = job.settings
+    if state is None:
+        warm = warm_starts(job.warm_starts, model, scorer, targets, units, space)
+        if (planned := reference_start(database, units, space)) is not None:
+            warm[f"{job.database_reference}-reference"] = planned
+        stage("choosing a start within the budget")
+        state = evopress.start(space, fitness, targets.pool, targets.seqlen, settings, warm)
+        save(state)
+    while state.generation < settings.generations:
+        stage(f"EvoPress generation {state.generation + 1}/{settings.generations}"
+              + (f", best KL {state.parent_fitness:.4f}" if state.parent_fitness is not None else ""))
+        progress(state.generation, settings.generations)
+        state = evopress.generation(state, space, fitness, targets.pool, targets.seqlen, settings)
+        save(state)
+    progress(settings.generations, settings.generations)
+    return state
+
+
+def _integer_programme(job, space, fitness, state, save, stage, progress):
+    """AdaQuant's allocation: per-unit KL growths (saved unit by unit, so a resume measures only the
+    rest), then the exact knapsack; the result is a SearchState with one history entry."""
+    windows = list(range(job.ip_windows))
+    done = state.history[0]["deltas"] if state is not None and state.history else []
+    if state is not None and state.generation == 1:
+        return state
+    units = len(space.costs)
+
+    def keep(rows):
+        progress(len(rows), units)
+        save(evopress.SearchState(generation=0, parent=[], parent_fitness=None, evaluations=0,
+                                  history=[{"deltas": rows}], rng_state=[]))
+
+    stage(f"integer programme: KL growth of {units} units x {space.levels - 1} levels "
+          f"on {len(windows)} windows")
+    progress(len(done), units)
+    deltas = ip.measure_deltas(fitness, space, windows, done, keep)
+    levels = ip.solve(space.costs, deltas, space.limit)
+    predicted = sum(row[level] for row, level in zip(deltas, levels, strict=True))
+    kl = fitness(levels, windows)
+    state = evopress.SearchState(
+        generation=1, parent=levels, parent_fitness=kl,
+        evaluations=1 + units * (space.levels - 1) + 1,
+        history=[{"deltas": deltas, "predicted_kl_growth": predicted, "measured_kl": kl}], rng_state=[])
+    save(state)
+    return state
 
 
 def reference_plan(model, job: SearchJob, target: Budget, ids: torch.Tensor):
@@ -370,7 +418,8 @@ def warm_starts(scores: list[str], model, scorer, targets: DenseTargets, units: 
 def _dense_targets(model, tokenizer, job, calibration, data_dir, work, device, stage, progress):
     """The fitness pool (a different seed from the database's calibration) and its dense targets."""
     path = work / "targets.pt"
-    key = {"job": [job.top_k, job.fitness_windows, job.fitness_seqlen, job.fitness_dtype],
+    count = job.ip_windows if job.algorithm == "ip" else job.fitness_windows  # ip scores on these only
+    key = {"job": [job.top_k, count, job.fitness_seqlen, job.fitness_dtype],
            "calibration": asdict(calibration)}
     if path.is_file():
         saved = torch.load(path, weights_only=True)
@@ -379,9 +428,9 @@ def _dense_targets(model, tokenizer, job, calibration, data_dir, work, device, s
             targets.windows, targets.values = saved["windows"], saved["values"]
             targets.indices, targets.rest, targets.device = saved["indices"], saved["rest"], device
             return targets
-    windows = data.calibration_windows(tokenizer, calibration.source, job.fitness_windows, job.fitness_seqlen,
+    windows = data.calibration_windows(tokenizer, calibration.source, count, job.fitness_seqlen,
                                        seed=calibration.seed + 1, data_dir=data_dir)
-    stage(f"dense model targets: {job.fitness_windows} x {job.fitness_seqlen} tokens, top-{job.top_k}")
+    stage(f"dense model targets: {count} x {job.fitness_seqlen} tokens, top-{job.top_k}")
     targets = DenseTargets(model, windows, job.top_k, device, progress)
     torch.save({"key": json.dumps(key), "windows": targets.windows, "values": targets.values,
                 "indices": targets.indices, "rest": targets.rest}, path)
