@@ -424,8 +424,8 @@ def _print_search(summary: dict) -> None:
     _print_job(summary)
     found = summary["search"]
     if found.get("algorithm") == "ip":
-        out.print(f"  integer programme: {found['evaluations']} evaluations, KL {found['final_fitness_kl']:.4f}, "
-                  f"budget {found['budget']} -> {found['achieved']:.4f}")
+        out.print(f"  integer programme: {found['evaluations']} evaluations, "
+                  f"KL {found['final_fitness_kl']:.4f}, budget {found['budget']} -> {found['achieved']:.4f}")
         return
     out.print(f"  search: {found['generations']} generations, {found['evaluations']} evaluations, "
               f"final KL {found['final_fitness_kl']}, budget {found['budget']} -> "

@@ -10,7 +10,6 @@ contiguous in the original column order, and ragged last groups.
 from __future__ import annotations
 
 import dataclasses
-
 from collections.abc import Callable
 from dataclasses import dataclass
 

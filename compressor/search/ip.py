@@ -69,8 +69,8 @@ def solve(costs: list[list[int]], deltas: list[list[float]], limit: int) -> list
     cell = reduce(math.gcd, steps, 0) or 1
     cells = spare // cell
     if cells * len(costs) > MAX_CELLS:
-        raise CompressorError(f"the integer programme would need {cells * len(costs):,} cells (cost steps share "
-                              f"only a divisor of {cell}); use the evolutionary search instead")
+        raise CompressorError(f"the integer programme would need {cells * len(costs):,} cells (cost steps "
+                              f"share only a divisor of {cell}); use the evolutionary search instead")
     inf = float("inf")
     # best[c]: least summed delta of the units so far using exactly c cells of upgrades.
     best = torch.full((cells + 1,), inf, dtype=torch.float64)

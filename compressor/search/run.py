@@ -103,7 +103,8 @@ class SearchJob:
         if self.algorithm not in ALGORITHMS:
             raise CompressorError(f"unknown --algorithm {self.algorithm!r}; choose {' or '.join(ALGORITHMS)}")
         if not 1 <= self.ip_windows <= self.fitness_windows:
-            raise CompressorError(f"--ip-windows must be from 1 to --fitness-windows ({self.fitness_windows})")
+            raise CompressorError(f"--ip-windows must be from 1 to --fitness-windows "
+                                  f"({self.fitness_windows})")
         if self.top_k < 1 or self.fitness_windows < 1 or self.fitness_seqlen < 2:
             raise CompressorError("--top-k, --fitness-windows must be positive and --fitness-seqlen >= 2")
         self.level_list()
