@@ -92,7 +92,7 @@ SUITES: dict[str, list[tuple[str, list[str]]]] = {
         ("gptq-w4g128-asym", _quant("gptq", 4, 128, False)),
         ("gptq-w2g128-asym", _quant("gptq", 2, 128, False)),
         *[(f"{score}-{target}", _allocate(score, target)) for target in ("3.5bpw", "2.5bpw")
-          for score in ("lim", "zd")],
+          for score in ("lim", "zd", "ip")],
         ("evopress-3.5bpw", _search("3.5bpw")),
         ("evopress-2.5bpw", _search("2.5bpw")),
         # The same search scored in float32 (the default is bfloat16): quality and time of each.
