@@ -197,6 +197,11 @@ def quantize(
         help="GPTQ: quantize columns by descending Hessian diagonal (static groups)."),
     mse: bool = typer.Option(False, "--mse", help="Search a shrunken range per group (slower)."),
     damp: float = typer.Option(0.01, "--damp", help="GPTQ damping, fraction of mean(diag H)."),
+    awq: bool = typer.Option(
+        False, "--awq",
+        help="AWQ: per input channel, scale weight columns up where activations are large (exponent "
+             "searched per sub-group for the least output error on the grid) and fold 1/s into the "
+             "RMSNorm or up_proj before; then --method quantizes. Same layout, no runtime op."),
     rotate: bool = RotateOpt,
     reconstruct: bool = ReconstructOpt,
     reconstruct_train: str = ReconstructTrainOpt,
@@ -224,7 +229,7 @@ def quantize(
 
     job = quantize_job(bits, group_size, symmetric, method, number_format, act_bits, act_order, mse, damp,
                        allocate, budget, rotate, reconstruct, reconstruct_train, reconstruct_iters,
-                       full_range=full_range)
+                       full_range=full_range, awq=awq)
     cal = _calibration(calibration, samples, seqlen, seed, data_dir, batch_size)
     _run_job(model, job.recipe, output, cal, device, overwrite, as_json, job.tag, job.allocation, resume,
              low_memory)

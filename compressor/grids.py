@@ -74,7 +74,7 @@ def group_index(in_features: int, group_width: int) -> torch.Tensor:
     return torch.arange(in_features) // group_width
 
 
-def _group_min_max(w: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+def group_min_max(w: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-(row, group) min and max of w[rows, cols]; a ragged tail is padded with neutral values."""
     rows, cols = w.shape
     groups = -(-cols // width)
@@ -120,7 +120,7 @@ def choose_qparams(
     scale_dtype = scale_dtype or w.dtype
     w = w.float()
     width = grid.group_width(w.shape[1])
-    xmin, xmax = _group_min_max(w, width)
+    xmin, xmax = group_min_max(w, width)
     scale, zero = _params_from_range(xmin, xmax, grid, scale_dtype)
     if grid.mse:
         scale, zero = _mse_search(w, xmin, xmax, scale, zero, grid, scale_dtype)

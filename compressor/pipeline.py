@@ -33,6 +33,7 @@ from compressor import distributed
 from compressor.errors import CompressorError
 from compressor.model import block_linears, decoder_blocks
 from compressor.passes import LinearState, Step, apply_steps, get_pass
+from compressor.scaling import absorbs, fold_input_scale, input_producers
 from compressor.stats import InputStats
 
 Plan = dict[str, list[Step]]  # full module name -> the passes applied to it, in order
@@ -68,6 +69,10 @@ class BlockData:
     targets: list[torch.Tensor]
     dense_weights: dict[str, torch.Tensor]
     device: torch.device
+
+
+# Passes that rescale a sub-group's input channels, folded into the input's producer.
+INPUT_SCALING = ("awq",)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -338,6 +343,9 @@ def _compress_linears(linears: dict, names: list[str], block_plan: Plan, stats,
     buckets: dict[str, list[str]] = {}
     for name in names:
         buckets.setdefault(repr(block_plan[name]), []).append(name)
+    if len(buckets) > 1 and any(s.method in INPUT_SCALING for n in names for s in block_plan[n]):
+        raise CompressorError(f"{' and '.join(INPUT_SCALING)} rescale a shared input: linears that read "
+                              f"one input ({', '.join(names)}) need the same steps")
     for bucket in buckets.values():
         apply_steps([states[n] for n in bucket], block_plan[bucket[0]], stats)
     for name, state in states.items():
@@ -378,6 +386,15 @@ def _planned_groups(block, block_plan: Plan, inputs: BlockInputs, device) -> lis
     ]
 
 
+def _input_producers(block, block_plan: Plan, groups: list[list[str]], inputs: BlockInputs, device):
+    """Where each sub-group's input scale would fold, when a pass may rescale inputs (AWQ)."""
+    if not any(s.method in INPUT_SCALING for steps in block_plan.values() for s in steps):
+        return {}
+    batch = inputs.hidden[0].shape[0]
+    return input_producers(block, batch_rows(inputs.hidden[0], batch, 0, 1).to(device),
+                           _to(batch_rows(inputs.kwargs[0], batch, 0, 1), device), groups)
+
+
 @dataclass(frozen=True)
 class Observer:
     """Who sees each sub-group's statistics before it is compressed, and what they need gathered."""
@@ -399,7 +416,9 @@ def _compress_block_recomputing(block, block_plan: Plan, inputs: BlockInputs, de
     each replacing its input as it is made. Bit-identical to _compress_block's lockstep."""
     linears = block_linears(block)
     records: dict[str, LinearState] = {}
-    for names in _planned_groups(block, block_plan, inputs, device):
+    groups = _planned_groups(block, block_plan, inputs, device)
+    producers = _input_producers(block, block_plan, groups, inputs, device)
+    for names in groups:
         stats = _new_stats(linears[names[0]], [s for name in names for s in block_plan[name]], device,
                            observer.wanted)
 
@@ -418,7 +437,10 @@ def _compress_block_recomputing(block, block_plan: Plan, inputs: BlockInputs, de
             handle.remove()
         stats.all_reduce()  # a distributed run: the statistics of every rank's windows
         observer.see(names, stats)
+        stats.foldable = absorbs(producers.get(names[0]), records)
         records.update(_compress_linears(linears, names, block_plan, stats, keep_unrounded))
+        if stats.input_scale is not None:
+            fold_input_scale(block, producers[names[0]], stats.input_scale, records)
         del stats
     outputs = inputs.hidden
     for chunk, kwargs in enumerate(inputs.kwargs):
@@ -437,6 +459,8 @@ def _compress_block(block, block_plan: Plan, inputs: BlockInputs, device, observ
     """
     linears = block_linears(block)
     groups = _planned_groups(block, block_plan, inputs, device)
+    producers = _input_producers(block, block_plan, groups, inputs, device)
+    folded: dict[int, torch.Tensor] = {}  # sub-group -> the scale its waiting inputs are divided by
     driver = greenlet.getcurrent()
     stats: dict[int, InputStats] = {}
     steps = [[s for name in names for s in block_plan[name]] for names in groups]
@@ -447,6 +471,8 @@ def _compress_block(block, block_plan: Plan, inputs: BlockInputs, device, observ
                 stats[index] = _new_stats(linears[groups[index][0]], steps[index], device, observer.wanted)
             stats[index].add_batch(args[0])
             driver.switch(index)  # wait here until the sub-group is compressed
+            if index in folded:  # its producer now divides by the scale: so must this input
+                args[0].div_(folded[index].to(args[0]))
 
         return hook
 
@@ -481,7 +507,11 @@ def _compress_block(block, block_plan: Plan, inputs: BlockInputs, device, observ
             stat = stats.pop(index)
             stat.all_reduce()  # a distributed run: the statistics of every rank's windows
             observer.see(groups[index], stat)
+            stat.foldable = absorbs(producers.get(groups[index][0]), records)
             records.update(_compress_linears(linears, groups[index], block_plan, stat, keep_unrounded))
+            if stat.input_scale is not None:
+                fold_input_scale(block, producers[groups[index][0]], stat.input_scale, records)
+                folded[index] = stat.input_scale
             for chunk in [c for c, at in waiting.items() if at == index]:
                 del waiting[chunk]
                 resume(chunk)

@@ -43,7 +43,7 @@ def quantize_job(bits: float = 4, group_size: int | None = None, symmetric: bool
                  act_order: bool = True, mse: bool = False, damp: float = 0.01,
                  allocate: str | None = None, budget: str | None = None, rotate: bool = False,
                  reconstruct: bool = False, reconstruct_train: str = "rounding",
-                 reconstruct_iters: int = 50, full_range: bool = False) -> Job:
+                 reconstruct_iters: int = 50, full_range: bool = False, awq: bool = False) -> Job:
     """The options of `compress quantize` (see its --help) as a recipe."""
     from compressor.budget import parse_budget
     from compressor.fpgrids import float_grid
@@ -72,6 +72,8 @@ def quantize_job(bits: float = 4, group_size: int | None = None, symmetric: bool
             tag += f"-g{group_size}"
         elif group_size not in (None, 0, -1):
             raise CompressorError(f"--format {number_format} has a fixed block size; drop --group-size")
+        if awq:
+            raise CompressorError("--awq searches its scales for an integer grid; use --format int")
         if reconstruct:
             raise CompressorError(f"--reconstruct learns integer grids and sparse masks; --format "
                                   f"{number_format} keeps its float grid (not learned yet)")
@@ -100,13 +102,19 @@ def quantize_job(bits: float = 4, group_size: int | None = None, symmetric: bool
         step["mse"] = True
     if method == "gptq":
         step.update(act_order=act_order, damp=damp)
+    if awq and allocation:
+        raise CompressorError("--awq scales for one grid: it does not combine with --allocate (use a recipe)")
     if allocate == "ip" and (method != "gptq" or mse or full_range):
         raise CompressorError("--allocate ip chooses among GPTQ levels of the level database: drop "
                               "--method rtn, --mse and --full-range")
     if allocation and (rotate or reconstruct):
         raise CompressorError("--allocate spreads one quantization pass: use a recipe (compress run) "
                               "to combine it with --rotate / --reconstruct")
-    passes, suffix = with_transforms([step], **transforms)
+    grid_keys = {k: step[k] for k in ("bits", "group_size", "symmetric", "full_range") if k in step}
+    steps = [{"method": "awq", **grid_keys}, step] if awq else [step]
+    passes, suffix = with_transforms(steps, **transforms)
+    if awq:
+        suffix = "-awq" + suffix
     width = f"{allocation['budget']}-{allocate}" if allocation else f"w{int(bits)}"
     tag = (f"{method}-{width}" + (f"g{group_size}" if group_size > 0 else "-channel")
            + ("-full" if full_range else "") + suffix)

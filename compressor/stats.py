@@ -29,6 +29,10 @@ class InputStats:
         # Activation quantization needs the inputs themselves: every SAMPLE_STRIDE-th token, capped.
         self.rows: list[torch.Tensor] | None = [] if samples else None
         self.kept_rows = 0
+        # Set by a pass that rescales the input channels (AWQ): the input is now x / input_scale,
+        # which the pipeline folds into whatever produces it (a norm's gain, a linear's rows).
+        self.input_scale: torch.Tensor | None = None
+        self.foldable = False  # set by the pipeline where the input's producer can take that scale
 
     @torch.no_grad()
     def add_batch(self, x: torch.Tensor) -> None:
@@ -95,6 +99,20 @@ class InputStats:
             self.xtx.mul_(2.0 / self.tokens)
             self.finalized = True
         return self.xtx
+
+    @torch.no_grad()
+    def scale_inputs_(self, scale: torch.Tensor) -> None:
+        """The statistics of x / scale (per input channel) in place of those of x."""
+        inverse = 1.0 / scale.to(torch.float64)
+        if self.xtx is not None:
+            self.xtx.mul_((inverse[:, None] * inverse[None, :]).to(self.xtx.dtype))
+        if self.sum is not None:
+            self.sum.mul_(inverse)
+            self.sum_sq.mul_(inverse.square())
+        if self.rows:
+            self.rows = [rows * inverse.to(rows.dtype) for rows in self.rows]
+        previous = self.input_scale if self.input_scale is not None else 1.0
+        self.input_scale = (scale.float() * previous).to(scale.device)
 
     def column_energy(self) -> torch.Tensor:
         """Mean over tokens of x_j^2 per input column (Wanda's statistic up to a constant)."""

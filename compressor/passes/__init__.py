@@ -8,7 +8,11 @@ of them:
                              their input statistics: compress(layer: LinearState, stats, args)
                              updates the layer in place (weight, quantization, mask); optionally
                              compress_many(layers, stats, args) and statistics(args) -> set[str]
-                             ({"hessian", "moments", "samples"}; default {"hessian"})
+                             ({"hessian", "moments", "samples"}; default {"hessian"}). A
+                             sub-group pass may rescale the input channels (AWQ): it scales
+                             the weights' columns, calls stats.scale_inputs_(s) where
+                             stats.foldable, and the pipeline folds 1/s into the input's
+                             producer (compressor.scaling)
     SCOPE = Scope.BLOCK      a whole decoder block once its linears are compressed, with the block's
                              calibration inputs and the dense block's outputs as targets:
                              refine(block, records, data: BlockData, args) may change every
@@ -105,7 +109,7 @@ class Scope(str, Enum):
 PASSES: dict[str, str | ModuleType] = {
     name: f"compressor.passes.{name}"
     for name in ("rotate",  # model scope
-                 "rtn", "gptq", "fp4", "magnitude", "wanda", "sparsegpt", "dsnot",  # sub-group scope
+                 "awq", "rtn", "gptq", "fp4", "magnitude", "wanda", "sparsegpt", "dsnot",  # sub-group
                  "reconstruct")  # block scope
 }
 
