@@ -52,8 +52,8 @@ def _split(options: dict) -> tuple[dict, dict]:
 
 def quantize(model: str | None = None, output: str | Path | None = None, **options) -> JobResult:
     """`compress quantize`: bits, group_size, symmetric, full_range, awq, method, number_format,
-    act_bits, act_order, mse, damp, allocate, budget, rotate, reconstruct, reconstruct_train, reconstruct_iters, and the
-    run options of run_job (calibration, samples, seqlen, seed, device, ...)."""
+    act_bits, act_order, mse, damp, allocate, budget, rotate, reconstruct, reconstruct_train,
+    reconstruct_iters, and the run options of run_job (calibration, samples, seqlen, seed, device, ...)."""
     recipe_options, run_options = _split(options)
     return run_job(model, quantize_job(**recipe_options), output, **run_options)
 

@@ -65,7 +65,8 @@ def test_scaling_lowers_the_rounding_error_with_outlier_channels():
     grid = IntGrid(bits=3, group_size=32)
     plain = awq.output_error(weights, [awq.rtn_after_scaling(w, torch.ones(64), grid) for w in weights],
                              _stats(x).hessian())
-    scaled = awq.output_error(weights, [awq.rtn_after_scaling(w, s, grid) for w in weights], _stats(x).hessian())
+    scaled = awq.output_error(weights, [awq.rtn_after_scaling(w, s, grid) for w in weights],
+                              _stats(x).hessian())
     assert scaled == pytest.approx(metrics["awq_rtn_error_after"], rel=1e-3) and scaled < plain
 
     unfoldable = _stats(x)
@@ -86,8 +87,8 @@ def test_awq_alone_leaves_the_dense_function_unchanged(family, low_memory, tmp_p
     make_model(family).save_pretrained(folder)
     make_tokenizer().save_pretrained(folder)
     cal = Calibration(source=str(calibration_file), samples=8, seqlen=32)
-    result = run_compression(ModelSource(str(folder)), {"passes": [{"method": "awq", "bits": 3, "group_size": 16}]},
-                             tmp_path / "out", cal, "cpu", low_memory=low_memory)
+    recipe = {"passes": [{"method": "awq", "bits": 3, "group_size": 16}]}
+    result = run_compression(ModelSource(str(folder)), recipe, tmp_path / "out", cal, "cpu", low_memory=low_memory)
     alphas = {name.split(".", 3)[-1]: m["awq_alpha"] for name, m in result.manifest["modules"].items()
               if ".layers.0." in name}
     assert alphas["self_attn.o_proj"] == "no producer"
