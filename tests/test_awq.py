@@ -88,7 +88,8 @@ def test_awq_alone_leaves_the_dense_function_unchanged(family, low_memory, tmp_p
     make_tokenizer().save_pretrained(folder)
     cal = Calibration(source=str(calibration_file), samples=8, seqlen=32)
     recipe = {"passes": [{"method": "awq", "bits": 3, "group_size": 16}]}
-    result = run_compression(ModelSource(str(folder)), recipe, tmp_path / "out", cal, "cpu", low_memory=low_memory)
+    result = run_compression(ModelSource(str(folder)), recipe, tmp_path / "out", cal, "cpu",
+                             low_memory=low_memory)
     alphas = {name.split(".", 3)[-1]: m["awq_alpha"] for name, m in result.manifest["modules"].items()
               if ".layers.0." in name}
     assert alphas["self_attn.o_proj"] == "no producer"
