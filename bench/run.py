@@ -109,7 +109,8 @@ SUITES: dict[str, list[tuple[str, list[str]]]] = {
             # AutoRound's symmetric grid: every code, a signed scale (its 24.88 is on this grid).
             ("w4g64-full", 4, 64, True, ["--full-range"]))
         for suffix, extra in (("", []), ("-rot", ["--rotate"]), ("-rec", ["--reconstruct"]),
-                              ("-rot-rec", ["--rotate", "--reconstruct"]), ("-awq", ["--awq"]))
+                              ("-rot-rec", ["--rotate", "--reconstruct"]), ("-awq", ["--awq"]),
+                              ("-rot-awq", ["--rotate", "--awq"]))
     ] + [("gptq-w4g64-sym-rot-rec-compressed-targets",
           ["run", str(HERE / "w4-rotate-gptq-reconstruct-compressed-targets.yaml")])],
     # Per-layer sparsity at equal total sparsity: uniform SparseGPT, LIM / ZD (+-10% by importance),
