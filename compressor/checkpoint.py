@@ -10,10 +10,10 @@ from safetensors import safe_open
 
 from compressor import budget, fpgrids
 from compressor.errors import CompressorError
+from compressor.files import INDEX_NAME, WEIGHTS_NAME, tensor_files
 from compressor.fpgrids import FloatGrid
 from compressor.grids import IntGrid
 from compressor.model import OWN_QUANT_METHOD
-from compressor.pack import INDEX_NAME, WEIGHTS_NAME, tensor_files
 from compressor.sparsity import Pattern, parse_nm
 
 BYTES = {"F32": 4, "F16": 2, "BF16": 2, "I32": 4, "I64": 8, "I8": 1, "U8": 1, "F64": 8, "BOOL": 1}

@@ -1,11 +1,27 @@
-"""Writing files so that a reader never sees half of one."""
+"""Checkpoint files: their names, where a tensor lives, and writing so that a reader never sees half
+of one."""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
+from safetensors import safe_open
+
 from compressor.errors import CompressorError
+
+WEIGHTS_NAME = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"
+
+
+def tensor_files(folder: Path) -> dict[str, Path]:
+    """Tensor name -> the safetensors file holding it, for a checkpoint written by write_shards."""
+    if (folder / INDEX_NAME).is_file():
+        index = json.loads((folder / INDEX_NAME).read_text())
+        return {key: folder / name for key, name in index["weight_map"].items()}
+    with safe_open(str(folder / WEIGHTS_NAME), framework="pt") as handle:
+        return {key: folder / WEIGHTS_NAME for key in handle.keys()}
 
 
 def atomic_write(path: Path, write) -> None:

@@ -25,7 +25,7 @@ from safetensors import safe_open
 
 from compressor import fpgrids
 from compressor.errors import CompressorError
-from compressor.pack import tensor_files
+from compressor.files import tensor_files
 
 
 def read_state_dict(folder: Path) -> dict[str, torch.Tensor]:

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from compressor.errors import CompressorError
+from compressor.fp4load import load_llm_fp4
 
 OWN_QUANT_METHOD = "compressor-fp4"  # compressor.pack writes it for LLM-FP4 checkpoints
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -111,8 +112,6 @@ def load_model(source: ModelSource, dtype: str | torch.dtype = "auto"):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             if qconfig.get("quant_method") == OWN_QUANT_METHOD:
-                from compressor.fp4load import load_llm_fp4  # imports the writer, which imports us
-
                 model = load_llm_fp4(Path(source.path), config, dtype)
             else:
                 model = AutoModelForCausalLM.from_pretrained(source.path, dtype=dtype, **kwargs)

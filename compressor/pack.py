@@ -21,7 +21,6 @@ from pathlib import Path
 import torch
 from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
 from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
-from safetensors import safe_open
 
 from compressor import fpgrids, grids
 from compressor.errors import CompressorError
@@ -30,8 +29,6 @@ from compressor.grids import IntGrid
 from compressor.model import OWN_QUANT_METHOD
 from compressor.passes import FloatWeight, LinearState, QuantizedWeight
 
-WEIGHTS_NAME = "model.safetensors"
-INDEX_NAME = "model.safetensors.index.json"
 CT_FLOAT_FORMATS = {"nvfp4": "nvfp4-pack-quantized", "mxfp4": "mxfp4-pack-quantized"}
 OWN_FORMATS = ("fp4", "e2m1")  # LLM-FP4 layout: read back by compressor.model.load_model
 
@@ -198,15 +195,6 @@ def module_tensors(module, prefix: str, records: dict[str, LinearState],
         else:
             tensors[key] = tensor.detach().cpu().contiguous()
     return tensors
-
-
-def tensor_files(folder: Path) -> dict[str, Path]:
-    """Tensor name -> the safetensors file holding it, for a checkpoint written by write_shards."""
-    if (folder / INDEX_NAME).is_file():
-        index = json.loads((folder / INDEX_NAME).read_text())
-        return {key: folder / name for key, name in index["weight_map"].items()}
-    with safe_open(str(folder / WEIGHTS_NAME), framework="pt") as handle:
-        return {key: folder / WEIGHTS_NAME for key in handle.keys()}
 
 
 def check_output(output: Path, overwrite: bool) -> None:

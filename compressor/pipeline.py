@@ -210,7 +210,8 @@ def _is_block(name: str, prefix: str) -> bool:
 
 def _block_outputs(block, hidden: list[torch.Tensor], kwargs: list[dict], device) -> list[torch.Tensor]:
     """The block's output for each chunk, as it is now."""
-    return [output_hidden(block(h.to(device), **_to(k, device))) for h, k in zip(hidden, kwargs, strict=True)]
+    return [output_hidden(block(h.to(device), **to_device(k, device)))
+            for h, k in zip(hidden, kwargs, strict=True)]
 
 
 def _compress_and_refine_block(block, block_plan: Plan, steps: list[Step], inputs: BlockInputs, device,
@@ -274,13 +275,13 @@ def _move_outside(model, prefix: str, device) -> None:
             module._buffers[key] = buffer.to(device)
 
 
-def _to(obj, device):
+def to_device(obj, device):
     if isinstance(obj, torch.Tensor):
         return obj.to(device)
     if isinstance(obj, (tuple, list)):
-        return type(obj)(_to(o, device) for o in obj)
+        return type(obj)(to_device(o, device) for o in obj)
     if isinstance(obj, dict):
-        return {k: _to(v, device) for k, v in obj.items()}
+        return {k: to_device(v, device) for k, v in obj.items()}
     return obj
 
 
@@ -323,7 +324,8 @@ def linear_groups(block, hidden: torch.Tensor, kwargs: dict, device) -> list[lis
         handles.append(linear.register_forward_pre_hook(record(name)))
     try:
         batch = hidden.shape[0]
-        block(batch_rows(hidden, batch, 0, 1).to(device), **_to(batch_rows(kwargs, batch, 0, 1), device))
+        one_row = to_device(batch_rows(kwargs, batch, 0, 1), device)
+        block(batch_rows(hidden, batch, 0, 1).to(device), **one_row)
     finally:
         for handle in handles:
             handle.remove()
@@ -392,7 +394,7 @@ def _input_producers(block, block_plan: Plan, groups: list[list[str]], inputs: B
         return {}
     batch = inputs.hidden[0].shape[0]
     return input_producers(block, batch_rows(inputs.hidden[0], batch, 0, 1).to(device),
-                           _to(batch_rows(inputs.kwargs[0], batch, 0, 1), device), groups)
+                           to_device(batch_rows(inputs.kwargs[0], batch, 0, 1), device), groups)
 
 
 @dataclass(frozen=True)
@@ -430,7 +432,7 @@ def _compress_block_recomputing(block, block_plan: Plan, inputs: BlockInputs, de
         try:
             for hidden, kwargs in zip(inputs.hidden, inputs.kwargs, strict=True):
                 try:
-                    block(hidden.to(device), **_to(kwargs, device))
+                    block(hidden.to(device), **to_device(kwargs, device))
                 except _StopForward:
                     pass
         finally:
@@ -444,7 +446,7 @@ def _compress_block_recomputing(block, block_plan: Plan, inputs: BlockInputs, de
         del stats
     outputs = inputs.hidden
     for chunk, kwargs in enumerate(inputs.kwargs):
-        outputs[chunk] = output_hidden(block(outputs[chunk].to(device), **_to(kwargs, device)))
+        outputs[chunk] = output_hidden(block(outputs[chunk].to(device), **to_device(kwargs, device)))
     return records, outputs
 
 
@@ -478,7 +480,7 @@ def _compress_block(block, block_plan: Plan, inputs: BlockInputs, device, observ
 
     def forward(chunk: int):
         hidden = inputs.hidden[chunk].to(device)
-        return output_hidden(block(hidden, **_to(inputs.kwargs[chunk], device)))
+        return output_hidden(block(hidden, **to_device(inputs.kwargs[chunk], device)))
 
     # The hook sits on the group's first-called linear (linear_groups keeps call order).
     handles = [

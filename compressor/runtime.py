@@ -23,9 +23,9 @@ import torch
 from safetensors import safe_open
 
 from compressor.errors import CompressorError
+from compressor.files import tensor_files
 from compressor.grids import from_signed, sign_offset
 from compressor.model import ModelSource, load_model, load_tokenizer, read_json
-from compressor.pack import tensor_files
 from compressor.sparse24 import accelerate_2of4
 from compressor_kernels import Int8Embedding, PackedLinear, triton_available
 

@@ -23,9 +23,9 @@ from pathlib import Path
 import torch
 
 from compressor.errors import CompressorError
+from compressor.files import INDEX_NAME
 from compressor.model import ModelSource, decoder_blocks, load_tokenizer
 
-INDEX_NAME = "model.safetensors.index.json"
 DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,

@@ -37,8 +37,8 @@ from safetensors.torch import save_file
 
 from compressor import distributed
 from compressor.errors import CompressorError
-from compressor.files import atomic_write
-from compressor.pack import INDEX_NAME, WEIGHTS_NAME, check_output, module_tensors, quantization_config
+from compressor.files import INDEX_NAME, WEIGHTS_NAME, atomic_write
+from compressor.pack import check_output, module_tensors, quantization_config
 from compressor.passes import LinearState
 from compressor.stream import SafetensorsReader
 

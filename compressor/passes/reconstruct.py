@@ -199,9 +199,9 @@ def _windows(data: BlockData, batch: int) -> list[tuple[int, int, int]]:
 
 
 def _forward(block, weights: dict[str, torch.Tensor], hidden, kwargs, device):
-    from compressor.pipeline import _to, output_hidden
+    from compressor.pipeline import output_hidden, to_device
 
-    output = functional_call(block, weights, args=(hidden.to(device),), kwargs=_to(kwargs, device))
+    output = functional_call(block, weights, args=(hidden.to(device),), kwargs=to_device(kwargs, device))
     return output_hidden(output)
 
 
