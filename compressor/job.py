@@ -128,10 +128,7 @@ def _compress(source, recipe, writer, calibration, torch_device, data_dir, stage
     def calibration_ids():
         start = time.perf_counter()
         stage(f"calibration: {calibration.samples} x {calibration.seqlen} tokens of {calibration.source}")
-        ids = data.calibration_windows(
-            tokenizer, calibration.source, calibration.samples, calibration.seqlen,
-            seed=calibration.seed, data_dir=data_dir,
-        )
+        ids = calibration_windows(tokenizer, calibration, data_dir)
         seconds["calibration_data"] = time.perf_counter() - start
         return ids
 
@@ -170,26 +167,44 @@ def _compress(source, recipe, writer, calibration, torch_device, data_dir, stage
 
     start = time.perf_counter()
     stage(f"writing {writer.output}")
-    linears = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
-    ignore = sorted(linears - set(records))
+
     def outside_tensors() -> dict:
         if streamed:
             return streamed.outside_tensors()
         return module_tensors(model, "", {}, exclude=prefix + ".")
 
-    manifest = build_manifest(model, source, recipe, records, calibration if ids is not None else None)
-    if hooks.transforms:
-        manifest["transforms"] = hooks.transforms
-    manifest.update(device=str(torch_device), threads=torch.get_num_threads(),
-                    world_size=distributed.world_size(), streamed=streamed is not None,
-                    low_memory=low_memory,
-                    resumed_at_block=first_block)
+    extra = {"transforms": hooks.transforms} if hooks.transforms else {}
+    extra.update(device=str(torch_device), world_size=distributed.world_size(), streamed=streamed is not None,
+                 low_memory=low_memory, resumed_at_block=first_block)
+    return finish_checkpoint(writer, model, tokenizer, source, recipe, records,
+                             calibration if ids is not None else None, outside_tensors, seconds, start, extra)
+
+
+def calibration_windows(tokenizer, calibration: Calibration, data_dir: Path, count: int | None = None,
+                        seqlen: int | None = None, seed_offset: int = 0) -> torch.Tensor:
+    """The calibration windows a job asked for (or `count` x `seqlen` of the same source, another seed)."""
+    return data.calibration_windows(tokenizer, calibration.source, count or calibration.samples,
+                                    seqlen or calibration.seqlen, seed=calibration.seed + seed_offset,
+                                    data_dir=data_dir)
+
+
+def finish_checkpoint(writer: CheckpointWriter, model, tokenizer, source: ModelSource, recipe: dict,
+                      records: dict, calibration: Calibration | None, outside_tensors, seconds: dict,
+                      write_started: float, extra: dict, files: dict | None = None) -> JobResult:
+    """The end of every compressing command (quantize, sparsify, run, search): the manifest (the
+    records' figures, `extra`, timings, peak memory), the linears left dense listed as ignored,
+    the recipe and any other `files` beside the weights, then the staging folder renamed."""
+    linears = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    ignore = sorted(linears - set(records))
+    manifest = build_manifest(model, source, recipe, records, calibration)
+    manifest.update(extra)
+    manifest["threads"] = torch.get_num_threads()
     # Timings and peak memory are the manifest's only run-dependent entries (not hashed).
-    seconds["write"] = time.perf_counter() - start
+    seconds["write"] = time.perf_counter() - write_started
     manifest["seconds"] = {k: round(v, 3) for k, v in seconds.items()}
     manifest["peak_rss_mb"] = round(peak_rss_mb(), 1)
     writer.finish(model, tokenizer, records, ignore, outside_tensors, manifest,
-                  {RECIPE_FILE: yaml.safe_dump(recipe, sort_keys=False)})
+                  {RECIPE_FILE: yaml.safe_dump(recipe, sort_keys=False), **(files or {})})
     return JobResult(output=str(writer.output), manifest=manifest)
 
 

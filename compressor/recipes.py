@@ -83,6 +83,9 @@ def quantize_job(bits: float = 4, group_size: int | None = None, symmetric: bool
         raise CompressorError("--act-bits needs --format fp4 or --format e2m1")
     group_size = 128 if group_size is None else group_size
     method = method or "gptq"
+    if method not in ("gptq", "rtn"):
+        raise CompressorError(f"unknown --method {method!r}; choose gptq or rtn"
+                              + (" (AWQ scaling before either: --awq)" if method == "awq" else ""))
     allocation = None
     if allocate is not None:
         target = parse_budget(budget) if budget else parse_budget(f"{bits}bits")

@@ -82,7 +82,7 @@ BAD_INPUTS = {
     "bits 1": (lambda d, t: ["quantize", d, "--bits", "1", "-o", t / "o"], "bits must be"),
     "group size -5": (lambda d, t: ["quantize", d, "--group-size", "-5", "-o", t / "o"],
                       "group size must be"),
-    "unknown method": (lambda d, t: ["quantize", d, "--method", "awq", "-o", t / "o"], "unknown method"),
+    "unknown method": (lambda d, t: ["quantize", d, "--method", "awq", "-o", t / "o"], "unknown --method"),
     "empty calibration": (lambda d, t: ["quantize", d, "--calibration", _empty(t), "-o", t / "o"],
                           "empty"),
     "short calibration": (lambda d, t: ["quantize", d, "--calibration", _short(t), "--seqlen", "512",

@@ -21,13 +21,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-import yaml
 
 from compressor import budget, data
 from compressor.budget import Budget
 from compressor.errors import CompressorError
 from compressor.files import atomic_write
-from compressor.job import RECIPE_FILE, Calibration, JobResult, WriteEachBlock, build_manifest, peak_rss_mb
+from compressor.job import Calibration, JobResult, WriteEachBlock, calibration_windows, finish_checkpoint
 from compressor.model import ModelSource, block_linears, decoder_blocks, load_model
 from compressor.pack import check_output, module_tensors
 from compressor.pipeline import compress_model, native_bf16, resolve_device
@@ -220,8 +219,7 @@ def run_search(
     database = LevelDatabase(database_folder) if (database_folder / "index.json").is_file() else None
     if database is None or not database.complete(len(blocks)):
         stage(f"level database: {len(levels)} levels x {len(blocks)} blocks")
-        ids = data.calibration_windows(tokenizer, calibration.source, calibration.samples, calibration.seqlen,
-                                       seed=calibration.seed, data_dir=data_dir)
+        ids = calibration_windows(tokenizer, calibration, data_dir)
         identity = {"source": asdict(source), "calibration": asdict(calibration)}
         reference = None
         if job.database_reference != "dense":
@@ -263,15 +261,13 @@ def run_search(
         # Reloaded: the fitness may have scored candidates on this very model's weights.
         del fitness, scorer
         model, tokenizer = load_model(source)
-        ids = data.calibration_windows(tokenizer, calibration.source, calibration.samples, calibration.seqlen,
-                                       seed=calibration.seed, data_dir=data_dir)
+        ids = calibration_windows(tokenizer, calibration, data_dir)
         records = compress_model(model, build_plan(model, recipe["passes"]), ids, torch_device,
                                  calibration.batch_size, progress)
         seconds["requantize"] = time.perf_counter() - start
         start = time.perf_counter()
     else:
         records = {name: database.state(name, level) for name, level in chosen.items()}
-    ignore = sorted({n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)} - set(records))
     total = space.total(state.parent)
     summary = {
         "budget": str(target), "achieved": budget.achieved(target.kind, total, weights),
@@ -282,38 +278,31 @@ def run_search(
         "assembled": job.assemble,
         "job": job.as_data(), "work_folder": str(work),
     }
-    writer = CheckpointWriter(output, {"search": str(work)}, overwrite)
-    prefix, blocks = decoder_blocks(model)
-    write_block = WriteEachBlock(writer, prefix, None)
-    for index, block in enumerate(blocks):
-        block_prefix = f"{prefix}.{index}."
-        block_records = {n: s for n, s in records.items() if n.startswith(block_prefix)}
-        if job.assemble == "database":
-            # The search leaves the model dense, and the writer takes float (sparse-only) linears from
-            # the module (quantized ones it packs from their codes): each linear gets its level's weight.
-            for name, record in block_records.items():
-                linear = model.get_submodule(name)
-                linear.weight.data = record.weight.to(linear.weight.dtype)
-        write_block.done(index, block, block_records, None)
-    manifest = build_manifest(model, source, recipe, records, calibration)
-    manifest["search"] = summary
-    manifest["device"] = str(torch_device)
-    manifest["threads"] = torch.get_num_threads()
-    seconds["write"] = time.perf_counter() - start
     # Comparable with the other commands' "compress": everything but loading and writing.
     seconds["compress"] = (seconds["database"] + seconds["dense_targets"] + seconds["search"]
                            + seconds.get("requantize", 0.0))
-    manifest["seconds"] = {k: round(v, 3) for k, v in seconds.items()}
-    manifest["peak_rss_mb"] = round(peak_rss_mb(), 1)
+    writer = CheckpointWriter(output, {"search": str(work)}, overwrite)
+    prefix, blocks = decoder_blocks(model)
+    write_block = WriteEachBlock(writer, prefix, None)
     try:
-        writer.finish(model, tokenizer, records, ignore,
-                      lambda: module_tensors(model, "", {}, exclude=prefix + "."), manifest, {
-            RECIPE_FILE: yaml.safe_dump(recipe, sort_keys=False),
-            "levels.svg": levels_svg(units, state.parent, database)})
+        for index, block in enumerate(blocks):
+            block_prefix = f"{prefix}.{index}."
+            block_records = {n: s for n, s in records.items() if n.startswith(block_prefix)}
+            if job.assemble == "database":
+                # The search leaves the model dense, and the writer takes float (sparse-only) linears
+                # from the module (quantized ones it packs from their codes): each gets its level's weight.
+                for name, record in block_records.items():
+                    linear = model.get_submodule(name)
+                    linear.weight.data = record.weight.to(linear.weight.dtype)
+            write_block.done(index, block, block_records, None)
+        return finish_checkpoint(
+            writer, model, tokenizer, source, recipe, records, calibration,
+            lambda: module_tensors(model, "", {}, exclude=prefix + "."), seconds, start,
+            {"search": summary, "device": str(torch_device)},
+            {"levels.svg": levels_svg(units, state.parent, database)})
     except BaseException:
         writer.discard()
         raise
-    return JobResult(output=str(output), manifest=manifest)
 
 
 def _evolve(job, model, scorer, targets, database, units, space, fitness, state, save, stage, progress):
@@ -429,8 +418,7 @@ def _dense_targets(model, tokenizer, job, calibration, data_dir, work, device, s
             targets.windows, targets.values = saved["windows"], saved["values"]
             targets.indices, targets.rest, targets.device = saved["indices"], saved["rest"], device
             return targets
-    windows = data.calibration_windows(tokenizer, calibration.source, count, job.fitness_seqlen,
-                                       seed=calibration.seed + 1, data_dir=data_dir)
+    windows = calibration_windows(tokenizer, calibration, data_dir, count, job.fitness_seqlen, seed_offset=1)
     stage(f"dense model targets: {count} x {job.fitness_seqlen} tokens, top-{job.top_k}")
     targets = DenseTargets(model, windows, job.top_k, device, progress)
     torch.save({"key": json.dumps(key), "windows": targets.windows, "values": targets.values,
