@@ -111,6 +111,8 @@ SUITES: dict[str, list[tuple[str, list[str]]]] = {
         for suffix, extra in (("", []), ("-rot", ["--rotate"]), ("-rec", ["--reconstruct"]),
                               ("-rot-rec", ["--rotate", "--reconstruct"]), ("-awq", ["--awq"]),
                               ("-rot-awq", ["--rotate", "--awq"]))
+    ] + [(f"nvfp4-gptq{suffix}", ["quantize", "--format", "nvfp4", "--method", "gptq", *extra])
+         for suffix, extra in (("-rot", ["--rotate"]),)
     ] + [("gptq-w4g64-sym-rot-rec-compressed-targets",
           ["run", str(HERE / "w4-rotate-gptq-reconstruct-compressed-targets.yaml")])],
     # Per-layer sparsity at equal total sparsity: uniform SparseGPT, LIM / ZD (+-10% by importance),
