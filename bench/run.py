@@ -113,6 +113,9 @@ SUITES: dict[str, list[tuple[str, list[str]]]] = {
                               ("-rot-awq", ["--rotate", "--awq"]))
     ] + [(f"nvfp4-gptq{suffix}", ["quantize", "--format", "nvfp4", "--method", "gptq", *extra])
          for suffix, extra in (("-rot", ["--rotate"]),)
+    ] + [(f"sparsegpt-{pattern.replace(':', 'of')}-rec",
+          [*_prune("sparsegpt", pattern, False), "--reconstruct"])
+         for pattern in ("2:4", "0.5")
     ] + [("gptq-w4g64-sym-rot-rec-compressed-targets",
           ["run", str(HERE / "w4-rotate-gptq-reconstruct-compressed-targets.yaml")])],
     # Per-layer sparsity at equal total sparsity: uniform SparseGPT, LIM / ZD (+-10% by importance),
