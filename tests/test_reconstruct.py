@@ -280,3 +280,27 @@ def test_compressed_target_stream_through_a_recipe(llama_dir, calibration_file, 
     assert all(m == (["gptq", "reconstruct"] if ".layers.1." in n else ["gptq"]) for n, m in methods.items())
     with pytest.raises(CompressorError, match="target_stream must be one of"):
         validate_recipe([GPTQ_W3, {"method": "reconstruct", "target_stream": "teacher"}])
+
+
+def test_norm_tuning_learns_the_gains_and_never_raises_the_error():
+    """AdaQuant's statistics tuning (norms: true): the block's norm gains move with the weights,
+    only when the block's error drops, and the model computes with what was kept."""
+    from compressor.passes.reconstruct import norm_gains
+
+    dense = make_model("llama")
+    model = make_model("llama")
+    records = compress_model(model, build_plan(model, [GPTQ_W3, {**RECONSTRUCT, "norms": True}]), _ids(),
+                             batch_size=4)
+    _, blocks = decoder_blocks(model)
+    _, dense_blocks = decoder_blocks(dense)
+    for index, block in enumerate(blocks):
+        kept = records[f"model.layers.{index}.self_attn.q_proj"].metrics["reconstruct_kept"]
+        gains, dense_gains = norm_gains(block), norm_gains(dense_blocks[index])
+        assert sorted(gains) == ["input_layernorm.weight", "post_attention_layernorm.weight"]
+        moved = any(not torch.equal(gains[n], dense_gains[n]) for n in gains)
+        assert moved == kept
+    assert any(s.metrics["reconstruct_kept"] for s in records.values())
+    for state in records.values():
+        assert state.metrics["block_error_after"] <= state.metrics["block_error_before"]
+    with pytest.raises(CompressorError, match="unknown setting"):
+        validate_recipe([GPTQ_W3, {**RECONSTRUCT, "norm": True}])

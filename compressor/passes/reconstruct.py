@@ -55,11 +55,15 @@ class ReconstructOptions:
     # weights); dense = the dense weights (AutoRound from its round-to-nearest start)
     bf16: bool | str = "auto"  # autocast the forwards: auto = where the hardware has bf16 matmuls
     seed: int = 0
+    # AdaQuant's statistics tuning, as its LLM analogue: the block's norm gains (1-D weights of its
+    # RMSNorm / LayerNorm modules) are learned too (Adam, 1e-3 relative), correcting the shift in
+    # activation statistics that quantization leaves.
+    norms: bool = False
 
     @classmethod
     def from_args(cls, args: dict) -> ReconstructOptions:
         check_keys("reconstruct", args,
-                   {"train", "iters", "lr", "target_stream", "batch", "start", "bf16", "seed"})
+                   {"train", "iters", "lr", "target_stream", "batch", "start", "bf16", "seed", "norms"})
         options = cls(**args)
         if options.bf16 not in (True, False, "auto"):
             raise CompressorError(f"reconstruct: bf16 must be true, false or auto, got {options.bf16!r}")
@@ -211,10 +215,10 @@ def _forward(block, weights: dict[str, torch.Tensor], hidden, kwargs, device):
 
 
 @torch.no_grad()
-def block_error(block, data: BlockData, weights: dict[str, torch.Tensor] | None = None) -> float:
+def block_error(block, data: BlockData, params: dict[str, torch.Tensor] | None = None) -> float:
     """Mean squared error of the block's output against the targets over every calibration chunk
-    (float32), with `weights` (linear name -> weight) in place of the block's own where given."""
-    weights = {f"{n}.weight": w for n, w in (weights or {}).items()}
+    (float32), with `params` (parameter name -> tensor) in place of the block's own where given."""
+    weights = params or {}
     total, count = 0.0, 0
     for hidden, kwargs, target in zip(data.inputs, data.kwargs, data.targets, strict=True):
         out = _forward(block, weights, hidden, kwargs, data.device)
@@ -239,19 +243,26 @@ def refine(block, records: dict[str, LinearState], data: BlockData, args: dict) 
     }
     if not learned:
         return
+    norms = norm_gains(block) if options.norms else {}
+    tuned = {name: gain.detach().float().clone().requires_grad_() for name, gain in norms.items()}
     before = block_error(block, data)
     frozen = [p for p in block.parameters() if p.requires_grad]
     for param in frozen:
         param.requires_grad_(False)
     try:
         with torch.enable_grad():  # the pipeline runs under no_grad
-            _train(block, learned, data, options)
+            _train(block, learned, tuned, data, options)
     finally:
         for param in frozen:
             param.requires_grad_(True)
     results = {name: unit.final(linears[name].weight.dtype) for name, unit in learned.items()}
-    after = block_error(block, data, {name: weight for name, (weight, _) in results.items()})
+    final_norms = {name: gain.detach().to(norms[name].dtype) for name, gain in tuned.items()}
+    after = block_error(block, data, {**{f"{name}.weight": weight for name, (weight, _) in results.items()},
+                                      **final_norms})
     kept = after < before
+    if kept:
+        for name, gain in final_norms.items():
+            norms[name].data.copy_(gain)
     for name, (weight, quant) in results.items():
         state = records[name]
         if kept:
@@ -264,16 +275,26 @@ def refine(block, records: dict[str, LinearState], data: BlockData, args: dict) 
                              reconstruct_kept=kept)
 
 
-def _train(block, learned: dict[str, LearnedLinear], data: BlockData, options: ReconstructOptions) -> None:
+def norm_gains(block) -> dict[str, torch.Tensor]:
+    """The block's norm gains by parameter name: 1-D weights of modules named like norms."""
+    return {f"{name}.weight": module.weight for name, module in block.named_modules()
+            if "norm" in type(module).__name__.lower() and isinstance(getattr(module, "weight", None),
+                                                                    torch.Tensor)
+            and module.weight.dim() == 1}
+
+
+def _train(block, learned: dict[str, LearnedLinear], norms: dict[str, torch.Tensor], data: BlockData,
+           options: ReconstructOptions) -> None:
     generator = torch.Generator().manual_seed(options.seed)
     signed = [p for unit in learned.values() for p in unit.signed]
     adam_params = [p for unit in learned.values() for key, p in unit.params.items()
-                   if not any(p is s for s in signed)]
+                   if not any(p is s for s in signed)] + list(norms.values())
     sign_lr = options.lr or 1.0 / options.iters
     adam = None
     if adam_params:
         # Weights move relative to their own size; scale multipliers and zero offsets are O(1).
-        groups = []
+        groups = [{"params": [gain], "lr": 1e-3 * float(gain.detach().abs().mean())}
+                  for gain in norms.values()]
         for unit in learned.values():
             for key, p in unit.params.items():
                 if any(p is s for s in signed):
@@ -288,6 +309,7 @@ def _train(block, learned: dict[str, LearnedLinear], data: BlockData, options: R
         chunk, start, stop = windows[int(torch.randint(len(windows), (1,), generator=generator))]
         rows = len(data.inputs[chunk])
         weights = {f"{name}.weight": unit.weight() for name, unit in learned.items()}
+        weights.update(norms)
         with _autocast(data.device, options.bf16):
             out = _forward(block, weights, data.inputs[chunk][start:stop],
                            batch_rows(data.kwargs[chunk], rows, start, stop), data.device)
