@@ -662,3 +662,41 @@ def test_quantize_allocate_ip_writes_the_programmes_choice_and_resumes(
     weights = [(tmp_path / run / "model.safetensors").read_bytes() for run in ("a", "b")]
     assert weights[0] == weights[1]
     assert levels == ["w2", "w3", "w4", "w5", "w6"]
+
+
+def test_fitness_from_a_cached_prefix_equals_the_full_forward(tmp_path):
+    """The integer programme's shortcut: after prefix_from(baseline), a candidate differing from
+    block b on runs only from block b, and scores exactly what the whole forward scores."""
+    from compressor.search.database import (
+        build_database,
+        quant_levels,
+    )
+    from compressor.search.fitness import DenseTargets, KLFitness
+    from tests.conftest import make_model
+
+    model = make_model("llama")
+    ids = torch.randint(0, 320, (4, 32), generator=torch.Generator().manual_seed(0))
+    database = build_database(model, ids, quant_levels([2, 4], group_size=32), tmp_path / "db")
+    units = [[name] for group in database.groups for name in group]
+    targets = DenseTargets(model, ids[:3], top_k=16, device=torch.device("cpu"))
+    fitness = KLFitness(model, database, units, targets)
+    windows = [0, 2]
+    top = [1] * len(units)
+    calls = []
+    for index in range(len(fitness.blocks)):
+        fitness.blocks[index].register_forward_pre_hook(lambda m, a, i=index: calls.append(i))
+    base_full = fitness(top, windows)
+    assert fitness.prefix_from(top, windows) == base_full
+    last = len(units) - 1
+    for unit in (0, last):
+        levels = list(top)
+        levels[unit] = 0
+        calls.clear()
+        cached = fitness(levels, windows)
+        ran = set(calls)
+        saved, fitness.cached_levels = fitness.cached_levels, None
+        full = fitness(levels, windows)
+        fitness.cached_levels = saved
+        assert cached == full and full > base_full
+        assert ran == set(range(fitness.unit_block[unit], len(fitness.blocks)))
+    assert fitness(top, windows) == base_full

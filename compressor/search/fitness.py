@@ -7,12 +7,18 @@ distributions is a lower bound of the full KL and equals it when k covers the vo
 
 A candidate is applied to the model by copying only the linears whose level changed since the last
 evaluation, from the level database (dequantized one linear at a time).
+
+`prefix_from(levels)` caches every block's output on each window for one candidate (the integer
+programme's baseline): a later candidate that differs from it only from block b on then runs from
+block b, the blocks before it replaced by the cached result (the same numbers: those blocks hold
+the same weights), which halves the cost of measuring one unit at a time.
 """
 
 from __future__ import annotations
 
 import torch
 
+from compressor.model import decoder_blocks
 from compressor.search.database import LevelDatabase
 
 
@@ -63,6 +69,18 @@ def coarse_kl(dense_top: torch.Tensor, dense_rest: torch.Tensor, indices: torch.
     return kl + dense_rest.exp() * (dense_rest - q_rest)
 
 
+class _Cached(torch.nn.Module):
+    """Stands in for a decoder block: returns the output the real one gave on this window."""
+
+    def __init__(self, fitness: KLFitness, block: int):
+        super().__init__()
+        self.fitness, self.block = fitness, block
+
+    def forward(self, *args, **kwargs):
+        output = self.fitness.cache[self.fitness.window][self.block]
+        return output.clone() if isinstance(output, torch.Tensor) else output
+
+
 class KLFitness:
     """fitness(levels, window indices) -> mean per-token KL, with the candidate applied to the model."""
 
@@ -73,6 +91,36 @@ class KLFitness:
         self.targets = targets
         self.loaded: list[int | None] = [None] * len(units)
         self.linears = {name: model.get_submodule(name) for unit in units for name in unit}
+        prefix, self.blocks = decoder_blocks(model)
+        self.unit_block = [int(unit[0].removeprefix(prefix + ".").split(".")[0]) for unit in units]
+        self.cached_levels: list[int] | None = None
+        self.cache: dict[int, list] = {}  # window -> each block's output under cached_levels
+        self.window = 0
+
+    @torch.no_grad()
+    def prefix_from(self, levels: list[int], windows: list[int]) -> float:
+        """Score `levels` and keep every block's output on `windows` for later candidates."""
+        self.cache, self.cached_levels = {}, None
+        handles = [block.register_forward_hook(
+            lambda module, args, output, i=i: self.cache[self.window].append(
+                output.clone() if isinstance(output, torch.Tensor) else output))
+            for i, block in enumerate(self.blocks)]
+        try:
+            for window in windows:
+                self.cache[window] = []
+            fitness = self(levels, windows)
+        finally:
+            for handle in handles:
+                handle.remove()
+        self.cached_levels = list(levels)
+        return fitness
+
+    def _first_changed_block(self, levels: list[int], windows: list[int]) -> int:
+        if self.cached_levels is None or any(w not in self.cache for w in windows):
+            return 0
+        changed = [self.unit_block[u] for u, (a, b) in enumerate(zip(levels, self.cached_levels, strict=True))
+                   if a != b]
+        return min(changed, default=len(self.blocks) - 1)
 
     def apply(self, levels: list[int]) -> None:
         for unit, (names, level) in enumerate(zip(self.units, levels, strict=True)):
@@ -86,12 +134,21 @@ class KLFitness:
     @torch.no_grad()
     def __call__(self, levels: list[int], windows: list[int]) -> float:
         self.apply(levels)
-        total, tokens = 0.0, 0
-        t = self.targets
-        for index in windows:
-            logq = torch.log_softmax(_logits(self.model, t.windows[index][None].to(t.device))[0], dim=-1)
-            kl = coarse_kl(t.values[index].to(logq.device), t.rest[index].to(logq.device),
-                           t.indices[index].to(logq.device), logq)
-            total += float(kl.sum())
-            tokens += kl.numel()
+        skip = self._first_changed_block(levels, windows)
+        real = [self.blocks[i] for i in range(skip)]
+        for i in range(skip):
+            self.blocks[i] = _Cached(self, skip - 1)  # each passes on block skip - 1's output
+        try:
+            total, tokens = 0.0, 0
+            t = self.targets
+            for index in windows:
+                self.window = index
+                logq = torch.log_softmax(_logits(self.model, t.windows[index][None].to(t.device))[0], dim=-1)
+                kl = coarse_kl(t.values[index].to(logq.device), t.rest[index].to(logq.device),
+                               t.indices[index].to(logq.device), logq)
+                total += float(kl.sum())
+                tokens += kl.numel()
+        finally:
+            for i, block in enumerate(real):
+                self.blocks[i] = block
         return total / max(tokens, 1)

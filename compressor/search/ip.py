@@ -35,7 +35,10 @@ def measure_deltas(fitness: Callable[[list[int], list[int]], float], space: Spac
     `on_unit` sees the rows after each unit, to save them."""
     top = space.levels - 1
     units = len(space.costs)
-    base = fitness([top] * units, windows)
+    # A fitness that can cache the baseline's block outputs runs each measurement from the unit's
+    # own block on (compressor.search.fitness.KLFitness.prefix_from).
+    baseline = getattr(fitness, "prefix_from", fitness)
+    base = baseline([top] * units, windows)
     deltas = [list(row) for row in (done or [])]
     for unit in range(len(deltas), units):
         row = []
