@@ -667,10 +667,7 @@ def test_quantize_allocate_ip_writes_the_programmes_choice_and_resumes(
 def test_fitness_from_a_cached_prefix_equals_the_full_forward(tmp_path):
     """The integer programme's shortcut: after prefix_from(baseline), a candidate differing from
     block b on runs only from block b, and scores exactly what the whole forward scores."""
-    from compressor.search.database import (
-        build_database,
-        quant_levels,
-    )
+    from compressor.search.database import build_database, quant_levels
     from compressor.search.fitness import DenseTargets, KLFitness
     from tests.conftest import make_model
 
