@@ -325,7 +325,11 @@ def run_infer(model: Path) -> str:
 # subject (285, subjects interleaved), 100 FreebaseQA / TriviaQA questions, 5 CNN stories and
 # 5 Vicuna-80 questions.
 TASK_ROWS = [("gptq-w4g64-sym", _quant("gptq", 4, 64, True)), ("gptq-w3g64-sym", _quant("gptq", 3, 64, True)),
-             ("wanda-2of4", _prune("wanda", "2:4", False))]
+             ("wanda-2of4", _prune("wanda", "2:4", False)),
+             # Learned PTQ before / after (issue 19): the rows of the learned suite, compressed alike.
+             ("gptq-w4g64-full-rot", [*_quant("gptq", 4, 64, True), "--full-range", "--rotate"]),
+             ("gptq-w3g64-asym", _quant("gptq", 3, 64, False)),
+             ("gptq-w3g64-asym-rot", [*_quant("gptq", 3, 64, False), "--rotate"])]
 TASK_LIMIT = "quick"  # 200 per task; MMLU 285; FreebaseQA, TriviaQA 100; CNN, Vicuna-80 5
 
 
