@@ -301,6 +301,13 @@ def output_hidden(output) -> torch.Tensor:
     return output[0] if isinstance(output, (tuple, list)) else output
 
 
+def first_row(hidden: torch.Tensor, kwargs: dict, device) -> tuple[torch.Tensor, dict]:
+    """One calibration window of a chunk (its hidden state and keyword inputs), on `device`: what
+    the one-sample tracing forwards run on."""
+    batch = hidden.shape[0]
+    return batch_rows(hidden, batch, 0, 1).to(device), to_device(batch_rows(kwargs, batch, 0, 1), device)
+
+
 def linear_groups(block, hidden: torch.Tensor, kwargs: dict, device) -> list[list[str]]:
     """Linears of `block` grouped by shared input, in call order, from a one-sample forward."""
     linears = block_linears(block)
@@ -323,9 +330,8 @@ def linear_groups(block, hidden: torch.Tensor, kwargs: dict, device) -> list[lis
     for name, linear in linears.items():
         handles.append(linear.register_forward_pre_hook(record(name)))
     try:
-        batch = hidden.shape[0]
-        one_row = to_device(batch_rows(kwargs, batch, 0, 1), device)
-        block(batch_rows(hidden, batch, 0, 1).to(device), **one_row)
+        one_hidden, one_kwargs = first_row(hidden, kwargs, device)
+        block(one_hidden, **one_kwargs)
     finally:
         for handle in handles:
             handle.remove()
@@ -388,13 +394,23 @@ def _planned_groups(block, block_plan: Plan, inputs: BlockInputs, device) -> lis
     ]
 
 
+def _compress_group(block, linears: dict, names: list[str], block_plan: Plan, stats: InputStats,
+                    records: dict[str, LinearState], producers: dict, keep_unrounded: bool):
+    """Compress one sub-group into `records`; if a pass rescaled its input (AWQ), fold 1/scale into
+    the input's producer and return the scale (inputs already computed must be divided by it)."""
+    stats.foldable = absorbs(producers.get(names[0]), records)
+    records.update(_compress_linears(linears, names, block_plan, stats, keep_unrounded))
+    if stats.input_scale is None:
+        return None
+    fold_input_scale(block, producers[names[0]], stats.input_scale, records)
+    return stats.input_scale
+
+
 def _input_producers(block, block_plan: Plan, groups: list[list[str]], inputs: BlockInputs, device):
     """Where each sub-group's input scale would fold, when a pass may rescale inputs (AWQ)."""
     if not any(s.method in INPUT_SCALING for steps in block_plan.values() for s in steps):
         return {}
-    batch = inputs.hidden[0].shape[0]
-    return input_producers(block, batch_rows(inputs.hidden[0], batch, 0, 1).to(device),
-                           to_device(batch_rows(inputs.kwargs[0], batch, 0, 1), device), groups)
+    return input_producers(block, *first_row(inputs.hidden[0], inputs.kwargs[0], device), groups)
 
 
 @dataclass(frozen=True)
@@ -439,10 +455,7 @@ def _compress_block_recomputing(block, block_plan: Plan, inputs: BlockInputs, de
             handle.remove()
         stats.all_reduce()  # a distributed run: the statistics of every rank's windows
         observer.see(names, stats)
-        stats.foldable = absorbs(producers.get(names[0]), records)
-        records.update(_compress_linears(linears, names, block_plan, stats, keep_unrounded))
-        if stats.input_scale is not None:
-            fold_input_scale(block, producers[names[0]], stats.input_scale, records)
+        _compress_group(block, linears, names, block_plan, stats, records, producers, keep_unrounded)
         del stats
     outputs = inputs.hidden
     for chunk, kwargs in enumerate(inputs.kwargs):
@@ -509,11 +522,10 @@ def _compress_block(block, block_plan: Plan, inputs: BlockInputs, device, observ
             stat = stats.pop(index)
             stat.all_reduce()  # a distributed run: the statistics of every rank's windows
             observer.see(groups[index], stat)
-            stat.foldable = absorbs(producers.get(groups[index][0]), records)
-            records.update(_compress_linears(linears, groups[index], block_plan, stat, keep_unrounded))
-            if stat.input_scale is not None:
-                fold_input_scale(block, producers[groups[index][0]], stat.input_scale, records)
-                folded[index] = stat.input_scale
+            scale = _compress_group(block, linears, groups[index], block_plan, stat, records, producers,
+                                    keep_unrounded)
+            if scale is not None:
+                folded[index] = scale
             for chunk in [c for c, at in waiting.items() if at == index]:
                 del waiting[chunk]
                 resume(chunk)

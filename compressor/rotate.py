@@ -138,7 +138,7 @@ class Layout:
 
 # Operations that pass a tensor on without mixing its features (the last dimension), so whatever
 # consumes their result consumes the stream as well: slicing tokens for the head, dtype casts.
-_TRANSPARENT = {"__getitem__", "view", "reshape", "contiguous", "to", "float", "type_as", "clone",
+VIEW_OPS = {"__getitem__", "view", "reshape", "contiguous", "to", "float", "type_as", "clone",
                 "dropout"}
 _ADDS = {"add", "__add__", "__radd__", "add_", "__iadd__"}
 # Scaling by a number commutes with a rotation too (Granite's residual_multiplier, for example).
@@ -187,7 +187,7 @@ class _Trace(TorchFunctionMode):
             return out  # nothing followed, or only a shape / size / dtype query
         scaling = name in _SCALINGS and sum(not _is_number(a) for a in args) == 1
         for kind, source in sources:
-            if (name in _TRANSPARENT or scaling) and out.shape[-1] == self.hidden:
+            if (name in VIEW_OPS or scaling) and out.shape[-1] == self.hidden:
                 self.track(out, kind, source)
             elif kind == "norm":
                 self.foreign.setdefault(source, name)

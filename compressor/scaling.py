@@ -24,10 +24,11 @@ from dataclasses import dataclass
 import torch
 from torch.overrides import TorchFunctionMode
 
+from compressor import grids
 from compressor.model import block_linears
 from compressor.passes import LinearState, QuantizedWeight
+from compressor.rotate import VIEW_OPS
 
-_TRANSPARENT = {"view", "reshape", "contiguous", "to", "float", "type_as", "clone", "dropout"}
 _MULTIPLY = {"mul", "__mul__", "__rmul__"}
 
 
@@ -72,7 +73,7 @@ class _Trace(TorchFunctionMode):
             return out
         for source in sources:
             same_width = out.shape[-1:] == inputs[0].shape[-1:]
-            if name in _TRANSPARENT and same_width:
+            if name in VIEW_OPS and same_width:
                 self.track(out, source)
             elif (name in _MULTIPLY and source.kind == "linear" and len(inputs) == 2
                   and inputs[0].shape == inputs[1].shape and len(sources) == 1):
@@ -159,7 +160,5 @@ def fold_input_scale(block, producer: Producer, scale: torch.Tensor, records: di
         stored = quant.scale.dtype
         quant.scale = (quant.scale.double() * inverse.cpu()[:, None]).to(stored)
         # The weight the model computes with is the one the checkpoint will hold.
-        from compressor import grids
-
         module.weight.data = grids.dequantize(quant.codes, quant.scale.float(), quant.zero, quant.grid,
                                               module.weight.dtype).to(module.weight.device)

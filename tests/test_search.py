@@ -613,7 +613,8 @@ def test_integer_programme_deltas_measure_one_unit_at_a_time():
     deltas = ip.measure_deltas(fitness, space, [0], done=[[2.0, 1.0, 0.0]], on_unit=lambda rows: saved.append(
         len(rows)))
     assert deltas == [[2.0, 1.0, 0.0], [4.0, 2.0, 0.0], [6.0, 3.0, 0.0]]
-    assert saved == [2, 3] and calls[0] == [2, 2, 2] and calls[1] == [2, 0, 2] and calls[-1] == [2, 2, 2]
+    assert saved == [2, 3] and calls[0] == [2, 2, 2] and calls[1] == [2, 0, 2] and calls[-1] == [2, 2, 1]
+    assert len(calls) == 1 + 2 * 2  # the baseline, then each unit not yet measured at each lower level
     assert ip.solve(space.costs, deltas, space.limit) == [0, 1, 2]  # the least sensitive unit goes lowest
 
 

@@ -218,10 +218,9 @@ def _forward(block, weights: dict[str, torch.Tensor], hidden, kwargs, device):
 def block_error(block, data: BlockData, params: dict[str, torch.Tensor] | None = None) -> float:
     """Mean squared error of the block's output against the targets over every calibration chunk
     (float32), with `params` (parameter name -> tensor) in place of the block's own where given."""
-    weights = params or {}
     total, count = 0.0, 0
     for hidden, kwargs, target in zip(data.inputs, data.kwargs, data.targets, strict=True):
-        out = _forward(block, weights, hidden, kwargs, data.device)
+        out = _forward(block, params or {}, hidden, kwargs, data.device)
         total += float((out.float() - target.to(data.device).float()).pow(2).sum())
         count += target.numel()
     return total / count
