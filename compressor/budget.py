@@ -34,31 +34,36 @@ def float_linear_bits(out_features: int, in_features: int, grid: FloatGrid) -> i
 
 
 def quantized_linear_bits(
-    out_features: int, in_features: int, grid: IntGrid | FloatGrid, scale_bits: int
+    out_features: int, in_features: int, grid: IntGrid | FloatGrid, scale_bits: int,
+    packed_zero: bool | None = None,
 ) -> int:
-    """Codes + scales (+ zero points when asymmetric) of one pack-quantized linear."""
+    """Codes + scales (+ zero points when asymmetric) of one pack-quantized linear. Zero points are
+    packed along the rows in a group/channel layout and int8 in a block layout (compressor.pack);
+    packed_zero=None: as written by default (blocks only for ragged groups)."""
     if isinstance(grid, FloatGrid):
         return float_linear_bits(out_features, in_features, grid)
     groups = grid.num_groups(in_features)
     bits = out_features * packed_words(in_features, grid.bits) * 32
     bits += out_features * groups * scale_bits
     if not grid.symmetric:
-        bits += out_features * groups * 8  # asymmetric grids are stored as blocks: int8 zero points
+        if packed_zero is None:
+            packed_zero = not grid.is_ragged(in_features)
+        bits += groups * (packed_words(out_features, grid.bits) * 32 if packed_zero else out_features * 8)
     return bits
 
 
-def bits_per_weight(layers: list[tuple[int, int, IntGrid | None, int]]) -> dict:
-    """Average stored bits per weight over (out, in, grid or None for dense, dense/scale bits) rows.
+def bits_per_weight(layers: list[tuple]) -> dict:
+    """Average stored bits per weight over (out, in, grid or None for dense, dense/scale bits
+    [, packed_zero]) rows (quantized_linear_bits).
 
     Returns the stored figure and the integer-level average that papers quote (codes only).
     """
-    numel = sum(o * i for o, i, _, _ in layers)
+    numel = sum(row[0] * row[1] for row in layers)
     if numel == 0:
         return {"stored": 0.0, "levels": 0.0, "weights": 0}
-    stored = sum(
-        quantized_linear_bits(o, i, g, b) if g is not None else o * i * b for o, i, g, b in layers
-    )
-    levels = sum(o * i * (g.bits if g is not None else b) for o, i, g, b in layers)
+    stored = sum(quantized_linear_bits(*row) if row[2] is not None else row[0] * row[1] * row[3]
+                 for row in layers)
+    levels = sum(o * i * (g.bits if g is not None else b) for o, i, g, b, *_ in layers)
     return {"stored": stored / numel, "levels": levels / numel, "weights": numel}
 
 

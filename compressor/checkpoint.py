@@ -8,12 +8,13 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from compressor import budget, fpgrids
+from compressor import budget, engines, fpgrids
 from compressor.errors import CompressorError
 from compressor.files import INDEX_NAME, WEIGHTS_NAME, tensor_files
 from compressor.fpgrids import FloatGrid
 from compressor.grids import IntGrid
 from compressor.model import OWN_QUANT_METHOD
+from compressor.pack import unpack_zero_point
 from compressor.sparsity import Pattern, parse_nm
 
 BYTES = {"F32": 4, "F16": 2, "BF16": 2, "I32": 4, "I64": 8, "I8": 1, "U8": 1, "F64": 8, "BOOL": 1}
@@ -56,19 +57,23 @@ def inspect_checkpoint(folder: str | Path) -> dict:
     config = json.loads((folder / "config.json").read_text())
     shapes, original = read_tensor_shapes(folder)
     qconfig = config.get("quantization_config") or {}
-    scheme_of = {}
+    scheme_of, format_of = {}, {}
     for group in (qconfig.get("config_groups") or {}).values():
         for target in group.get("targets", []):
             scheme_of[target] = group["weights"]
+            format_of[target] = group.get("format") or qconfig.get("format")
     if qconfig.get("quant_method") == OWN_QUANT_METHOD:
         scheme_of = {target: {"type": "float", "num_bits": 4} for target in qconfig.get("targets", [])}
-    layers, rows = [], []
+        format_of = {target: qconfig.get("format") for target in scheme_of}
+    layers, rows, layouts = [], [], {}
     for key, (dtype, shape) in shapes.items():
         if key.endswith(".weight_packed"):
             name = key.removesuffix(".weight_packed")
             out_features, in_features, grid = _packed_layout(name, shape, scheme_of, original, qconfig)
             scale_bits = 8 * BYTES.get(shapes[f"{name}.weight_scale"][0], 2)
-            layers.append((out_features, in_features, grid, scale_bits))
+            packed_zero = (scheme_of.get(name) or {}).get("strategy") != "block"
+            layers.append((out_features, in_features, grid, scale_bits, packed_zero))
+            layouts[name] = (scheme_of[name], format_of[name], (out_features, in_features))
             rows.append({"module": name, "bits": grid.bits, "group_size": grid.group_size,
                          "symmetric": grid.symmetric, "shape": [out_features, in_features],
                          "format": grid.format if isinstance(grid, FloatGrid) else "int",
@@ -76,8 +81,13 @@ def inspect_checkpoint(folder: str | Path) -> dict:
         elif key.endswith(".weight") and len(shape) == 2 and ".layers." in key:
             bits = 8 * BYTES.get(dtype, 2)
             layers.append((shape[0], shape[1], None, bits))
+            layouts[key.removesuffix(".weight")] = (None, "dense", tuple(shape))
             rows.append({"module": key.removesuffix(".weight"), "bits": bits, "group_size": None,
                          "symmetric": None, "shape": shape, "bpw": float(bits)})
+    served = engines.layer_engines(layouts, one_scheme=len(qconfig.get("config_groups") or {}) <= 1,
+                                   dequantize=bool(qconfig.get("dequantize")))
+    for row in rows:
+        row["engines"] = served[row["module"]]
     sparsity = qconfig.get("sparsity_config")
     if sparsity:
         sparsity = verify_sparsity(folder, sparsity, scheme_of, original, rows)
@@ -88,6 +98,9 @@ def inspect_checkpoint(folder: str | Path) -> dict:
         "sparsity": sparsity,
         "modules": sorted(rows, key=lambda r: r["module"]),
         "bpw": budget.bits_per_weight(layers),
+        # The engines that serve every layer, and for each of the others its first reason.
+        "engines": {engine: next((f"{row['module']}: {row['engines'][engine]}" for row in rows
+                                  if row["engines"][engine]), None) for engine in engines.ENGINES},
         "size_bytes": sum(f.stat().st_size for f in files),
         "weights_bytes": sum(p.stat().st_size for p in _weight_files(folder)),
     }
@@ -141,6 +154,8 @@ def _zero_mask(files, name: str, args: dict | None, shape: list[int] | None) -> 
     if args["symmetric"]:
         return codes == 0
     zero = _read(files, f"{name}.weight_zero_point")
+    if args.get("strategy") != "block":  # group/channel: packed along the output rows
+        zero = unpack_zero_point(zero, args["num_bits"], shape[0])
     width = -(-shape[1] // zero.shape[1])
     return codes == zero[:, torch.arange(shape[1]) // width]
 

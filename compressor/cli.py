@@ -131,6 +131,12 @@ ReconstructTrainOpt = typer.Option(
     help="What --reconstruct learns: rounding (AutoRound: rounding offsets, ranges, zero points) or "
          "full (Block-AP: the weights themselves under fake quantization).")
 ReconstructItersOpt = typer.Option(50, "--reconstruct-iters", min=1, help="--reconstruct steps per block.")
+TargetOpt = typer.Option(
+    "any", "--target",
+    help="The engine the checkpoint must suit: any (the standard compressed-tensors layout), vllm "
+         "(refuse, before any work, what vLLM cannot serve: one line per reason) or transformers "
+         "(stock from_pretrained must load it: zero points of a several-scheme checkpoint as blocks). "
+         "`compress inspect` lists the engines that serve each layer.")
 
 
 BaselineOpt = typer.Option(
@@ -206,6 +212,7 @@ def quantize(
     reconstruct: bool = ReconstructOpt,
     reconstruct_train: str = ReconstructTrainOpt,
     reconstruct_iters: int = ReconstructItersOpt,
+    target: str = TargetOpt,
     calibration: str = CalibrationOpt,
     samples: int = SamplesOpt,
     seqlen: int = SeqlenOpt,
@@ -229,7 +236,7 @@ def quantize(
 
     job = quantize_job(bits, group_size, symmetric, method, number_format, act_bits, act_order, mse, damp,
                        allocate, budget, rotate, reconstruct, reconstruct_train, reconstruct_iters,
-                       full_range=full_range, awq=awq)
+                       full_range=full_range, awq=awq, target=target)
     cal = _calibration(calibration, samples, seqlen, seed, data_dir, batch_size)
     _run_job(model, job.recipe, output, cal, device, overwrite, as_json, job.tag, job.allocation, resume,
              low_memory)
@@ -673,7 +680,7 @@ def inspect(
 
 def _print_inspect(info: dict) -> None:
     table = Table(title=f"{info['folder']} ({info['format']})")
-    for column in ("module", "bits", "group", "sym", "shape", "bpw"):
+    for column in ("module", "bits", "group", "sym", "shape", "bpw", "served by"):
         table.add_column(column)
     for row in info["modules"]:
         group = row["group_size"]
@@ -682,8 +689,11 @@ def _print_inspect(info: dict) -> None:
         table.add_row(row["module"], bits,
                       "-" if group is None else ("channel" if group == 0 else str(group)),
                       "-" if row["symmetric"] is None else ("sym" if row["symmetric"] else "asym"),
-                      "x".join(map(str, row["shape"])), f"{row['bpw']:.3f}")
+                      "x".join(map(str, row["shape"])), f"{row['bpw']:.3f}",
+                      ", ".join(e for e, reason in row["engines"].items() if reason is None) or "-")
     out.print(table)
+    for engine, reason in info["engines"].items():
+        out.print(f"{engine}: " + ("serves every layer" if reason is None else f"not served ({reason})"))
     bpw = info["bpw"]
     out.print(f"decoder linears: {bpw['stored']:.3f} stored bits/weight, {bpw['levels']:.2f} code bits; "
               f"weights {info['weights_bytes'] / 2**20:.1f} MiB, folder {info['size_bytes'] / 2**20:.1f} MiB")

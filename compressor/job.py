@@ -17,10 +17,11 @@ import torch
 import yaml
 
 from compressor import __version__, budget, data, distributed
+from compressor.engines import check_plan, plan_layouts
 from compressor.errors import CompressorError
 from compressor.fpgrids import FloatGrid
 from compressor.model import ModelSource, decoder_blocks, load_model
-from compressor.pack import check_output, module_tensors
+from compressor.pack import Target, check_output, module_tensors
 from compressor.passes import Scope
 from compressor.pipeline import BlockHooks, compress_model, needs_data, resolve_device
 from compressor.plan import build_plan, compressible_linears, recipe_scopes, validate_recipe
@@ -89,6 +90,7 @@ def run_compression(
     # Everything that can be checked without the model is checked before loading it.
     check_output(output, overwrite)
     validate_recipe(recipe["passes"])
+    Target.parse(recipe.get("target"))
     torch_device = resolve_device(device)
     distributed.init_from_environment(torch_device)
     data_dir = data.resolve_data_dir(calibration.data_dir)
@@ -147,6 +149,8 @@ def _compress(source, recipe, writer, calibration, torch_device, data_dir, stage
             passes, decided = allocate_recipe(model, first, allocation["budget"], allocation["score"], ids)
         recipe = {**recipe, "passes": passes + rest, "allocation": decided}
     plan = build_plan(model, recipe["passes"])
+    if Target.parse(recipe.get("target")) is Target.VLLM:
+        check_plan(plan_layouts(model, plan))
     if ids is None and needs_data(plan):
         ids = calibration_ids()
 
@@ -204,7 +208,8 @@ def finish_checkpoint(writer: CheckpointWriter, model, tokenizer, source: ModelS
     manifest["seconds"] = {k: round(v, 3) for k, v in seconds.items()}
     manifest["peak_rss_mb"] = round(peak_rss_mb(), 1)
     writer.finish(model, tokenizer, records, ignore, outside_tensors, manifest,
-                  {RECIPE_FILE: yaml.safe_dump(recipe, sort_keys=False), **(files or {})})
+                  {RECIPE_FILE: yaml.safe_dump(recipe, sort_keys=False), **(files or {})},
+                  recipe.get("target", "any"))
     return JobResult(output=str(writer.output), manifest=manifest)
 
 

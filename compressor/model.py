@@ -17,6 +17,7 @@ import torch
 
 from compressor.errors import CompressorError
 from compressor.fp4load import load_llm_fp4
+from compressor.upstream import packed_zero_point_skeleton
 
 OWN_QUANT_METHOD = "compressor-fp4"  # compressor.pack writes it for LLM-FP4 checkpoints
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -114,7 +115,8 @@ def load_model(source: ModelSource, dtype: str | torch.dtype = "auto"):
             if qconfig.get("quant_method") == OWN_QUANT_METHOD:
                 model = load_llm_fp4(Path(source.path), config, dtype)
             else:
-                model = AutoModelForCausalLM.from_pretrained(source.path, dtype=dtype, **kwargs)
+                with packed_zero_point_skeleton():  # asymmetric group layouts of any scheme mix
+                    model = AutoModelForCausalLM.from_pretrained(source.path, dtype=dtype, **kwargs)
     except ValueError as error:
         if "Unrecognized configuration class" in str(error):
             raise CompressorError(

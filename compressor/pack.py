@@ -2,24 +2,29 @@
 pack-quantized format, one config group per distinct scheme so layers may carry different bits.
 
 Per quantized linear: weight_packed int32 [out, ceil(in*bits/32)], weight_scale [out, groups],
-weight_zero_point (asymmetric only), weight_shape. Two cases use the "block" strategy with blocks
-of [1, g] instead of "group"/"channel":
+weight_zero_point (asymmetric only), weight_shape. The strategy is "group" (or "channel"), as
+llm-compressor writes it and vLLM serves it; asymmetric zero points are then packed along the
+output rows, int32 [ceil(out*bits/32), groups]. "block" with blocks of [1, g] is used only where
+nothing else expresses the layout:
 - a group size that does not divide the input width (576 columns in groups of 128): the "group"
-  strategy refuses ragged groups, "block" pads them on load;
-- asymmetric grids: compressed-tensors 0.20 packs group/channel zero points into int32 when
-  writing but builds the loading skeleton with unpacked ones, so transformers 5 rejects such a
-  checkpoint (size mismatch). Block strategy stores zero points as int8 [out, groups] and loads.
+  strategy refuses ragged groups, "block" pads them on load (no engine but transformers runs it);
+- `--target transformers` on a checkpoint with more than one scheme: transformers 5 reads packed
+  zero points only through its dequantize route, which applies one scheme to every layer
+  (compressor.upstream has the cause); block zero points stay int8 [out, groups] and load.
 
+Zero points are packed when a block is written; the final decision (quantization_config) is made
+once every layer's scheme is known, and compressor.writer unpacks the few it turns into blocks.
 compressor.writer assembles the folder (block by block, atomically, resumably).
 """
 
 from __future__ import annotations
 
 import json
+from enum import Enum
 from pathlib import Path
 
 import torch
-from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
+from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32, unpack_from_int32
 from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
 
 from compressor import fpgrids, grids
@@ -31,6 +36,27 @@ from compressor.passes import FloatWeight, LinearState, QuantizedWeight
 
 CT_FLOAT_FORMATS = {"nvfp4": "nvfp4-pack-quantized", "mxfp4": "mxfp4-pack-quantized"}
 OWN_FORMATS = ("fp4", "e2m1")  # LLM-FP4 layout: read back by compressor.model.load_model
+
+
+class Target(str, Enum):
+    """Which engine the written layout must suit (`--target`)."""
+
+    ANY = "any"  # the standard layout (group/channel, packed zero points)
+    VLLM = "vllm"  # refuse, before any work, what vLLM cannot serve (compressor.engines)
+    TRANSFORMERS = "transformers"  # stock transformers must load it: blocks where it cannot
+
+    @classmethod
+    def parse(cls, value: str | Target | None) -> Target:
+        try:
+            return cls(value or "any")
+        except ValueError:
+            raise CompressorError(f"unknown target {value!r}; choose {', '.join(t.value for t in cls)}")
+
+
+def packs_zero_points(grid: IntGrid, in_features: int) -> bool:
+    """An asymmetric layout compressed-tensors' group/channel strategy holds (groups divide the
+    input width): its zero points are written packed."""
+    return not grid.symmetric and not grid.is_ragged(in_features)
 
 
 def pack_linear(q: QuantizedWeight | FloatWeight) -> dict[str, torch.Tensor]:
@@ -45,9 +71,15 @@ def pack_linear(q: QuantizedWeight | FloatWeight) -> dict[str, torch.Tensor]:
         "weight_shape": torch.tensor([out_features, in_features], dtype=torch.int64),
     }
     if not q.grid.symmetric:
-        # Block strategy (always used when asymmetric, see above) keeps int8 zero points.
-        tensors["weight_zero_point"] = grids.to_signed(q.zero, q.grid.bits)
+        zero = grids.to_signed(q.zero, q.grid.bits)
+        packed = packs_zero_points(q.grid, in_features)
+        tensors["weight_zero_point"] = pack_to_int32(zero, q.grid.bits, packed_dim=0) if packed else zero
     return tensors
+
+
+def unpack_zero_point(packed: torch.Tensor, bits: int, out_features: int) -> torch.Tensor:
+    """Signed int8 zero points [out, groups] from their packed int32 form."""
+    return unpack_from_int32(packed, bits, torch.Size([out_features, packed.shape[1]]), packed_dim=0).contiguous()
 
 
 def pack_float_linear(q: FloatWeight) -> dict[str, torch.Tensor]:
@@ -71,8 +103,9 @@ def pack_float_linear(q: FloatWeight) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def weight_args(grid: IntGrid | FloatGrid, in_features: int, act_order: bool) -> dict:
-    """compressed-tensors QuantizationArgs for a grid on a given input width."""
+def weight_args(grid: IntGrid | FloatGrid, in_features: int, act_order: bool, block: bool = False) -> dict:
+    """compressed-tensors QuantizationArgs for a grid on a given input width (`block`: written as
+    blocks of [1, g] although groups could hold it, see block_layers)."""
     if isinstance(grid, FloatGrid):
         if grid.format not in CT_FLOAT_FORMATS:
             raise CompressorError(f"{grid.format} has no compressed-tensors layout")
@@ -84,7 +117,7 @@ def weight_args(grid: IntGrid | FloatGrid, in_features: int, act_order: bool) ->
                 "scale_dtype": "torch.float8_e4m3fn" if nvfp4 else "torch.uint8",
                 "zp_dtype": "torch.float8_e4m3fn" if nvfp4 else "torch.uint8"}
     args = {"num_bits": grid.bits, "type": "int", "symmetric": grid.symmetric, "dynamic": False}
-    if not grid.symmetric or grid.is_ragged(in_features):
+    if block or grid.is_ragged(in_features):
         args.update(strategy="block", block_structure=[1, grid.group_width(in_features)])
     elif grid.group_size <= 0:
         args["strategy"] = "channel"
@@ -115,7 +148,32 @@ def sparsity_config(records: dict[str, LinearState], ignore: list[str]) -> dict 
     }
 
 
-def quantization_config(records: dict[str, LinearState], ignore: list[str]) -> dict | None:
+def _schemes(quantized: dict, blocks: set[str]) -> dict[str, tuple[dict, str, list[str]]]:
+    """Distinct (QuantizationArgs, format) -> the layers that have it."""
+    schemes: dict[str, tuple[dict, str, list[str]]] = {}
+    for name, quant in quantized.items():
+        args = weight_args(quant.grid, quant.codes.shape[1], quant.act_order, block=name in blocks)
+        layout = CT_FLOAT_FORMATS.get(quant.grid.format, "pack-quantized")
+        key = json.dumps([args, layout], sort_keys=True)
+        schemes.setdefault(key, (args, layout, []))[2].append(name)
+    return schemes
+
+
+def block_layers(records: dict[str, LinearState], target: Target | str = Target.ANY) -> set[str]:
+    """The asymmetric layers written as blocks though groups could hold them: under
+    --target transformers, when the checkpoint has more than one scheme (stock transformers
+    loads packed zero points only through its one-scheme dequantize route)."""
+    if Target.parse(target) is not Target.TRANSFORMERS:
+        return set()
+    quantized = {name: state.quant for name, state in records.items() if state.quant is not None}
+    if len(_schemes(quantized, set())) <= 1:
+        return set()
+    return {name for name, q in quantized.items()
+            if isinstance(q.grid, IntGrid) and packs_zero_points(q.grid, q.codes.shape[1])}
+
+
+def quantization_config(records: dict[str, LinearState], ignore: list[str],
+                        target: Target | str = Target.ANY) -> dict | None:
     """config.json's quantization_config: one config group per distinct weight scheme, plus the
     sparsity metadata when some linears were pruned."""
     sparsity = sparsity_config(records, ignore)
@@ -123,12 +181,7 @@ def quantization_config(records: dict[str, LinearState], ignore: list[str]) -> d
     own = [name for name, q in quantized.items() if q.grid.format in OWN_FORMATS]
     if own:
         return own_format_config(quantized, own, sparsity)
-    schemes: dict[str, tuple[dict, str, list[str]]] = {}
-    for name, quant in quantized.items():
-        args = weight_args(quant.grid, quant.codes.shape[1], quant.act_order)
-        layout = CT_FLOAT_FORMATS.get(quant.grid.format, "pack-quantized")
-        key = json.dumps([args, layout], sort_keys=True)
-        schemes.setdefault(key, (args, layout, []))[2].append(name)
+    schemes = _schemes(quantized, block_layers(records, target))
     if not schemes:
         # Pruned only: transformers loads the dense weights; the config just describes them.
         return {"quant_method": "compressed-tensors", "sparsity_config": sparsity} if sparsity else None
@@ -145,9 +198,26 @@ def quantization_config(records: dict[str, LinearState], ignore: list[str]) -> d
         quantization_status="compressed",
         ignore=ignore,
     ).model_dump(exclude_none=True)
+    packed_zero = any(args["type"] == "int" and not args["symmetric"] and args["strategy"] != "block"
+                      for args, _, _ in schemes.values())
+    if packed_zero and len(schemes) == 1:
+        # transformers' loading skeleton has no room for packed zero points (compressor.upstream);
+        # its dequantize route reads them, correctly for a one-scheme checkpoint. vLLM ignores it.
+        config["dequantize"] = True
     if sparsity:
         config["sparsity_config"] = sparsity
     return config
+
+
+def unpack_block_zero_points(tensors: dict[str, torch.Tensor], records: dict[str, LinearState],
+                             blocks: set[str]) -> dict[str, torch.Tensor]:
+    """`tensors` with the zero points of `blocks` (block_layers) unpacked to int8 [out, groups]."""
+    for name in blocks:
+        key = f"{name}.weight_zero_point"
+        if key in tensors:
+            quant = records[name].quant
+            tensors[key] = unpack_zero_point(tensors[key], quant.grid.bits, quant.codes.shape[0])
+    return tensors
 
 
 def own_format_config(quantized: dict, own: list[str], sparsity: dict | None) -> dict:

@@ -43,8 +43,28 @@ def quantize_job(bits: float = 4, group_size: int | None = None, symmetric: bool
                  act_order: bool = True, mse: bool = False, damp: float = 0.01,
                  allocate: str | None = None, budget: str | None = None, rotate: bool = False,
                  reconstruct: bool = False, reconstruct_train: str = "rounding",
-                 reconstruct_iters: int = 50, full_range: bool = False, awq: bool = False) -> Job:
+                 reconstruct_iters: int = 50, full_range: bool = False, awq: bool = False,
+                 target: str = "any") -> Job:
     """The options of `compress quantize` (see its --help) as a recipe."""
+    job = _quantize_job(bits, group_size, symmetric, method, number_format, act_bits, act_order, mse, damp,
+                        allocate, budget, rotate, reconstruct, reconstruct_train, reconstruct_iters,
+                        full_range, awq)
+    return with_target(job, target)
+
+
+def with_target(job: Job, target: str) -> Job:
+    """The job with the engine its layout must suit (compressor.pack.Target) in its recipe."""
+    from compressor.pack import Target
+
+    target = Target.parse(target)
+    if target is not Target.ANY:
+        job.recipe["target"] = target.value
+    return job
+
+
+def _quantize_job(bits, group_size, symmetric, method, number_format, act_bits, act_order, mse, damp,
+                  allocate, budget, rotate, reconstruct, reconstruct_train, reconstruct_iters, full_range,
+                  awq) -> Job:
     from compressor.budget import parse_budget
     from compressor.fpgrids import float_grid
 

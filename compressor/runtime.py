@@ -26,6 +26,7 @@ from compressor.errors import CompressorError
 from compressor.files import tensor_files
 from compressor.grids import from_signed, sign_offset
 from compressor.model import ModelSource, load_model, load_tokenizer, read_json
+from compressor.pack import unpack_zero_point
 from compressor.sparse24 import accelerate_2of4
 from compressor_kernels import Int8Embedding, PackedLinear, triton_available
 
@@ -79,7 +80,10 @@ def packed_linear(name: str, args: dict, read, bias, dtype, device: str,
         scale = scale[:, None]
     zero = None
     if not args.get("symmetric", True):
-        zero = read(f"{name}.weight_zero_point").float().reshape(scale.shape) + sign_offset(bits)
+        zero = read(f"{name}.weight_zero_point")
+        if args.get("strategy") != "block":  # group/channel: packed along the output rows
+            zero = unpack_zero_point(zero, bits, shape[0])
+        zero = zero.float().reshape(scale.shape) + sign_offset(bits)
     g_idx = read(f"{name}.weight_g_idx", optional=True)
     width = _group_width(args, shape[1])
     # The aten int4/int8 kernels are CPU ones; elsewhere Triton's dequantize-matmul when installed.

@@ -38,7 +38,14 @@ from safetensors.torch import save_file
 from compressor import distributed
 from compressor.errors import CompressorError
 from compressor.files import INDEX_NAME, WEIGHTS_NAME, atomic_write
-from compressor.pack import check_output, module_tensors, quantization_config
+from compressor.pack import (
+    Target,
+    block_layers,
+    check_output,
+    module_tensors,
+    quantization_config,
+    unpack_block_zero_points,
+)
 from compressor.passes import LinearState
 from compressor.stream import SafetensorsReader
 
@@ -166,7 +173,7 @@ class CheckpointWriter:
     # -- at the end ------------------------------------------------------------------------------
     def finish(self, model, tokenizer, records: dict[str, LinearState], ignore: list[str],
                outside_tensors: Callable[[], dict[str, torch.Tensor]], manifest: dict,
-               extra_files: dict[str, str]) -> int:
+               extra_files: dict[str, str], target: Target | str = Target.ANY) -> int:
         """Assemble the checkpoint, add config/tokenizer/manifest, rename into place. The tensors
         outside the blocks are made, written and dropped before the shards are assembled, and the
         manifest's peak RSS and write time cover all of it. Returns the bytes of weights. Only
@@ -178,9 +185,9 @@ class CheckpointWriter:
         atomic_write(self.staging / "outside.safetensors",
                      lambda p, tensors=outside: save_file(tensors, p, metadata={"format": "pt"}))
         del outside
-        weight_bytes = self._regroup()
+        weight_bytes = self._regroup(records, block_layers(records, target))
         try:
-            save_config(model, tokenizer, records, ignore, self.staging)
+            save_config(model, tokenizer, records, ignore, self.staging, target)
         except OSError as error:
             raise CompressorError(f"cannot write the config and tokenizer to {self.staging}: {error}")
         for name, text in extra_files.items():
@@ -198,8 +205,9 @@ class CheckpointWriter:
         self._rename_into_place()
         return weight_bytes
 
-    def _regroup(self) -> int:
-        """Block files + outside tensors -> shards of at most SHARD_BYTES, in model order."""
+    def _regroup(self, records: dict[str, LinearState], blocks: set[str]) -> int:
+        """Block files + outside tensors -> shards of at most SHARD_BYTES, in model order; the zero
+        points of `blocks` (compressor.pack.block_layers) unpacked on the way."""
         parts = sorted(self.staging.glob("block-*.safetensors")) + [self.staging / "outside.safetensors"]
         readers = [(part, SafetensorsReader.of_file(part)) for part in parts]
         groups: list[list[tuple[Path, SafetensorsReader]]] = [[]]
@@ -216,6 +224,7 @@ class CheckpointWriter:
         weight_map, total = {}, 0
         for name, group in zip(names, groups, strict=True):
             tensors = {key: reader.read(key) for _, reader in group for key in sorted(reader.keys())}
+            unpack_block_zero_points(tensors, records, blocks)
             atomic_write(self.staging / name, lambda p, t=tensors: save_file(t, p, metadata={"format": "pt"}))
             weight_map.update({key: name for key in tensors})
             total += sum(t.numel() * t.element_size() for t in tensors.values())
@@ -246,11 +255,12 @@ class CheckpointWriter:
             shutil.rmtree(self.staging, ignore_errors=True)
 
 
-def save_config(model, tokenizer, records: dict[str, LinearState], ignore: list[str], folder: Path) -> None:
+def save_config(model, tokenizer, records: dict[str, LinearState], ignore: list[str], folder: Path,
+                target: Target | str = Target.ANY) -> None:
     """config.json with the quantization_config, generation config and tokenizer files."""
     config = model.config
     previous = getattr(config, "quantization_config", None)
-    qconfig = quantization_config(records, ignore)
+    qconfig = quantization_config(records, ignore, target)
     try:
         if qconfig is not None:
             config.quantization_config = qconfig
@@ -282,8 +292,10 @@ def folder_checksum(folder: Path) -> dict:
 
 
 def save_checkpoint(model, tokenizer, records: dict[str, LinearState], folder: Path,
-                    ignore: list[str]) -> int:
+                    ignore: list[str], target: Target | str = Target.ANY) -> int:
     """A model in memory written whole into an existing folder, as one file (tests, small tools)."""
-    save_file(module_tensors(model, "", records), Path(folder) / WEIGHTS_NAME, metadata={"format": "pt"})
-    save_config(model, tokenizer, records, ignore, Path(folder))
+    tensors = unpack_block_zero_points(module_tensors(model, "", records), records,
+                                       block_layers(records, target))
+    save_file(tensors, Path(folder) / WEIGHTS_NAME, metadata={"format": "pt"})
+    save_config(model, tokenizer, records, ignore, Path(folder), target)
     return (Path(folder) / WEIGHTS_NAME).stat().st_size

@@ -64,7 +64,10 @@ def _apply_packed(model, folder):
             scale = f.get_tensor(f"{name}.weight_scale")
             zero = torch.zeros_like(scale)
             if not args["symmetric"]:
-                zero = f.get_tensor(f"{name}.weight_zero_point").to(scale.dtype)
+                zero = f.get_tensor(f"{name}.weight_zero_point")
+                if args["strategy"] != "block":  # packed along the output rows, as vLLM reads it
+                    zero = unpack_from_int32(zero, args["num_bits"], (shape[0], scale.shape[1]), packed_dim=0)
+                zero = zero.to(scale.dtype)
             width = shape[1] if args["strategy"] == "channel" else (
                 args.get("group_size") or args["block_structure"][1])
             index = torch.arange(shape[1]) // width
@@ -94,8 +97,13 @@ def test_inspect_reads_bits_and_bpw(llama_dir, tmp_path):
     assert len(info["modules"]) == 14
     assert {m["bits"] for m in info["modules"]} == {3}
     assert info["bpw"]["stored"] == pytest.approx(result.manifest["bpw"]["stored"])
-    # 3-bit codes, one fp32 scale and one int8 zero point per 32 weights (widths divide exactly).
-    assert info["bpw"]["stored"] == 3 + (32 + 8) / 32
+    # 3-bit codes, one fp32 scale per 32 weights and a 3-bit zero point per group, packed along the
+    # rows into whole int32 words.
+    shapes = [m["shape"] for m in info["modules"]]
+    weights = sum(o * i for o, i in shapes)
+    zero_bits = sum(-(-o * 3 // 32) * 32 * (i // 32) for o, i in shapes)
+    assert info["bpw"]["stored"] == pytest.approx(3 + 32 / 32 + zero_bits / weights)
+    assert 3 / 32 <= zero_bits / weights < 3.2 / 32
 
 
 def test_mixed_bits_get_separate_config_groups(llama_dir, tmp_path):

@@ -76,6 +76,11 @@ def validate(args: dict) -> None:
     _settings(args)
 
 
+def output_grid(args: dict) -> fpgrids.FloatGrid:
+    """The grid the weights end on (what the writer will store)."""
+    return _settings(args)["grid"]
+
+
 def compress(layer: LinearState, stats: InputStats | None, args: dict) -> None:
     compress_many([layer], stats, args)
 

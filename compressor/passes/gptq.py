@@ -51,6 +51,11 @@ def validate(args: dict) -> None:
     GPTQOptions.from_args(args)
 
 
+def output_grid(args: dict) -> IntGrid:
+    """The grid the weights end on (what the writer will store)."""
+    return grid_from_args(args)
+
+
 def compress(layer: LinearState, stats: InputStats | None, args: dict) -> None:
     compress_many([layer], stats, args)
 

@@ -17,6 +17,11 @@ def validate(args: dict) -> None:
     grid_from_args(args)
 
 
+def output_grid(args: dict):
+    """The grid the weights end on (what the writer will store)."""
+    return grid_from_args(args)
+
+
 def compress(layer: LinearState, stats: InputStats | None, args: dict) -> None:
     grid = grid_from_args(args)
     scale, zero = grids.choose_qparams(layer.weight, grid, scale_dtype=layer.dtype)

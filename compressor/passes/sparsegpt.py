@@ -59,7 +59,7 @@ def statistics(args: dict) -> set[str]:
     return {"hessian"}
 
 
-def grid_or_none(args: dict) -> IntGrid | None:
+def output_grid(args: dict) -> IntGrid | None:
     """The joint-quantization grid, or None when the step only prunes."""
     given = QUANT_KEYS & set(args)
     if not given:
@@ -76,7 +76,7 @@ def validate(args: dict) -> None:
     check_keys("sparsegpt", args, PATTERN_KEYS | QUANT_KEYS | {"damp", "blocksize"})
     pattern_from_args(args)
     SparseGPTOptions.from_args(args)
-    grid_or_none(args)
+    output_grid(args)
 
 
 def compress(layer: LinearState, stats: InputStats | None, args: dict) -> None:
@@ -89,7 +89,7 @@ def compress_many(layers: list[LinearState], stats: InputStats | None, args: dic
     validate(args)
     pattern = pattern_from_args(args)
     options = SparseGPTOptions.from_args(args)
-    grid = grid_or_none(args)
+    grid = output_grid(args)
     if stats is None:
         raise CompressorError("sparsegpt needs calibration data (input statistics)")
     try:
