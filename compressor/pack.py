@@ -79,7 +79,8 @@ def pack_linear(q: QuantizedWeight | FloatWeight) -> dict[str, torch.Tensor]:
 
 def unpack_zero_point(packed: torch.Tensor, bits: int, out_features: int) -> torch.Tensor:
     """Signed int8 zero points [out, groups] from their packed int32 form."""
-    return unpack_from_int32(packed, bits, torch.Size([out_features, packed.shape[1]]), packed_dim=0).contiguous()
+    shape = torch.Size([out_features, packed.shape[1]])
+    return unpack_from_int32(packed, bits, shape, packed_dim=0).contiguous()
 
 
 def pack_float_linear(q: FloatWeight) -> dict[str, torch.Tensor]:

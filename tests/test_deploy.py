@@ -140,7 +140,8 @@ def test_vllm_rules():
                                                               "pack-quantized", (576, 576))
     assert "does not divide" in engines.vllm_reason({**group4, "group_size": 128}, "pack-quantized", (64, 64))
     assert "own layout" in engines.vllm_reason({"type": "float"}, "fp4", (64, 64))
-    fused = engines.fused_reasons({"l.q_proj": group4, "l.k_proj": group4, "l.v_proj": {**group4, "num_bits": 8},
+    fused = engines.fused_reasons({"l.q_proj": group4, "l.k_proj": group4,
+                                   "l.v_proj": {**group4, "num_bits": 8},
                                    "l.gate_proj": group4, "l.up_proj": group4})
     assert set(fused) == {"l.q_proj", "l.k_proj", "l.v_proj"}
 
