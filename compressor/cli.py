@@ -668,6 +668,37 @@ def _print_bench_infer(result: dict) -> None:
 
 
 @app.command()
+def export(
+    folder: Path = typer.Argument(..., help="Checkpoint folder written by compress, or a dense model."),
+    to: str = typer.Option("gguf", "--to", help="Output format: gguf (llama.cpp, Ollama, LM Studio)."),
+    output: Path = typer.Option(..., "--output", "-o", help="Output file (written atomically)."),
+    embeddings: str = typer.Option(
+        "q8_0", "--embeddings", help="Token embedding (and untied head) type: q8_0 (llama.cpp's presets), "
+                                     "f16 or f32."),
+    requantize: str = typer.Option(
+        None, "--requantize",
+        help="GGUF type (q4_0, q4_1, q5_0, q5_1, q8_0) for layers whose grid GGUF has no block for: "
+             "their dequantized weights are rounded again (lossy). Without it such a layer is refused."),
+    overwrite: bool = OverwriteOpt,
+    as_json: bool = JsonOpt,
+):
+    """Write a checkpoint in another engine's format. 4/5-bit and 8-bit symmetric groups of 32 map
+    code for code onto Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 (scales rounded to float16).
+
+    Example: compress export out/w4g32 --to gguf -o w4.gguf
+    """
+    from compressor.gguf_export import export_gguf, summary
+
+    if to != "gguf":
+        raise CompressorError(f"unknown export format {to!r}; choose gguf")
+    result = summary(export_gguf(folder, output, embeddings, requantize, overwrite))
+    _emit(result, as_json, lambda r: out.print(
+        f"wrote {r['output']} ({r['bytes'] / 2**20:.1f} MiB): {r['exact_layers']} layers code for code, "
+        f"{r['requantized_layers']} requantized; tensor types {r['tensors']}; largest scale change from "
+        f"float16 rounding {r['max_scale_rounding']:.2e}"))
+
+
+@app.command()
 def inspect(
     folder: Path = typer.Argument(..., help="Checkpoint folder written by compress."),
     as_json: bool = JsonOpt,

@@ -17,6 +17,7 @@ on torch's semi-structured sparse kernels.
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -64,17 +65,29 @@ def _group_width(args: dict, in_features: int) -> int:
     raise CompressorError(f"quantization strategy {strategy!r} cannot be run packed")
 
 
-def packed_linear(name: str, args: dict, read, bias, dtype, device: str,
-                  backend: str | None = None) -> PackedLinear:
-    """One PackedLinear from the checkpoint tensors of module `name` (read(key) -> tensor)."""
+@dataclass
+class StoredLinear:
+    """A quantized linear as the checkpoint stores it: unsigned codes [out, in], scale and zero
+    (unsigned, None when symmetric) [out, groups] as float32, group width, act-order index."""
+
+    codes: torch.Tensor
+    scale: torch.Tensor
+    zero: torch.Tensor | None
+    bits: int
+    width: int
+    g_idx: torch.Tensor | None
+
+
+def read_linear(name: str, args: dict, read) -> StoredLinear:
+    """The integer codes and parameters of module `name` (read(key[, optional]) -> tensor)."""
     from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
 
     if args.get("type", "int") != "int":
-        raise CompressorError(f"{name}: {args.get('type')} weights are not run packed; use the dense loader")
+        raise CompressorError(f"{name}: {args.get('type')} weights are not integer codes; use the dense "
+                              "loader")
     bits = int(args["num_bits"])
     shape = torch.Size(read(f"{name}.weight_shape").tolist())
-    signed = unpack_from_int32(read(f"{name}.weight_packed"), bits, shape)
-    codes = from_signed(signed, bits)
+    codes = from_signed(unpack_from_int32(read(f"{name}.weight_packed"), bits, shape), bits)
     scale = read(f"{name}.weight_scale").float()
     if scale.dim() == 1:
         scale = scale[:, None]
@@ -84,12 +97,19 @@ def packed_linear(name: str, args: dict, read, bias, dtype, device: str,
         if args.get("strategy") != "block":  # group/channel: packed along the output rows
             zero = unpack_zero_point(zero, bits, shape[0])
         zero = zero.float().reshape(scale.shape) + sign_offset(bits)
-    g_idx = read(f"{name}.weight_g_idx", optional=True)
-    width = _group_width(args, shape[1])
+    return StoredLinear(codes, scale, zero, bits, _group_width(args, shape[1]),
+                        read(f"{name}.weight_g_idx", optional=True))
+
+
+def packed_linear(name: str, args: dict, read, bias, dtype, device: str,
+                  backend: str | None = None) -> PackedLinear:
+    """One PackedLinear from the checkpoint tensors of module `name` (read(key) -> tensor)."""
+    stored = read_linear(name, args, read)
     # The aten int4/int8 kernels are CPU ones; elsewhere Triton's dequantize-matmul when installed.
     if backend is None and device != "cpu":
         backend = "triton" if triton_available() else "dequant"
-    return PackedLinear(codes, scale, zero, bits, width, bias, g_idx, dtype, backend).to(device)
+    return PackedLinear(stored.codes, stored.scale, stored.zero, stored.bits, stored.width, bias,
+                        stored.g_idx, dtype, backend).to(device)
 
 
 EMBEDDINGS = ("keep", "int8")

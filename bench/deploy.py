@@ -1,0 +1,130 @@
+"""`python bench/run.py deploy`: which layouts vLLM serves, proven by vLLM itself.
+
+Each row writes SmolLM2 with RTN in one layout (the layout is what matters here, not the rounding),
+then asks vLLM's CPU build, from its own virtual environment (bench/vllm_client.py; $VLLM_PYTHON,
+default /work/venvs/vllm/bin/python), for the mean NLL of 8 x 512 WikiText-2 test tokens, and
+compares it with transformers (this project's environment, float32) on the same token ids. The
+`compress inspect` prediction (compressor.engines) is printed beside what vLLM did.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+WORK = HERE / "work" / "deploy"
+RESULTS = HERE / "results"
+VLLM_PYTHON = os.environ.get("VLLM_PYTHON", "/work/venvs/vllm/bin/python")
+WINDOWS, SEQLEN = 8, 512
+
+ROWS = [
+    ("w4g64-sym", ["--bits", "4", "--group-size", "64", "--sym"]),
+    ("w4g64-asym", ["--bits", "4", "--group-size", "64", "--asym"]),
+    ("w4-channel-asym", ["--bits", "4", "--group-size", "0", "--asym"]),
+    ("w4g128-sym (default, ragged on 576)", ["--bits", "4", "--group-size", "128", "--sym"]),
+    ("w3g64-asym", ["--bits", "3", "--group-size", "64", "--asym"]),
+    ("w8g64-sym", ["--bits", "8", "--group-size", "64", "--sym"]),
+]
+
+
+def _windows(model: Path) -> Path:
+    import torch  # noqa: F401 - compressor's data helpers return tensors
+
+    from compressor import data
+    from compressor.model import ModelSource, load_tokenizer
+
+    path = WORK / "windows.json"
+    if not path.is_file():
+        tokenizer = load_tokenizer(ModelSource(str(model)))
+        ids = data.evaluation_ids(tokenizer, "wikitext2", data.resolve_data_dir(None))
+        path.write_text(json.dumps([ids[0, i * SEQLEN:(i + 1) * SEQLEN].tolist() for i in range(WINDOWS)]))
+    return path
+
+
+def transformers_nll(folder: Path, windows: list[list[int]]) -> float:
+    import torch
+
+    from compressor.model import ModelSource, load_model
+
+    model, _ = load_model(ModelSource(str(folder)))
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for window in windows:
+            logits = model(torch.tensor([window])).logits.float()[0, :-1]
+            logprobs = torch.log_softmax(logits, -1).gather(1, torch.tensor(window[1:])[:, None])
+            total -= float(logprobs.sum())
+            count += len(window) - 1
+    return total / count
+
+
+def run_deploy(model: Path) -> str:
+    WORK.mkdir(parents=True, exist_ok=True)
+    windows_file = _windows(model)
+    windows = json.loads(windows_file.read_text())
+    rows = []
+    for name, flags in ROWS:
+        folder = WORK / name.split(" ")[0]
+        if not (folder / "compress.json").is_file():
+            done = subprocess.run(["compress", "quantize", "--method", "rtn", *flags, str(model), "-o",
+                                   str(folder), "--overwrite", "--json"], capture_output=True, text=True)
+            if done.returncode:
+                raise SystemExit(f"{name}: {done.stderr}")
+        inspect = json.loads(subprocess.run(["compress", "inspect", str(folder), "--json"],
+                                            capture_output=True, text=True, check=True).stdout)
+        served = subprocess.run([VLLM_PYTHON, str(HERE / "vllm_client.py"), str(folder), str(windows_file)],
+                                capture_output=True, text=True)
+        lines = served.stdout.strip().splitlines()
+        vllm = json.loads(lines[-1]) if lines else {"served": False, "error": served.stderr[-300:]}
+        row = {"name": name, "predicted": inspect["engines"], "vllm": vllm,
+               "transformers_nll": transformers_nll(folder, windows), "bpw": inspect["bpw"]["stored"]}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "deploy.json").write_text(json.dumps(rows, indent=2) + "\n")
+    text = markdown(rows)
+    (RESULTS / "deploy.md").write_text(text)
+    return text
+
+
+def markdown(rows: list[dict]) -> str:
+    version = next((r["vllm"].get("vllm") for r in rows if r["vllm"].get("vllm")), "?")
+    kernels = {r["vllm"].get("kernel") for r in rows if r["vllm"].get("served")}
+    lines = [
+        "# deploy benchmark: which layouts vLLM serves (SmolLM2-135M, RTN, this machine)",
+        "",
+        f"vLLM {version} CPU build in its own virtual environment (`bench/vllm_client.py`), bfloat16; "
+        f"mean NLL of {WINDOWS} x {SEQLEN} WikiText-2 test tokens vs transformers (float32, this "
+        "project's environment) on the same ids. Command: `python bench/run.py deploy`.",
+        "",
+        "| layout | stored bpw | `compress inspect`: vllm / vllm-cpu | vLLM | vLLM NLL "
+        "| transformers NLL | gap |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        predicted = " / ".join("serves" if row["predicted"][e] is None
+                               else row["predicted"][e].split(": ", 1)[1] for e in ("vllm", "vllm-cpu"))
+        vllm = row["vllm"]
+        if vllm.get("served"):
+            outcome, nll = "served", f"{vllm['nll']:.4f}"
+            gap = f"{vllm['nll'] - row['transformers_nll']:+.4f}"
+        else:
+            outcome, nll, gap = f"refused: {vllm.get('error', '')[:120]}", "-", "-"
+        lines.append(f"| {row['name']} | {row['bpw']:.3f} | {predicted} | {outcome} | {nll} "
+                     f"| {row['transformers_nll']:.4f} | {gap} |")
+    if "reference" in kernels:
+        lines += ["", "This CPU has no AVX-512: vLLM's CPU build has its int4 kernel (cpu_gemm_wna16) only "
+                  "in its AVX-512 library, so the client replaced that one kernel by a dequantize-matmul "
+                  "over the parameters vLLM loaded (its scheme, loaders and unpacking); see "
+                  "bench/vllm_client.py. CUDA was not exercised (no GPU lent)."]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(HERE))
+    from prepare import prepare
+
+    print(run_deploy(prepare(HERE / "work" / "smollm2-fp32")))

@@ -1,0 +1,302 @@
+"""`compress export CKPT --to gguf`: a checkpoint of this project as one GGUF file for llama.cpp
+(and Ollama, LM Studio; transformers reads it back dequantized).
+
+The integer layouts whose grid GGUF has are written code for code, with no requantization:
+
+    ours                       GGUF   one block of 32 weights            value
+    4-bit symmetric, g32       Q4_0   d, 16 bytes of nibbles             d * (q - 8)
+    4-bit asymmetric, g32      Q4_1   d, m, 16 bytes                     d * q + m    (m = -d * zero)
+    5-bit symmetric, g32       Q5_0   d, 32 high bits, 16 bytes          d * (q - 16)
+    5-bit asymmetric, g32      Q5_1   d, m, 32 high bits, 16 bytes       d * q + m
+    8-bit symmetric, g32       Q8_0   d, 32 int8                         d * (q - 128)
+
+(byte j of the 16 holds element j in its low nibble and element j + 16 in its high one; d and m
+are float16, so a float32 scale is rounded once: that is the only change). A layer on any other
+grid has no GGUF block that holds its codes: the export refuses it, or with `--requantize TYPE`
+dequantizes it and rounds it again onto TYPE (lossy, said so in the result). Embeddings are
+written at `--embeddings` (q8_0 as llama.cpp's presets; f16, f32), norms in float32, unquantized
+linears in float16. Llama-family q/k rows are permuted as llama.cpp's converter does (its rotary
+embedding pairs adjacent dimensions; transformers undoes the permutation when it reads the file).
+Tokenizer metadata is copied from the source GGUF when the model came from one, else built from the
+checkpoint's tokenizer.json.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import safe_open
+
+from compressor.errors import CompressorError
+from compressor.files import tensor_files
+from compressor.model import read_json
+from compressor.runtime import PACKED_SUFFIXES, StoredLinear, _targets, read_linear
+
+# model_type -> (llama.cpp architecture, q/k rows permuted as its converter does)
+ARCHITECTURES = {"llama": ("llama", True), "mistral": ("llama", True), "qwen2": ("qwen2", False)}
+BLOCK = 32
+EMBEDDING_TYPES = ("q8_0", "f16", "f32")
+REQUANTIZE_TYPES = ("q4_0", "q4_1", "q5_0", "q5_1", "q8_0")
+
+
+@dataclass
+class ExportResult:
+    output: str
+    tensors: dict  # GGUF type name -> count
+    exact_layers: int
+    requantized_layers: int
+    bytes: int
+    max_scale_rounding: float  # largest relative change of a scale rounded to float16
+
+
+def exact_type(stored: StoredLinear):
+    """The GGUF type that holds these codes exactly, or None."""
+    from gguf import GGMLQuantizationType as T
+
+    if stored.width != BLOCK or stored.codes.shape[1] % BLOCK or stored.g_idx is not None:
+        return None
+    symmetric = stored.zero is None
+    return {(4, True): T.Q4_0, (4, False): T.Q4_1, (5, True): T.Q5_0, (5, False): T.Q5_1,
+            (8, True): T.Q8_0}.get((stored.bits, symmetric))
+
+
+def _nibbles(q: np.ndarray) -> np.ndarray:
+    """[..., 32] values < 16 -> [..., 16] bytes: element j low, element j + 16 high."""
+    return (q[..., :16] | (q[..., 16:] << 4)).astype(np.uint8)
+
+
+def _high_bits(q: np.ndarray) -> np.ndarray:
+    """[..., 32] 5-bit values -> [..., 4] bytes: bit j of a little-endian uint32 = bit 4 of element j."""
+    bits = ((q >> 4) & 1).astype(np.uint32) << np.arange(32, dtype=np.uint32)
+    return bits.sum(axis=-1, dtype=np.uint32)[..., None].view(np.uint8)
+
+
+def _half(x: torch.Tensor) -> np.ndarray:
+    return x.to(torch.float16).numpy()[..., None].view(np.uint8)
+
+
+def encode_blocks(stored: StoredLinear, qtype) -> np.ndarray:
+    """The GGUF bytes [rows, blocks * block_bytes] of codes on an exact_type grid."""
+    from gguf import GGMLQuantizationType as T
+
+    rows, columns = stored.codes.shape
+    q = stored.codes.numpy().astype(np.uint8).reshape(rows, columns // BLOCK, BLOCK)
+    d = stored.scale  # [rows, blocks]
+    parts = [_half(d)]
+    if qtype in (T.Q4_1, T.Q5_1):
+        parts.append(_half(-d * stored.zero))
+    if qtype in (T.Q5_0, T.Q5_1):
+        parts.append(_high_bits(q))
+    if qtype == T.Q8_0:
+        parts.append((q.astype(np.int16) - 128).astype(np.int8).view(np.uint8))
+    else:
+        parts.append(_nibbles(q & 0x0F))
+    return np.concatenate(parts, axis=-1).reshape(rows, -1)
+
+
+def dequantized(stored: StoredLinear) -> torch.Tensor:
+    index = torch.arange(stored.codes.shape[1]) // stored.width
+    if stored.g_idx is not None:
+        index = stored.g_idx.long()
+    zero = stored.zero if stored.zero is not None else torch.full_like(stored.scale, 2 ** (stored.bits - 1))
+    return (stored.codes.float() - zero[:, index]) * stored.scale[:, index]
+
+
+def permute_rows(tensor: torch.Tensor, heads: int) -> torch.Tensor:
+    """llama.cpp's q/k order: within each head, the two rotate-half halves interleaved."""
+    rows = tensor.shape[0]
+    order = torch.arange(rows).reshape(heads, 2, rows // heads // 2).transpose(1, 2).reshape(-1)
+    return tensor[order]
+
+
+def _stored_permuted(stored: StoredLinear, heads: int) -> StoredLinear:
+    return StoredLinear(permute_rows(stored.codes, heads), permute_rows(stored.scale, heads),
+                        None if stored.zero is None else permute_rows(stored.zero, heads),
+                        stored.bits, stored.width, stored.g_idx)
+
+
+def _float_tensor(tensor: torch.Tensor, kind: str):
+    """(data, raw type) for a float tensor at f32 / f16 / q8_0."""
+    from gguf import GGMLQuantizationType as T
+    from gguf import quants
+
+    array = tensor.float().numpy()
+    if kind == "f32":
+        return array, T.F32
+    if kind == "f16":
+        return array.astype(np.float16), T.F16
+    return quants.quantize(array, T.Q8_0), T.Q8_0
+
+
+def _architecture_metadata(writer, config, arch: str) -> None:
+    text = getattr(config, "text_config", config)
+    heads = text.num_attention_heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+    rope = getattr(text, "rope_parameters", None) or {}
+    if rope.get("rope_type", "default") not in ("default", None):
+        raise CompressorError(f"rope scaling {rope.get('rope_type')!r}: not written to GGUF here")
+    theta = rope.get("rope_theta") or getattr(text, "rope_theta", 10000.0)
+    writer.add_context_length(text.max_position_embeddings)
+    writer.add_embedding_length(text.hidden_size)
+    writer.add_block_count(text.num_hidden_layers)
+    writer.add_feed_forward_length(text.intermediate_size)
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(getattr(text, "num_key_value_heads", heads))
+    writer.add_layer_norm_rms_eps(text.rms_norm_eps)
+    writer.add_rope_freq_base(float(theta))
+    writer.add_rope_dimension_count(head_dim)
+    writer.add_vocab_size(text.vocab_size)
+
+
+def _tokenizer_metadata(writer, folder: Path, source_gguf: str | None) -> None:
+    from gguf import GGUFReader, GGUFValueType, SpecialVocab
+    from gguf.vocab import BpeVocab
+
+    if source_gguf and Path(source_gguf).is_file():
+        reader = GGUFReader(source_gguf)
+        for key, field in reader.fields.items():
+            if not key.startswith("tokenizer."):
+                continue
+            vtype = field.types[0]
+            sub_type = field.types[1] if vtype == GGUFValueType.ARRAY else None
+            writer.add_key_value(key, field.contents(), vtype, sub_type)
+        return
+    if not (folder / "tokenizer.json").is_file():
+        raise CompressorError(f"{folder}: no tokenizer.json to describe the vocabulary in the GGUF file")
+    vocab = BpeVocab(folder)
+    tokens, scores, types = zip(*vocab.all_tokens(), strict=True)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(list(tokens))
+    writer.add_token_types(list(types))
+    SpecialVocab(folder, load_merges=True).add_to_gguf(writer, quiet=True)
+
+
+def export_gguf(folder: str | Path, output: str | Path, embeddings: str = "q8_0",
+                requantize: str | None = None, overwrite: bool = False) -> ExportResult:
+    """Write `folder` (a checkpoint of this project, or a dense model folder) as a GGUF file."""
+    import gguf
+    from gguf import GGMLQuantizationType as T
+    from transformers import AutoConfig
+
+    folder, output = Path(folder), Path(output)
+    if embeddings not in EMBEDDING_TYPES:
+        raise CompressorError(f"unknown --embeddings {embeddings!r}; choose {', '.join(EMBEDDING_TYPES)}")
+    if requantize is not None and requantize.lower() not in REQUANTIZE_TYPES:
+        raise CompressorError(f"unknown GGUF type {requantize!r} for --requantize; choose "
+                              f"{', '.join(REQUANTIZE_TYPES)}")
+    if output.exists() and not overwrite:
+        raise CompressorError(f"output file exists: {output} (pass --overwrite to replace it)")
+    if not (folder / "config.json").is_file():
+        raise CompressorError(f"{folder} is not a checkpoint folder (no config.json)")
+    raw = read_json(folder / "config.json")
+    model_type = raw.get("model_type")
+    if model_type not in ARCHITECTURES:
+        raise CompressorError(f"architecture {model_type!r} has no llama.cpp name known here; supported: "
+                              f"{', '.join(sorted(ARCHITECTURES))}")
+    arch, permute = ARCHITECTURES[model_type]
+    qconfig = raw.get("quantization_config") or {}
+    if qconfig and qconfig.get("quant_method") != "compressed-tensors":
+        raise CompressorError(f"{folder}: {qconfig.get('quant_method')} layouts are not exported to GGUF")
+    config = AutoConfig.from_pretrained(folder)
+    text = getattr(config, "text_config", config)
+    files = tensor_files(folder)
+    handles = {path: safe_open(str(path), framework="pt") for path in set(files.values())}
+
+    def read(key: str, optional: bool = False):
+        if key not in files:
+            if optional:
+                return None
+            raise CompressorError(f"{folder}: tensor {key} is missing")
+        return handles[files[key]].get_tensor(key)
+
+    modules = {key.rsplit(".", 1)[0] for key in files}
+    targets = _targets(qconfig, {name: torch.nn.Linear(1, 1) for name in modules}) if qconfig else {}
+    for name, args in targets.items():
+        if args.get("type", "int") != "int":
+            raise CompressorError(f"{name}: 4-bit float layers are not exported to GGUF yet")
+    manifest = read_json(folder / "compress.json") if (folder / "compress.json").is_file() else {}
+    source_gguf = (manifest.get("source") or {}).get("gguf_file")
+    if source_gguf and not Path(source_gguf).is_absolute():
+        source_gguf = str(Path((manifest.get("source") or {}).get("path", "")) / source_gguf)
+
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], text.num_hidden_layers)
+    heads = {"q_proj": text.num_attention_heads,
+             "k_proj": getattr(text, "num_key_value_heads", text.num_attention_heads)}
+    staging = output.with_name(f".{output.name}.partial")
+    writer = gguf.GGUFWriter(staging, arch)
+    counts: dict[str, int] = {}
+    exact = requantized = 0
+    worst = 0.0
+    try:
+        writer.add_name(manifest.get("source", {}).get("path", folder.name) if manifest else folder.name)
+        _architecture_metadata(writer, config, arch)
+        _tokenizer_metadata(writer, folder, source_gguf)
+        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        tied = bool(getattr(text, "tie_word_embeddings", getattr(config, "tie_word_embeddings", False)))
+        packed = {f"{name}.{suffix}" for name in targets for suffix in PACKED_SUFFIXES}
+        keys = sorted((files.keys() - packed) | {f"{name}.weight" for name in targets})
+        for key in keys:
+            module, _, suffix = key.rpartition(".")
+            if tied and key == "lm_head.weight":
+                continue
+            gguf_name = names.get_name(key, try_suffixes=(".weight", ".bias"))
+            if gguf_name is None:
+                raise CompressorError(f"{key}: no GGUF tensor name for it in llama.cpp's {arch} map")
+            local = module.rsplit(".", 1)[-1]
+            row_heads = heads.get(local) if permute and suffix == "weight" else None
+            if module in targets and suffix == "weight":
+                stored = read_linear(module, targets[module], read)
+                if row_heads:
+                    stored = _stored_permuted(stored, row_heads)
+                qtype = exact_type(stored)
+                if qtype is not None:
+                    data = encode_blocks(stored, qtype)
+                    half = stored.scale.to(torch.float16).float()
+                    rounding = ((half - stored.scale).abs() / stored.scale.abs().clamp_min(1e-30)).max()
+                    worst = max(worst, float(rounding))
+                    exact += 1
+                elif requantize is not None:
+                    qtype = T[requantize.upper()]
+                    data = gguf.quants.quantize(dequantized(stored).numpy(), qtype)
+                    requantized += 1
+                else:
+                    kind = "symmetric" if stored.zero is None else "asymmetric"
+                    raise CompressorError(
+                        f"{module}: {stored.bits}-bit {kind} groups of {stored.width} have no GGUF block "
+                        "type (exact: 4/5-bit or 8-bit symmetric in groups of 32); --requantize TYPE rounds "
+                        "the dequantized weights again (lossy)")
+                writer.add_tensor(gguf_name, data, raw_dtype=qtype)
+            else:
+                tensor = read(key)
+                if row_heads and tensor.dim() >= 1:
+                    tensor = permute_rows(tensor, row_heads)
+                if "embed" in module or module == "lm_head":
+                    data, qtype = _float_tensor(tensor, embeddings)
+                elif tensor.dim() == 2:
+                    data, qtype = _float_tensor(tensor, "f16")
+                else:
+                    data, qtype = _float_tensor(tensor, "f32")
+                writer.add_tensor(gguf_name, data, raw_dtype=qtype)
+            counts[qtype.name] = counts.get(qtype.name, 0) + 1
+        main = max((t for t in counts if t not in ("F32", "F16")), key=counts.get, default="F16")
+        writer.add_file_type(getattr(gguf.LlamaFileType, f"MOSTLY_{main}", gguf.LlamaFileType.MOSTLY_F16))
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        os.replace(staging, output)
+    except BaseException:
+        writer.close()
+        staging.unlink(missing_ok=True)
+        raise
+    return ExportResult(str(output), counts, exact, requantized, output.stat().st_size, worst)
+
+
+def summary(result: ExportResult) -> dict:
+    return json.loads(json.dumps(result.__dict__))
