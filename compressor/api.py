@@ -17,9 +17,9 @@ from compressor.job import Calibration, JobResult, run_compression
 from compressor.recipes import Job, quantize_job, sparsify_job
 
 
-def default_output(model: str | None, tag: str) -> Path:
+def default_output(model: str | None, tag: str, export: str | None = None) -> Path:
     stem = Path(model).stem if model else "SmolLM2-135M-Instruct"
-    return Path("out") / f"{stem}-{tag}"
+    return Path("out") / (f"{stem}-{tag}" + (".gguf" if export else ""))
 
 
 def run_job(model: str | None, job: Job, output: str | Path | None = None, *,
@@ -32,13 +32,39 @@ def run_job(model: str | None, job: Job, output: str | Path | None = None, *,
     from compressor.model import resolve_source
 
     source = resolve_source(model)
-    output = Path(output) if output is not None else default_output(model, job.tag)
+    output = Path(output) if output is not None else default_output(model, job.tag, job.export)
     cal = Calibration(source=calibration, samples=samples, seqlen=seqlen, seed=seed, data_dir=data_dir,
                       batch_size=batch_size)
+    if job.export is not None:
+        return _to_gguf(source, job, output, cal, device, overwrite, resume, low_memory, on_stage, on_block)
     if job.allocation is not None and job.allocation["score"] == "ip":
         return _integer_programme(source, job, output, cal, device, overwrite, resume, on_stage, on_block)
     return run_compression(source, job.recipe, output, cal, device, overwrite, on_stage, on_block,
                            job.allocation, resume, low_memory)
+
+
+def _to_gguf(source, job: Job, output: Path, cal: Calibration, device: str, overwrite: bool, resume: bool,
+             low_memory: bool, on_stage, on_block) -> JobResult:
+    """--format gguf:TYPE: the checkpoint is made beside the output file (resumable like any run),
+    exported code for code (compressor.gguf_export), then removed."""
+    import shutil
+
+    from compressor.errors import CompressorError
+    from compressor.gguf_export import export_gguf, summary
+
+    if output.suffix != ".gguf":
+        raise CompressorError(f"--format gguf:{job.export} writes one GGUF file: give -o NAME.gguf, "
+                              f"not {output}")
+    if output.exists() and not overwrite:
+        raise CompressorError(f"output file exists: {output} (pass --overwrite to replace it)")
+    folder = output.with_name(f".{output.name}.checkpoint")
+    result = run_compression(source, job.recipe, folder, cal, device, overwrite=True, on_stage=on_stage,
+                             on_block=on_block, resume=resume, low_memory=low_memory)
+    if on_stage:
+        on_stage(f"exporting {output}")
+    exported = summary(export_gguf(folder, output, overwrite=overwrite))
+    shutil.rmtree(folder)
+    return JobResult(output=str(output), manifest={**result.manifest, "gguf": exported})
 
 
 RUN_KEYS = {"calibration", "samples", "seqlen", "seed", "batch_size", "data_dir", "device", "overwrite",

@@ -65,19 +65,18 @@ def _emit(result: dict, as_json: bool, render) -> None:
         render(result)
 
 
-def _run_job(model, recipe, output, calibration, device, overwrite, as_json, tag, allocation=None,
-             resume: bool = False, low_memory: bool = False) -> None:
+def _run_job(model, job, output, calibration, device, overwrite, as_json, resume: bool = False,
+             low_memory: bool = False) -> None:
     from compressor import distributed
     from compressor.api import default_output, run_job
-    from compressor.recipes import Job
     from compressor.writer import staging_folder
 
-    output = output or default_output(model, tag)
+    output = output or default_output(model, job.tag, job.export)
     # Under torchrun every rank runs this; rank 0 alone reports (distributed is set up by the job).
     lead = int(os.environ.get("RANK", "0")) == 0
     try:
         with progress_bar(not as_json and lead) as (stage, advance):
-            result = run_job(model, Job(recipe, allocation, tag), output, **calibration, device=device,
+            result = run_job(model, job, output, **calibration, device=device,
                              overwrite=overwrite, resume=resume, low_memory=low_memory, on_stage=stage,
                              on_block=advance)
     except KeyboardInterrupt:
@@ -193,7 +192,9 @@ def quantize(
         "int", "--format",
         help="int (integer grid, the options above), or 4-bit floats: nvfp4 (E2M1, FP8 scale per 16), "
              "mxfp4 (E2M1, power-of-two scale per 32), fp4 (LLM-FP4: per-channel format E3M0/E2M1/E1M2 "
-             "and exponent bias searched on calibration data), e2m1 (plain per-channel E2M1)."),
+             "and exponent bias searched on calibration data), e2m1 (plain per-channel E2M1); or "
+             "gguf:q4_0|q4_1|q5_0|q5_1|q8_0: --method (GPTQ) onto that llama.cpp block type, written as "
+             "one GGUF file (-o NAME.gguf)."),
     act_bits: int = typer.Option(
         None, "--act-bits",
         help="With --format fp4/e2m1: also quantize each linear's input to 8 or 4-bit floats "
@@ -238,8 +239,7 @@ def quantize(
                        allocate, budget, rotate, reconstruct, reconstruct_train, reconstruct_iters,
                        full_range=full_range, awq=awq, target=target)
     cal = _calibration(calibration, samples, seqlen, seed, data_dir, batch_size)
-    _run_job(model, job.recipe, output, cal, device, overwrite, as_json, job.tag, job.allocation, resume,
-             low_memory)
+    _run_job(model, job, output, cal, device, overwrite, as_json, resume, low_memory)
 
 
 @app.command()
@@ -293,8 +293,7 @@ def sparsify(
     job = sparsify_job(pattern, sparsity, method, dsnot, allocate, spread, dsnot_criterion, max_cycles,
                        update_threshold, rotate, reconstruct, reconstruct_train, reconstruct_iters)
     cal = _calibration(calibration, samples, seqlen, seed, data_dir, batch_size)
-    _run_job(model, job.recipe, output, cal, device, overwrite, as_json, job.tag, job.allocation, resume,
-             low_memory)
+    _run_job(model, job, output, cal, device, overwrite, as_json, resume, low_memory)
 
 
 @app.command()
@@ -316,10 +315,11 @@ def run(
 ):
     """Run the passes of a recipe YAML over MODEL. Example: compress run recipes/w4-gptq.yaml MODEL"""
     from compressor.plan import load_recipe
+    from compressor.recipes import Job
 
     recipe = load_recipe(recipe_path)
     cal = _calibration(calibration, samples, seqlen, seed, data_dir, batch_size)
-    _run_job(model, recipe, output, cal, device, overwrite, as_json, recipe_path.stem, None, resume,
+    _run_job(model, Job(recipe, None, recipe_path.stem), output, cal, device, overwrite, as_json, resume,
              low_memory)
 
 

@@ -41,7 +41,6 @@ from compressor.runtime import PACKED_SUFFIXES, StoredLinear, _targets, read_lin
 ARCHITECTURES = {"llama": ("llama", True), "mistral": ("llama", True), "qwen2": ("qwen2", False)}
 BLOCK = 32
 EMBEDDING_TYPES = ("q8_0", "f16", "f32")
-REQUANTIZE_TYPES = ("q4_0", "q4_1", "q5_0", "q5_1", "q8_0")
 
 
 @dataclass
@@ -54,15 +53,29 @@ class ExportResult:
     max_scale_rounding: float  # largest relative change of a scale rounded to float16
 
 
+# GGUF's legacy block types as this project's grids: (bits, symmetric), groups of 32, float16 scales;
+# the symmetric ones use every code (llama.cpp's d = extreme / -2^(bits-1)), except Q8_0 (d = absmax/127).
+LEGACY = {"q4_0": (4, True), "q4_1": (4, False), "q5_0": (5, True), "q5_1": (5, False), "q8_0": (8, True)}
+
+
+def legacy_grid_args(name: str) -> dict:
+    """The quantization settings (compressor.passes.grid_from_args) of a legacy GGUF type."""
+    if name not in LEGACY:
+        raise CompressorError(f"unknown GGUF type {name!r}; choose {', '.join(LEGACY)} (K-quants are not "
+                              "built yet)")
+    bits, symmetric = LEGACY[name]
+    return {"bits": bits, "group_size": BLOCK, "symmetric": symmetric, "full_range": symmetric and bits < 8,
+            "fp16_scale": True}
+
+
 def exact_type(stored: StoredLinear):
     """The GGUF type that holds these codes exactly, or None."""
-    from gguf import GGMLQuantizationType as T
+    from gguf import GGMLQuantizationType
 
     if stored.width != BLOCK or stored.codes.shape[1] % BLOCK or stored.g_idx is not None:
         return None
-    symmetric = stored.zero is None
-    return {(4, True): T.Q4_0, (4, False): T.Q4_1, (5, True): T.Q5_0, (5, False): T.Q5_1,
-            (8, True): T.Q8_0}.get((stored.bits, symmetric))
+    by_grid = {grid: GGMLQuantizationType[name.upper()] for name, grid in LEGACY.items()}
+    return by_grid.get((stored.bits, stored.zero is None))
 
 
 def _nibbles(q: np.ndarray) -> np.ndarray:
@@ -187,9 +200,9 @@ def export_gguf(folder: str | Path, output: str | Path, embeddings: str = "q8_0"
     folder, output = Path(folder), Path(output)
     if embeddings not in EMBEDDING_TYPES:
         raise CompressorError(f"unknown --embeddings {embeddings!r}; choose {', '.join(EMBEDDING_TYPES)}")
-    if requantize is not None and requantize.lower() not in REQUANTIZE_TYPES:
+    if requantize is not None and requantize.lower() not in LEGACY:
         raise CompressorError(f"unknown GGUF type {requantize!r} for --requantize; choose "
-                              f"{', '.join(REQUANTIZE_TYPES)}")
+                              f"{', '.join(LEGACY)}")
     if output.exists() and not overwrite:
         raise CompressorError(f"output file exists: {output} (pass --overwrite to replace it)")
     if not (folder / "config.json").is_file():

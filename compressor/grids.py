@@ -35,6 +35,7 @@ class IntGrid:
     symmetric: bool = True
     mse: bool = False  # search a shrunken range that minimises the rounding error
     full_range: bool = False  # symmetric only: signed scale, the extreme weight on code -2^(bits-1)
+    fp16_scale: bool = False  # scales rounded to float16 whatever the model's dtype (GGUF's blocks)
 
     @property
     def format(self) -> str:
@@ -88,6 +89,8 @@ def _params_from_range(
     xmin: torch.Tensor, xmax: torch.Tensor, grid: IntGrid, scale_dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale and zero for ranges [xmin, xmax] (0 is always kept representable)."""
+    if grid.fp16_scale:
+        scale_dtype = torch.float16
     xmin = xmin.clamp(max=0)
     xmax = xmax.clamp(min=0)
     if grid.symmetric and grid.full_range:

@@ -19,6 +19,7 @@ class Job:
     recipe: dict
     allocation: dict | None
     tag: str
+    export: str | None = None  # a GGUF type: the checkpoint is written as one GGUF file of it
 
 
 def with_transforms(passes: list[dict], rotate: bool = False, reconstruct: bool = False,
@@ -46,10 +47,35 @@ def quantize_job(bits: float = 4, group_size: int | None = None, symmetric: bool
                  reconstruct_iters: int = 50, full_range: bool = False, awq: bool = False,
                  target: str = "any") -> Job:
     """The options of `compress quantize` (see its --help) as a recipe."""
+    if number_format.lower().startswith("gguf:"):
+        return with_target(_gguf_job(number_format.split(":", 1)[1].lower(), bits, group_size, symmetric,
+                                     method, act_order, mse, damp, allocate, budget, rotate, reconstruct,
+                                     reconstruct_train, reconstruct_iters, full_range, awq), target)
     job = _quantize_job(bits, group_size, symmetric, method, number_format, act_bits, act_order, mse, damp,
                         allocate, budget, rotate, reconstruct, reconstruct_train, reconstruct_iters,
                         full_range, awq)
     return with_target(job, target)
+
+
+def _gguf_job(gguf_type, bits, group_size, symmetric, method, act_order, mse, damp, allocate, budget,
+              rotate, reconstruct, reconstruct_train, reconstruct_iters, full_range, awq) -> Job:
+    """--format gguf:TYPE: the integer quantization onto that GGUF block type's grid, then exported."""
+    from compressor.gguf_export import legacy_grid_args
+
+    grid = legacy_grid_args(gguf_type)
+    if bits != 4 or group_size is not None or not symmetric or full_range:
+        raise CompressorError(f"--format gguf:{gguf_type} fixes the grid ({grid['bits']}-bit, groups of 32): "
+                              "drop --bits, --group-size, --asym and --full-range")
+    if allocate is not None or budget is not None:
+        raise CompressorError("--format gguf: one GGUF type per run (per-tensor types are not built yet)")
+    job = _quantize_job(grid["bits"], 32, grid["symmetric"], method, "int", None, act_order, mse, damp,
+                        None, None, rotate, reconstruct, reconstruct_train, reconstruct_iters,
+                        grid["full_range"], awq)
+    for step in job.recipe["passes"]:
+        if step["method"] in ("gptq", "rtn", "awq"):
+            step["fp16_scale"] = True
+    suffix = "".join(part for part in ("-awq", "-rot", "-rec") if part in job.tag)
+    return Job(job.recipe, None, f"{job.tag.split('-', 1)[0]}-{gguf_type}{suffix}", export=gguf_type)
 
 
 def with_target(job: Job, target: str) -> Job:

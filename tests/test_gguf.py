@@ -121,3 +121,48 @@ def test_llama_cpp_runs_the_export(w4g32, tmp_path):
     assert theirs.shape == expected.shape
     assert (theirs - expected).abs().max() < 2e-2 * expected.abs().max()
     assert torch.equal(theirs.argmax(-1), expected.argmax(-1))
+
+
+def test_quantize_onto_a_gguf_type(llama_dir, tmp_path, calibration_file):
+    """--format gguf:q4_0: GPTQ onto Q4_0's grid (float16 scales, every code), one GGUF file whose
+    linears transformers reads back equal, weight for weight, to the same run written as a folder."""
+    from transformers import AutoModelForCausalLM
+
+    import compressor
+
+    options = dict(number_format="gguf:q4_0", calibration=str(calibration_file), samples=4, seqlen=32,
+                   device="cpu")
+    result = compressor.quantize(str(llama_dir), tmp_path / "m.gguf", **options)
+    assert result.manifest["gguf"]["max_scale_rounding"] == 0.0
+    assert result.manifest["gguf"]["tensors"]["Q4_0"] == 14
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf"]  # the checkpoint is gone
+    from compressor.recipes import quantize_job
+
+    job = quantize_job(number_format="gguf:q4_0")
+    cal = Calibration(source=str(calibration_file), samples=4, seqlen=32)
+    run_compression(ModelSource(str(llama_dir)), job.recipe, tmp_path / "folder", cal, "cpu")
+    ours, _ = load_model(ModelSource(str(tmp_path / "folder")))
+    reread = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="m.gguf")
+    theirs = dict(reread.named_parameters())
+    for name, param in ours.named_parameters():
+        if ".layers." in name and name.endswith("proj.weight"):
+            assert torch.equal(theirs[name], param), name
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(number_format="gguf:q4_0", bits=3), "fixes the grid"),
+    (dict(number_format="gguf:q3_k"), "unknown GGUF type"),
+])
+def test_gguf_format_refusals(options, message):
+    from compressor.recipes import quantize_job
+
+    with pytest.raises(CompressorError, match=message):
+        quantize_job(**options)
+
+
+def test_gguf_format_needs_a_gguf_name(llama_dir, tmp_path):
+    import compressor
+
+    with pytest.raises(CompressorError, match="-o NAME.gguf"):
+        compressor.quantize(str(llama_dir), tmp_path / "folder", number_format="gguf:q8_0", method="rtn")
+    assert not list(tmp_path.iterdir())

@@ -163,10 +163,11 @@ def grid_from_args(args: dict) -> IntGrid:
         symmetric=bool(args.get("symmetric", True)),
         mse=bool(args.get("mse", False)),
         full_range=full_range,
+        fp16_scale=bool(args.get("fp16_scale", False)),
     )
 
 
-QUANT_KEYS = {"bits", "group_size", "symmetric", "mse", "full_range"}
+QUANT_KEYS = {"bits", "group_size", "symmetric", "mse", "full_range", "fp16_scale"}
 
 
 def check_keys(method: str, args: dict, allowed: set[str]) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import torch
+
 from compressor import grids
 from compressor.passes import QUANT_KEYS, LinearState, QuantizedWeight, check_keys, grid_from_args
 from compressor.stats import InputStats
@@ -42,5 +44,6 @@ def quantize_with_params(layer: LinearState, grid, scale, zero, act_order: bool 
         codes = codes.where(layer.mask, zero[:, index].to(codes.dtype))
     layer.weight = grids.dequantize(codes, scale, zero, grid)
     layer.quant = QuantizedWeight(
-        grid=grid, codes=codes, scale=scale.to(layer.dtype), zero=zero, act_order=act_order
+        grid=grid, codes=codes, scale=scale.to(torch.float16 if grid.fp16_scale else layer.dtype), zero=zero,
+        act_order=act_order
     )
