@@ -123,6 +123,62 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+# llama.cpp's llama-quantize with an importance matrix from the same calibration windows (REFERENCE.md):
+# file MiB and perplexity on the first 8 benchmark windows through transformers (dense fp32: 19.134).
+LLAMA_CPP = {"q4_0": (87.6, 21.271), "q8_0": (138.1, 19.163)}
+GGUF_TYPES = ("q4_0", "q4_1", "q5_0", "q8_0")
+
+
+def run_gguf(model: Path) -> str:
+    """GPTQ onto each legacy GGUF type (compress quantize --format gguf:TYPE), one GGUF file each,
+    evaluated through transformers on the first 8 windows of the benchmark protocol."""
+    WORK.mkdir(parents=True, exist_ok=True)
+    calibration = ["--calibration", "c4", "--samples", "128", "--seqlen", "512", "--seed", "0",
+                   "--device", "cpu"]
+    rows = []
+    for gguf_type in GGUF_TYPES:
+        path = WORK / f"gptq-{gguf_type}.gguf"
+        record = WORK / f"gptq-{gguf_type}.json"
+        if not record.is_file() or not path.is_file():
+            done = subprocess.run(["compress", "quantize", "--format", f"gguf:{gguf_type}", str(model),
+                                   *calibration, "-o", str(path), "--overwrite", "--json"],
+                                  capture_output=True, text=True)
+            if done.returncode:
+                raise SystemExit(f"{gguf_type}: {done.stderr}")
+            record.write_text(done.stdout)
+        made = json.loads(record.read_text())
+        evaluation = json.loads(subprocess.run(
+            ["compress", "eval", str(path), "--baseline", str(model), "--windows", "8", "--json"],
+            capture_output=True, text=True, check=True).stdout)
+        rows.append({"type": gguf_type, "mib": path.stat().st_size / 2**20,
+                     "ppl": evaluation["perplexity"]["ppl"],
+                     "dense_ppl": evaluation["baseline_perplexity"]["ppl"],
+                     "kl": evaluation["kl"]["kl"], "compress_seconds": made["seconds"]["compress"],
+                     "exact": made["gguf"]["max_scale_rounding"] == 0.0})
+        print(json.dumps(rows[-1]), flush=True)
+    lines = ["# gguf benchmark: GPTQ onto llama.cpp's block types vs llama-quantize (SmolLM2-135M)", "",
+             "`compress quantize --format gguf:TYPE` (GPTQ, calibration c4 128 x 512), one GGUF file, "
+             "read back through transformers; perplexity on the first 8 windows of the benchmark protocol "
+             "(as REFERENCE.md's llama.cpp rows, llama-quantize with an importance matrix from the same "
+             "calibration windows). Command: `python bench/run.py gguf`.", "",
+             "| type | file MiB | wt2 ppl (8 windows) | vs dense | KL | compress s | llama.cpp MiB "
+             "| llama.cpp ppl |",
+             "|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        ref = LLAMA_CPP.get(row["type"])
+        lines.append(f"| {row['type'].upper()} | {row['mib']:.1f} | {row['ppl']:.3f} "
+                     f"| {row['ppl'] / row['dense_ppl']:.3f} "
+                     f"| {row['kl']:.4f} | {row['compress_seconds']:.0f} | {ref[0] if ref else '-'} "
+                     f"| {ref[1] if ref else '-'} |")
+    if rows:
+        lines.append(f"\nDense fp32 on the same 8 windows: {rows[0]['dense_ppl']:.3f} (REFERENCE: 19.134).")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "gguf.json").write_text(json.dumps(rows, indent=2) + "\n")
+    text = "\n".join(lines) + "\n"
+    (RESULTS / "gguf.md").write_text(text)
+    return text
+
+
 if __name__ == "__main__":
     sys.path.insert(0, str(HERE))
     from prepare import prepare

@@ -14,6 +14,7 @@ runs of a suite go first, back to back, so their timings share the same quiet ma
     python bench/run.py tasks                    # knowledge / zero-shot tasks, compressed vs dense
     python bench/run.py scale                    # a 1.1B model streamed: peak RSS, kill + resume
     python bench/run.py deploy                   # which layouts vLLM serves (its own venv), NLL gap
+    python bench/run.py gguf                     # GPTQ onto GGUF block types vs llama.cpp's quantizer
     python bench/run.py all
 """
 
@@ -32,7 +33,7 @@ WORK = HERE / "work"
 RESULTS = HERE / "results"
 sys.path.insert(0, str(HERE))
 
-from deploy import run_deploy  # noqa: E402
+from deploy import run_deploy, run_gguf  # noqa: E402
 from prepare import prepare  # noqa: E402
 from scale import run_scale  # noqa: E402
 
@@ -427,14 +428,16 @@ def write_scale(result: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("suite", choices=[*SUITES, "infer", "tasks", "scale", "deploy", "all"], nargs="?",
-                        default="all")
+    extra = ["infer", "tasks", "scale", "deploy", "gguf"]
+    parser.add_argument("suite", choices=[*SUITES, *extra, "all"], nargs="?", default="all")
     parser.add_argument("--only", nargs="*", help="row names to run")
     parser.add_argument("--resume", action="store_true", help="reuse rows compressed by an earlier run")
     args = parser.parse_args()
     model = prepare(WORK / "smollm2-fp32")
-    for suite in [*SUITES, "infer", "tasks", "scale", "deploy"] if args.suite == "all" else [args.suite]:
-        if suite == "deploy":
+    for suite in [*SUITES, *extra] if args.suite == "all" else [args.suite]:
+        if suite == "gguf":
+            print(run_gguf(model))
+        elif suite == "deploy":
             print(run_deploy(model))
         elif suite == "scale":
             print(write_scale(run_scale(args.resume)))
