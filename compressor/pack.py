@@ -199,11 +199,13 @@ def quantization_config(records: dict[str, LinearState], ignore: list[str],
         quantization_status="compressed",
         ignore=ignore,
     ).model_dump(exclude_none=True)
-    packed_zero = any(args["type"] == "int" and not args["symmetric"] and args["strategy"] != "block"
-                      for args, _, _ in schemes.values())
-    if packed_zero and len(schemes) == 1:
-        # transformers' loading skeleton has no room for packed zero points (compressor.upstream);
-        # its dequantize route reads them, correctly for a one-scheme checkpoint. vLLM ignores it.
+    only = next(iter(schemes.values()))[0] if len(schemes) == 1 else None
+    packed_zero = only is not None and not only["symmetric"] and only["strategy"] != "block"
+    if only is not None and (only["type"] == "float" or packed_zero):
+        # Stock transformers reads these only through its dequantize route (right for one scheme;
+        # vLLM ignores the key): packed zero points have no room in its loading skeleton
+        # (compressor.upstream), and 4-bit floats decompress in bfloat16 at the first forward,
+        # which a float32 model cannot multiply.
         config["dequantize"] = True
     if sparsity:
         config["sparsity_config"] = sparsity

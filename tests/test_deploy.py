@@ -153,3 +153,15 @@ def test_upstream_fix_is_scoped():
     with packed_zero_point_skeleton():
         assert PackedQuantizationCompressor.__dict__["compress"] is not original
     assert PackedQuantizationCompressor.__dict__["compress"] is original
+
+
+def test_nvfp4_from_a_float32_model_runs_in_stock_transformers(tiny_model_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "nvfp4"
+    run_compression(ModelSource(str(tiny_model_dir)), {"passes": [{"method": "fp4", "format": "nvfp4"}]}, out,
+                    Calibration(), "cpu")
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["dequantize"] is True
+    stock = AutoModelForCausalLM.from_pretrained(out).eval()
+    ours, _ = load_model(ModelSource(str(out)))
+    assert torch.equal(_logits(stock), _logits(ours))
