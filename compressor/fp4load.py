@@ -14,10 +14,17 @@ and, when the activations were quantized too (simulated: no kernel runs it), the
 
 The model is built from its config and every weight is filled from the files, the packed linears
 dequantized exactly as the compression pass computed them (so logits match bit for bit).
+
+Stock transformers would warn about the unknown quant_method, skip it and build a model with
+random weights in place of the packed ones. So the written config.json names a model type
+transformers does not have, with the real one beside it, and points AutoConfig at a notice module
+in the folder: `from_pretrained(out)` stops with transformers' "contains custom code" error, and
+with trust_remote_code=True the notice says how to load the file. read_config undoes the renaming.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -100,3 +107,53 @@ def load_llm_fp4(folder: Path, config, dtype):
     install_input_quantizers(model, quantizers)
     model.config.quantization_config = qconfig  # kept for reports; the weights are dense now
     return model
+
+
+GUARDED_TYPE = "compressor_llm_fp4"
+NOTICE_MODULE = "llm_fp4_notice"
+NOTICE = f'''"""This checkpoint holds LLM-FP4 weights in compressor's own layout, which transformers cannot
+dequantize (it would skip them and run random weights). Load it with compressor:
+compressor.load_model / `compress eval` / `compress generate`."""
+
+from transformers import PretrainedConfig, PreTrainedModel
+
+MESSAGE = ("this is an LLM-FP4 checkpoint in compressor's own layout, which transformers cannot read: "
+           "load it with compressor (compressor.load_model, `compress eval`, `compress generate`)")
+
+
+class LlmFp4Config(PretrainedConfig):
+    model_type = "{GUARDED_TYPE}"
+
+    def __init__(self, **kwargs):
+        raise ValueError(MESSAGE)
+
+
+class LlmFp4Model(PreTrainedModel):
+    config_class = LlmFp4Config
+
+    def __init__(self, *args, **kwargs):
+        raise ValueError(MESSAGE)
+'''
+
+
+def guard_config(folder: Path) -> None:
+    """Make stock transformers refuse the written checkpoint (see the module docstring)."""
+    path = folder / "config.json"
+    config = json.loads(path.read_text())
+    config["compressor_model_type"] = config["model_type"]
+    config["model_type"] = GUARDED_TYPE
+    config["auto_map"] = {"AutoConfig": f"{NOTICE_MODULE}.LlmFp4Config",
+                          "AutoModelForCausalLM": f"{NOTICE_MODULE}.LlmFp4Model"}
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    (folder / f"{NOTICE_MODULE}.py").write_text(NOTICE)
+
+
+def read_config(folder: Path):
+    """The transformers config of a guarded LLM-FP4 checkpoint, its real model type restored."""
+    from transformers import AutoConfig
+
+    config = json.loads((Path(folder) / "config.json").read_text())
+    model_type = config.pop("compressor_model_type", config.get("model_type"))
+    for key in ("model_type", "auto_map"):
+        config.pop(key, None)
+    return AutoConfig.for_model(model_type, **config)

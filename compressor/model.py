@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 
 from compressor.errors import CompressorError
-from compressor.fp4load import load_llm_fp4
+from compressor.fp4load import GUARDED_TYPE, load_llm_fp4
+from compressor.fp4load import read_config as read_fp4_config
 from compressor.upstream import packed_zero_point_skeleton
 
 OWN_QUANT_METHOD = "compressor-fp4"  # compressor.pack writes it for LLM-FP4 checkpoints
@@ -98,7 +99,8 @@ def load_model(source: ModelSource, dtype: str | torch.dtype = "auto"):
     _quiet_loading()
     kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
     try:
-        config = AutoConfig.from_pretrained(source.path, **kwargs)
+        config = (read_fp4_config(Path(source.path)) if _guarded_fp4(source)
+                  else AutoConfig.from_pretrained(source.path, **kwargs))
     except Exception as error:  # noqa: BLE001 - any loader failure is a bad input here
         raise CompressorError(f"cannot read model config from {source.label}: {_first_line(error)}")
     qconfig = getattr(config, "quantization_config", None) or {}
@@ -135,6 +137,17 @@ def load_model(source: ModelSource, dtype: str | torch.dtype = "auto"):
         model.config.__dict__.pop("quantization_config", None)
     check_finite(model, source.label)
     return model, load_tokenizer(source)
+
+
+def _guarded_fp4(source: ModelSource) -> bool:
+    """An LLM-FP4 checkpoint, whose config.json stock transformers is made to refuse (fp4load)."""
+    path = Path(source.path) / "config.json"
+    if source.gguf_file or not path.is_file():
+        return False
+    try:
+        return json.loads(path.read_text()).get("model_type") == GUARDED_TYPE
+    except (OSError, json.JSONDecodeError):
+        return False
 
 
 def _has_fp4_groups(qconfig: dict) -> bool:

@@ -38,6 +38,8 @@ from safetensors.torch import save_file
 from compressor import distributed
 from compressor.errors import CompressorError
 from compressor.files import INDEX_NAME, WEIGHTS_NAME, atomic_write
+from compressor.fp4load import guard_config
+from compressor.model import OWN_QUANT_METHOD
 from compressor.pack import (
     Target,
     block_layers,
@@ -265,6 +267,8 @@ def save_config(model, tokenizer, records: dict[str, LinearState], ignore: list[
         if qconfig is not None:
             config.quantization_config = qconfig
         config.save_pretrained(folder)
+        if qconfig is not None and qconfig.get("quant_method") == OWN_QUANT_METHOD:
+            guard_config(Path(folder))
     finally:
         if previous is None:
             config.__dict__.pop("quantization_config", None)

@@ -79,6 +79,13 @@ def test_llm_fp4_layout_reloads_exactly_through_our_loader(llama_dir, calibratio
         assert torch.equal(model(ids).logits, reloaded(ids).logits)
     chosen = {f for state in records.values() for f, n in state.metrics["fp4_rows"].items() if n}
     assert len(chosen) >= 2  # random layers: the search does not simply keep E2M1 everywhere
+    # Stock transformers would skip the unknown layout and run random weights: it must refuse instead.
+    from transformers import AutoModelForCausalLM
+
+    with pytest.raises(ValueError, match="trust_remote_code"):
+        AutoModelForCausalLM.from_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="load it with compressor"):
+        AutoModelForCausalLM.from_pretrained(tmp_path, trust_remote_code=True)
 
 
 def synthetic_layer(rows=64, cols=128, seed=0):
