@@ -18,7 +18,7 @@ import torch
 from compressor.errors import CompressorError
 from compressor.fp4load import GUARDED_TYPE, load_llm_fp4
 from compressor.fp4load import read_config as read_fp4_config
-from compressor.upstream import packed_zero_point_skeleton
+from compressor.upstream import scheme_per_layer
 
 OWN_QUANT_METHOD = "compressor-fp4"  # compressor.pack writes it for LLM-FP4 checkpoints
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -105,9 +105,11 @@ def load_model(source: ModelSource, dtype: str | torch.dtype = "auto"):
         raise CompressorError(f"cannot read model config from {source.label}: {_first_line(error)}")
     qconfig = getattr(config, "quantization_config", None) or {}
     qconfig = qconfig if isinstance(qconfig, dict) else qconfig.to_dict()
-    if _has_fp4_groups(qconfig):
-        # compressed-tensors decompresses FP4 weights in bfloat16 at the first forward, which an
-        # fp32 model cannot multiply: dequantize while loading instead (cast to the model dtype).
+    if qconfig.get("quant_method") == "compressed-tensors" and qconfig.get("config_groups"):
+        # One route for every layout: dequantize while loading, each layer with its own scheme
+        # (compressor.upstream.scheme_per_layer). The compressed route would decompress FP4 in
+        # bfloat16 (which a float32 model cannot multiply), has no room for packed zero points and
+        # no weight to tie a quantized embedding's head to.
         from transformers.utils.quantization_config import CompressedTensorsConfig
 
         kwargs["quantization_config"] = CompressedTensorsConfig(dequantize=True)
@@ -117,7 +119,7 @@ def load_model(source: ModelSource, dtype: str | torch.dtype = "auto"):
             if qconfig.get("quant_method") == OWN_QUANT_METHOD:
                 model = load_llm_fp4(Path(source.path), config, dtype)
             else:
-                with packed_zero_point_skeleton():  # asymmetric group layouts of any scheme mix
+                with scheme_per_layer():
                     model = AutoModelForCausalLM.from_pretrained(source.path, dtype=dtype, **kwargs)
     except ValueError as error:
         if "Unrecognized configuration class" in str(error):
@@ -148,12 +150,6 @@ def _guarded_fp4(source: ModelSource) -> bool:
         return json.loads(path.read_text()).get("model_type") == GUARDED_TYPE
     except (OSError, json.JSONDecodeError):
         return False
-
-
-def _has_fp4_groups(qconfig: dict) -> bool:
-    groups = (qconfig.get("config_groups") or {}).values()
-    return any((g.get("weights") or {}).get("type") == "float" and (g.get("weights") or {}).get(
-        "num_bits") == 4 for g in groups)
 
 
 def load_tokenizer(source: ModelSource):

@@ -1,52 +1,59 @@
 """Fixes for bugs in the libraries this project loads through, applied only around our own calls.
+Reports ready to file: docs/upstream/.
 
-packed_zero_point_skeleton — compressed-tensors 0.20.1 (and main of 2026-08), transformers 5.24:
-transformers builds an empty ("meta") model and asks compressed-tensors to turn each quantized
-linear into its compressed form before the checkpoint's tensors are copied in.
-`PackedQuantizationCompressor.compress` has a meta-device shortcut that makes `weight_packed` and
-`weight_shape` but leaves an asymmetric group/channel layer's `weight_zero_point` unpacked
-(int8 [out, groups]), while the same method on real tensors — what wrote the checkpoint — packs it
-to int32 [ceil(out*bits/32), groups]. So every asymmetric group/channel checkpoint, llm-compressor's
-W4A16_ASYM included, fails to load ("size mismatch ... ignore_mismatched_sizes"), unless
-`dequantize=True` is asked for, which applies the first config group's scheme to every layer and so
-only suits one-scheme checkpoints (compressor.pack writes that flag into those). The fix belongs in
-the meta branch: emit the zero point in its packed shape, as below; report text in
-docs/upstream/compressed-tensors-packed-zero-point.md.
+The two routes transformers 5.24 has for a compressed-tensors checkpoint are each broken for some of
+this project's layouts:
+
+- the compressed route builds an empty ("meta") model compressed by compressed-tensors 0.20.1, whose
+  `PackedQuantizationCompressor.compress` has a meta shortcut that leaves an asymmetric group/channel
+  layer's `weight_zero_point` unpacked (int8 [out, groups]) while the same method on real tensors,
+  which wrote the checkpoint, packs it (int32 [ceil(out*bits/32), groups]): every asymmetric group
+  checkpoint, llm-compressor's W4A16_ASYM included, stops with a size mismatch. It also leaves a
+  quantized embedding no `weight` for the tied head. (Fix upstream: emit the packed shape in the meta
+  branch; see the report.)
+- the dequantize route (`dequantize=True`) decompresses every dense layer with one scheme
+  (`get_dense_scheme`: the first config group), so a checkpoint of several schemes is dequantized
+  wrongly. compressor.pack writes `dequantize: true` into one-scheme checkpoints that need it, so that
+  stock transformers loads them.
+
+scheme_per_layer fixes the second: the converter picks the config group whose targets name the layer
+it converts. compressor.model.load_model takes the dequantize route with it for every layout.
 """
 
 from __future__ import annotations
 
 import contextlib
+import re
 
-import torch
 
-
-def _packed_meta_zero_point(compress):
-    def compress_with_packed_zero(cls, state_dict, scheme):
-        from compressed_tensors.compressors.pack_quantized.base import PACK_ZP_STRATS
-
-        weight = state_dict.get("weight")
-        zero = state_dict.get("weight_zero_point")
-        result = compress(state_dict, scheme)
-        args = scheme.weights
-        if (weight is not None and weight.device.type == "meta" and zero is not None
-                and not args.symmetric and args.strategy in PACK_ZP_STRATS):
-            rows = -(-zero.shape[0] * args.num_bits // 32)
-            result["weight_zero_point"] = torch.empty((rows, *zero.shape[1:]), dtype=torch.int32,
-                                                      device="meta")
-        return result
-
-    return classmethod(compress_with_packed_zero)
+def _scheme_of(config, module: str):
+    """The config group whose targets (names or 're:' patterns) match `module`, or None."""
+    for group in config.config_groups.values():
+        for target in group.targets:
+            if (re.match(target[3:], module) if target.startswith("re:") else target == module):
+                return group
+    return None
 
 
 @contextlib.contextmanager
-def packed_zero_point_skeleton():
-    """Within the block, transformers' loading skeleton holds packed zero points (see above)."""
-    from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
+def scheme_per_layer():
+    """Within the block, transformers' dequantize route uses each layer's own scheme (see above)."""
+    from transformers.integrations.compressed_tensors import CompressedTensorsDequantize
 
-    original = PackedQuantizationCompressor.__dict__["compress"]
-    PackedQuantizationCompressor.compress = _packed_meta_zero_point(PackedQuantizationCompressor.compress)
+    original = CompressedTensorsDequantize.convert
+
+    def convert(self, input_dict, source_patterns, target_patterns, full_layer_name=None, **kwargs):
+        if self.scheme is not None or full_layer_name is None:
+            return original(self, input_dict, source_patterns, target_patterns, full_layer_name, **kwargs)
+        self.scheme = _scheme_of(self.hf_quantizer.compressor.quantization_config,
+                                 full_layer_name.rsplit(".", 1)[0])
+        try:
+            return original(self, input_dict, source_patterns, target_patterns, full_layer_name, **kwargs)
+        finally:
+            self.scheme = None
+
+    CompressedTensorsDequantize.convert = convert
     try:
         yield
     finally:
-        PackedQuantizationCompressor.compress = original
+        CompressedTensorsDequantize.convert = original

@@ -15,7 +15,7 @@ from compressor.job import Calibration, run_compression
 from compressor.model import ModelSource, load_model
 from compressor.pack import pack_linear
 from compressor.passes import LinearState, rtn
-from compressor.upstream import packed_zero_point_skeleton
+from compressor.upstream import scheme_per_layer
 
 from .test_checkpoint import _apply_packed
 
@@ -80,8 +80,9 @@ def test_one_scheme_asymmetric_loads_in_stock_transformers(tiny_model_dir, tmp_p
 
 
 def test_two_schemes_load_through_the_upstream_fix(tiny_model_dir, tmp_path):
-    """Several asymmetric group schemes: stock transformers' skeleton expects unpacked zero points;
-    compressor.load_model (with the compressed-tensors fix) and the packed runtime load them."""
+    """Several asymmetric group schemes: stock transformers' skeleton expects unpacked zero points and
+    its dequantize route applies one scheme; compressor.load_model (dequantize route, each layer with
+    its own scheme) and the packed runtime load them."""
     from compressor.runtime import load
 
     out = tmp_path / "mixed"
@@ -147,21 +148,9 @@ def test_vllm_rules():
 
 
 def test_upstream_fix_is_scoped():
-    from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
+    from transformers.integrations.compressed_tensors import CompressedTensorsDequantize
 
-    original = PackedQuantizationCompressor.__dict__["compress"]
-    with packed_zero_point_skeleton():
-        assert PackedQuantizationCompressor.__dict__["compress"] is not original
-    assert PackedQuantizationCompressor.__dict__["compress"] is original
-
-
-def test_nvfp4_from_a_float32_model_runs_in_stock_transformers(tiny_model_dir, tmp_path):
-    from transformers import AutoModelForCausalLM
-
-    out = tmp_path / "nvfp4"
-    run_compression(ModelSource(str(tiny_model_dir)), {"passes": [{"method": "fp4", "format": "nvfp4"}]}, out,
-                    Calibration(), "cpu")
-    assert json.loads((out / "config.json").read_text())["quantization_config"]["dequantize"] is True
-    stock = AutoModelForCausalLM.from_pretrained(out).eval()
-    ours, _ = load_model(ModelSource(str(out)))
-    assert torch.equal(_logits(stock), _logits(ours))
+    original = CompressedTensorsDequantize.convert
+    with scheme_per_layer():
+        assert CompressedTensorsDequantize.convert is not original
+    assert CompressedTensorsDequantize.convert is original

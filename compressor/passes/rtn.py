@@ -44,6 +44,12 @@ def quantize_with_params(layer: LinearState, grid, scale, zero, act_order: bool 
         codes = codes.where(layer.mask, zero[:, index].to(codes.dtype))
     layer.weight = grids.dequantize(codes, scale, zero, grid)
     layer.quant = QuantizedWeight(
-        grid=grid, codes=codes, scale=scale.to(torch.float16 if grid.fp16_scale else layer.dtype), zero=zero,
+        grid=grid, codes=codes, scale=scale.to(_scale_dtype(grid, layer.dtype)), zero=zero,
         act_order=act_order
     )
+
+
+def _scale_dtype(grid, dtype: torch.dtype) -> torch.dtype:
+    """The stored scale's dtype: the model's, or one that holds float16 values exactly (float16
+    itself, or float32 beside a bfloat16/float32 model, so loaders multiply in full precision)."""
+    return torch.promote_types(dtype, torch.float16) if grid.fp16_scale else dtype
