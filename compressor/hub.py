@@ -13,6 +13,7 @@ without their card or config. One commit keeps the repo consistent at every revi
 
 from __future__ import annotations
 
+import importlib
 import json
 import re
 from pathlib import Path, PurePosixPath
@@ -163,8 +164,12 @@ def push_to_hub(folder: Path, repo_id: str, *, token: str | None = None, private
     except ValueError as error:
         raise CompressorError(f"invalid repo id {repo_id!r}: {_first_line(error)}")
     card = model_card(folder, evaluation, repo_id)
-    operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(folder / name))
-                  for name in checkpoint_files(folder)]
+    try:
+        # Each addition hashes its file now, so an unreadable file fails here, before any request.
+        operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(folder / name))
+                      for name in checkpoint_files(folder)]
+    except (OSError, ValueError) as error:
+        raise CompressorError(f"cannot read the checkpoint {folder}: {_first_line(error)}")
     operations.append(CommitOperationAdd(path_in_repo=CARD, path_or_fileobj=card.encode()))
     message = commit_message or f"Upload {_headline(base_model(manifest.get('source')), manifest)}"
     api = HfApi(endpoint=endpoint, token=token)
@@ -183,7 +188,7 @@ def _transport_error() -> type[Exception]:
     # that library's errors, which are not OSErrors.
     for name in ("httpx2", "httpx"):
         try:
-            return __import__(name).HTTPError
+            return importlib.import_module(name).HTTPError
         except (ImportError, AttributeError):
             continue
     return OSError
@@ -202,7 +207,7 @@ def _one_line(error: BaseException) -> str:
     extra = [server.strip().splitlines()[0]] if server and server.strip() else []
     extra += [line.strip()[2:] for line in str(error).splitlines()[1:] if line.strip().startswith("- ")]
     extra = [e for e in dict.fromkeys(extra) if e and e not in text]
-    return text + (" " + "; ".join(extra) if extra else "")
+    return f"{text.rstrip('.:')}: {'; '.join(extra)}" if extra else text
 
 
 def _saved_evaluation(folder: Path) -> dict | None:
@@ -266,10 +271,39 @@ def _step_text(step: dict) -> str:
     return name
 
 
+def _merge_targeted(passes: list[dict]) -> list[dict]:
+    """Passes that differ only in their targets and width (a mixed-precision allocation or search
+    writes one per level) as one step whose bits read "3/4": they act side by side, not in turn."""
+    merged: list[dict] = []
+    for step in passes:
+        rest = {k: v for k, v in step.items() if k not in ("targets", "bits", "sparsity")}
+        last = merged[-1] if merged else None
+        if (last is not None and "targets" in step and last.get("_targeted")
+                and last["_rest"] == rest):
+            for key in ("bits", "sparsity"):
+                if key in step and step[key] not in last["_values"][key]:
+                    last["_values"][key].append(step[key])
+            continue
+        entry = dict(step, _targeted="targets" in step, _rest=rest,
+                     _values={k: [step[k]] if k in step else [] for k in ("bits", "sparsity")})
+        merged.append(entry)
+    for entry in merged:
+        values = entry.pop("_values")
+        entry.pop("_rest"), entry.pop("_targeted")
+        if len(values["bits"]) > 1:
+            entry["bits"] = "/".join(f"{b:g}" for b in sorted(values["bits"]))
+        if len(values["sparsity"]) > 1:
+            entry["sparsity"] = sorted(values["sparsity"])
+    return merged
+
+
 def _sparsity_text(step: dict) -> str:
     if step.get("pattern"):
         kept, block = str(step["pattern"]).split(":", 1)
         return f"{step['pattern']}: {kept} of every {block} weights kept"
+    if isinstance(step.get("sparsity"), list):
+        low, high = step["sparsity"][0], step["sparsity"][-1]
+        return f"{100 * float(low):g}% to {100 * float(high):g}% of each row pruned, per layer"
     if step.get("sparsity") is not None:
         return f"{100 * float(step['sparsity']):g}% of each row pruned"
     return "pruned"
@@ -280,7 +314,7 @@ def _description(base: str | None, manifest: dict, config: dict, passes: list[di
         origin = f"[{base}](https://huggingface.co/{base})"
     else:
         origin = f"`{base}`" if base else "a model"
-    steps = list(dict.fromkeys(_step_text(p) for p in passes)) or ["no passes"]
+    steps = list(dict.fromkeys(_step_text(p) for p in _merge_targeted(passes))) or ["no passes"]
     version = manifest.get("compressor_version")
     text = (f"This model is {origin} compressed with compressor{f' {version}' if version else ''}: "
             f"{'; then '.join(steps)}.")
@@ -372,7 +406,7 @@ def _evaluation_section(result: dict) -> str:
         return ""
     lines = ["## Evaluation", ""]
     if result.get("baseline"):
-        lines += [f"Dense baseline: `{Path(str(result['baseline'])).name}`.", ""]
+        lines += [f"Dense baseline: `{base_model({'path': result['baseline']})}`.", ""]
     lines += ["| metric | this model | dense | ratio |", "|---|---|---|---|", *rows]
     return "\n".join(lines)
 
@@ -383,14 +417,15 @@ def _recipe_section(folder: Path, recipe: dict, base: str | None) -> str:
     return "\n".join(["## Recipe", "", "```yaml", text.rstrip(), "```", "",
                       "Reproduce with `compress run recipe.yaml "
                       f"{base if base and _HUB_ID.match(base) else 'MODEL'} -o out` "
-                      "(compress.json records the calibration, seed and versions)."])
+                      "(compress.json records the calibration and versions)."])
 
 
 def _loading_section(repo: str, quant: dict) -> str:
     lines = ["## Use", ""]
     method = quant.get("quant_method")
     if method in ("compressed-tensors", None):
-        lines += ["With transformers (and `compressed-tensors` installed):", "", "```python",
+        needs = " (and `compressed-tensors` installed)" if method else ""
+        lines += [f"With transformers{needs}:", "", "```python",
                   "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
                   f'model = AutoModelForCausalLM.from_pretrained("{repo}")',
                   f'tokenizer = AutoTokenizer.from_pretrained("{repo}")', "```"]
