@@ -66,12 +66,15 @@ def _emit(result: dict, as_json: bool, render) -> None:
 
 
 def _run_job(model, job, output, calibration, device, overwrite, as_json, resume: bool = False,
-             low_memory: bool = False) -> None:
+             low_memory: bool = False, push_to_hub: str | None = None) -> None:
     from compressor import distributed
     from compressor.api import default_output, run_job
     from compressor.writer import staging_folder
 
     output = output or default_output(model, job.tag, job.export)
+    if push_to_hub and job.export:
+        raise CompressorError("--push-to-hub uploads a checkpoint folder; push a GGUF file with the hub's "
+                              "own tools")
     # Under torchrun every rank runs this; rank 0 alone reports (distributed is set up by the job).
     lead = int(os.environ.get("RANK", "0")) == 0
     try:
@@ -86,8 +89,13 @@ def _run_job(model, job, output, calibration, device, overwrite, as_json, resume
         raise
     finally:
         distributed.finish()
+    summary = {"output": result.output, **result.manifest}
+    if lead and push_to_hub:
+        from compressor.hub import push_to_hub as push
+
+        summary["hub"] = push(Path(result.output), push_to_hub)
     if lead:
-        _emit({"output": result.output, **result.manifest}, as_json, _print_job)
+        _emit(summary, as_json, _print_job)
 
 
 def _print_job(summary: dict) -> None:
@@ -100,6 +108,8 @@ def _print_job(summary: dict) -> None:
     seconds = summary["seconds"]
     out.print("  seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in seconds.items())
               + f"; peak RSS {summary['peak_rss_mb']:.0f} MiB")
+    if summary.get("hub"):
+        out.print(f"  pushed to {summary['hub']}")
     out.print(f"  next: compress eval {summary['output']}")
 
 
@@ -116,6 +126,11 @@ ResumeOpt = typer.Option(
     help="Continue an interrupted run (crash, kill, Ctrl-C) of the same command and settings from "
          "its last finished block; the result is identical to an uninterrupted run.")
 JsonOpt = typer.Option(False, "--json", help="Print the result as JSON on stdout.")
+PushOpt = typer.Option(
+    None, "--push-to-hub", metavar="REPO",
+    help="Then upload the checkpoint to the Hugging Face Hub repo REPO (created if missing) with a model "
+         "card: base model, recipe, stored bits, size (and the evaluation, if `compress push` runs "
+         "after `compress eval`). Token: $HF_TOKEN or `hf auth login`.")
 RotateOpt = typer.Option(
     False, "--rotate",
     help="First fold the norms and a Hadamard rotation of the residual stream (and of each head's "
@@ -225,6 +240,7 @@ def quantize(
     overwrite: bool = OverwriteOpt,
     low_memory: bool = LowMemoryOpt,
     resume: bool = ResumeOpt,
+    push_to_hub: str = PushOpt,
     as_json: bool = JsonOpt,
 ):
     """Quantize the weights of every decoder-block linear (GPTQ or RTN, or a 4-bit float format)
@@ -239,7 +255,7 @@ def quantize(
                        allocate, budget, rotate, reconstruct, reconstruct_train, reconstruct_iters,
                        full_range=full_range, awq=awq, target=target)
     cal = _calibration(calibration, samples, seqlen, seed, data_dir, batch_size)
-    _run_job(model, job, output, cal, device, overwrite, as_json, resume, low_memory)
+    _run_job(model, job, output, cal, device, overwrite, as_json, resume, low_memory, push_to_hub)
 
 
 @app.command()
@@ -282,6 +298,7 @@ def sparsify(
     overwrite: bool = OverwriteOpt,
     low_memory: bool = LowMemoryOpt,
     resume: bool = ResumeOpt,
+    push_to_hub: str = PushOpt,
     as_json: bool = JsonOpt,
 ):
     """Prune every decoder-block linear: N:M or unstructured, optionally refined by DSnoT.
@@ -293,7 +310,7 @@ def sparsify(
     job = sparsify_job(pattern, sparsity, method, dsnot, allocate, spread, dsnot_criterion, max_cycles,
                        update_threshold, rotate, reconstruct, reconstruct_train, reconstruct_iters)
     cal = _calibration(calibration, samples, seqlen, seed, data_dir, batch_size)
-    _run_job(model, job, output, cal, device, overwrite, as_json, resume, low_memory)
+    _run_job(model, job, output, cal, device, overwrite, as_json, resume, low_memory, push_to_hub)
 
 
 @app.command()
@@ -311,6 +328,7 @@ def run(
     overwrite: bool = OverwriteOpt,
     low_memory: bool = LowMemoryOpt,
     resume: bool = ResumeOpt,
+    push_to_hub: str = PushOpt,
     as_json: bool = JsonOpt,
 ):
     """Run the passes of a recipe YAML over MODEL. Example: compress run recipes/w4-gptq.yaml MODEL"""
@@ -320,7 +338,7 @@ def run(
     recipe = load_recipe(recipe_path)
     cal = _calibration(calibration, samples, seqlen, seed, data_dir, batch_size)
     _run_job(model, Job(recipe, None, recipe_path.stem), output, cal, device, overwrite, as_json, resume,
-             low_memory)
+             low_memory, push_to_hub)
 
 
 @app.command()
@@ -665,6 +683,24 @@ def _print_bench_infer(result: dict) -> None:
     out.print(table)
     out.print(f"memory bandwidth {result['memory_bandwidth_gb_s']:.1f} GB/s; packed backends "
               f"{result['rows']['packed']['backends']}")
+
+
+@app.command()
+def push(
+    folder: Path = typer.Argument(..., help="Checkpoint folder written by compress."),
+    repo: str = typer.Argument(..., help="Hub repo id, e.g. USER/NAME (created if missing)."),
+    private: bool = typer.Option(False, "--private", help="Create the repo private."),
+    endpoint: str = typer.Option(None, "--endpoint",
+                                 help="Hub endpoint (default: $HF_ENDPOINT or huggingface.co)."),
+    as_json: bool = JsonOpt,
+):
+    """Upload a checkpoint to the Hugging Face Hub with a model card (base model, recipe, stored bits,
+    size, and the `compress eval` results saved in the folder). Token: $HF_TOKEN or `hf auth login`."""
+    from compressor.hub import push_to_hub
+
+    url = push_to_hub(folder, repo, private=private, endpoint=endpoint)
+    _emit({"folder": str(folder), "repo": repo, "url": url}, as_json,
+          lambda result: out.print(f"pushed {folder} to {result['url']}"))
 
 
 @app.command()

