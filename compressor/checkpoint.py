@@ -72,12 +72,14 @@ def inspect_checkpoint(folder: str | Path) -> dict:
             out_features, in_features, grid = _packed_layout(name, shape, scheme_of, original, qconfig)
             scale_bits = 8 * BYTES.get(shapes[f"{name}.weight_scale"][0], 2)
             packed_zero = (scheme_of.get(name) or {}).get("strategy") != "block"
-            layers.append((out_features, in_features, grid, scale_bits, packed_zero))
+            row = (out_features, in_features, grid, scale_bits, packed_zero)
+            if ".layers." in name:  # the figure is over the decoder-block linears (not the embeddings)
+                layers.append(row)
             layouts[name] = (scheme_of[name], format_of[name], (out_features, in_features))
             rows.append({"module": name, "bits": grid.bits, "group_size": grid.group_size,
                          "symmetric": grid.symmetric, "shape": [out_features, in_features],
                          "format": grid.format if isinstance(grid, FloatGrid) else "int",
-                         "bpw": budget.bits_per_weight([layers[-1]])["stored"]})
+                         "bpw": budget.bits_per_weight([row])["stored"]})
         elif key.endswith(".weight") and len(shape) == 2 and ".layers." in key:
             bits = 8 * BYTES.get(dtype, 2)
             layers.append((shape[0], shape[1], None, bits))

@@ -21,7 +21,7 @@ from compressor.engines import check_plan, plan_layouts
 from compressor.errors import CompressorError
 from compressor.fpgrids import FloatGrid
 from compressor.model import ModelSource, decoder_blocks, load_model
-from compressor.pack import Target, check_output, module_tensors
+from compressor.pack import Target, block_layers, check_output, module_tensors, quantize_embeddings
 from compressor.passes import Scope
 from compressor.pipeline import BlockHooks, compress_model, needs_data, resolve_device
 from compressor.plan import build_plan, compressible_linears, recipe_scopes, validate_recipe
@@ -199,8 +199,23 @@ def finish_checkpoint(writer: CheckpointWriter, model, tokenizer, source: ModelS
     records' figures, `extra`, timings, peak memory), the linears left dense listed as ignored,
     the recipe and any other `files` beside the weights, then the staging folder renamed."""
     linears = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
-    ignore = sorted(linears - set(records))
+    embeddings = embedding_modules(model) if recipe.get("embeddings") == "int8" else []
+    ignore = sorted(linears - set(records) - set(embeddings))
     manifest = build_manifest(model, source, recipe, records, calibration)
+    if embeddings:
+        plain_outside = outside_tensors
+
+        def outside_tensors() -> dict:
+            """The tensors outside the blocks, with the embeddings (and an untied head) as int8 rows;
+            their records join the others for the config."""
+            tensors = plain_outside()
+            quantized = quantize_embeddings(tensors, embeddings)
+            records.update(quantized)
+            manifest["embeddings"] = {name: {"bits": 8, "group_size": 0, "symmetric": True,
+                                             "shape": list(state.quant.codes.shape)}
+                                      for name, state in quantized.items()}
+            return tensors
+
     manifest.update(extra)
     manifest["threads"] = torch.get_num_threads()
     # Timings and peak memory are the manifest's only run-dependent entries (not hashed).
@@ -239,9 +254,20 @@ class WriteEachBlock(BlockHooks):
         return_freed_memory()
 
 
+def embedding_modules(model) -> list[str]:
+    """The token embedding's module name, and the head's when it is not tied to it."""
+    embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
+    names = [name for name, module in model.named_modules() if module is embedding]
+    tied = getattr(model.config.get_text_config(), "tie_word_embeddings", False)
+    if head is not None and not tied:
+        names += [name for name, module in model.named_modules() if module is head]
+    return names
+
+
 def build_manifest(model, source: ModelSource, recipe: dict, records: dict, calibration) -> dict:
     modules = {}
     layers = []
+    blocks = block_layers(records, recipe.get("target"))
     for name, state in records.items():
         linear = model.get_submodule(name)
         out_features, in_features = linear.weight.shape
@@ -256,7 +282,7 @@ def build_manifest(model, source: ModelSource, recipe: dict, records: dict, cali
                 entry["full_range"] = True
             if isinstance(grid, FloatGrid):
                 entry["format"] = grid.format
-        row = (out_features, in_features, grid, scale_bits)
+        row = (out_features, in_features, grid, scale_bits, name not in blocks)
         entry["bpw"] = round(budget.bits_per_weight([row])["stored"], 4)
         layers.append(row)
         modules[name] = entry

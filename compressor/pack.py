@@ -207,15 +207,39 @@ def quantization_config(records: dict[str, LinearState], ignore: list[str],
     ).model_dump(exclude_none=True)
     only = next(iter(schemes.values()))[0] if len(schemes) == 1 else None
     packed_zero = only is not None and not only["symmetric"] and only["strategy"] != "block"
-    if only is not None and (only["type"] == "float" or packed_zero):
+    embedding = any(state.metrics.get("embedding") for state in records.values())
+    if only is not None and (only["type"] == "float" or packed_zero or embedding):
         # Stock transformers reads these only through its dequantize route (right for one scheme;
         # vLLM ignores the key): packed zero points have no room in its loading skeleton
-        # (compressor.upstream), and 4-bit floats decompress in bfloat16 at the first forward,
-        # which a float32 model cannot multiply.
+        # (compressor.upstream), 4-bit floats decompress in bfloat16 at the first forward, which a
+        # float32 model cannot multiply, and a quantized embedding leaves its tied head no weight.
         config["dequantize"] = True
     if sparsity:
         config["sparsity_config"] = sparsity
     return config
+
+
+# Token embeddings (and an untied head) in the file (--embeddings int8): 8-bit, one scale per row.
+EMBEDDING_GRID = {"bits": 8, "group_size": 0, "symmetric": True}
+
+
+def quantize_embeddings(tensors: dict[str, torch.Tensor], names: list[str]) -> dict[str, LinearState]:
+    """Replace the `names` modules' weights in `tensors` by their packed int8 rows (round to
+    nearest, per-row scale); their records, marked as embeddings, for the config."""
+    from compressor.passes import rtn
+
+    records = {}
+    for name in names:
+        key = f"{name}.weight"
+        if key not in tensors:
+            continue
+        weight = tensors.pop(key)
+        state = LinearState(name, weight.float(), weight.dtype)
+        rtn.compress(state, None, EMBEDDING_GRID)
+        state.metrics["embedding"] = True
+        tensors.update({f"{name}.{local}": packed for local, packed in pack_linear(state.quant).items()})
+        records[name] = state
+    return records
 
 
 def unpack_block_zero_points(tensors: dict[str, torch.Tensor], records: dict[str, LinearState],

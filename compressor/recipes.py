@@ -45,15 +45,22 @@ def quantize_job(bits: float = 4, group_size: int | None = None, symmetric: bool
                  allocate: str | None = None, budget: str | None = None, rotate: bool = False,
                  reconstruct: bool = False, reconstruct_train: str = "rounding",
                  reconstruct_iters: int = 50, full_range: bool = False, awq: bool = False,
-                 target: str = "any") -> Job:
+                 target: str = "any", embeddings: str = "keep") -> Job:
     """The options of `compress quantize` (see its --help) as a recipe."""
+    if embeddings not in ("keep", "int8"):
+        raise CompressorError(f"unknown --embeddings {embeddings!r}; choose keep or int8")
     if number_format.lower().startswith("gguf:"):
+        if embeddings != "keep":
+            raise CompressorError("--format gguf: the GGUF file holds its embeddings as Q8_0 already")
         return with_target(_gguf_job(number_format.split(":", 1)[1].lower(), bits, group_size, symmetric,
                                      method, act_order, mse, damp, allocate, budget, rotate, reconstruct,
                                      reconstruct_train, reconstruct_iters, full_range, awq), target)
     job = _quantize_job(bits, group_size, symmetric, method, number_format, act_bits, act_order, mse, damp,
                         allocate, budget, rotate, reconstruct, reconstruct_train, reconstruct_iters,
                         full_range, awq)
+    if embeddings == "int8":
+        job.recipe["embeddings"] = "int8"
+        job.tag += "-e8"
     return with_target(job, target)
 
 

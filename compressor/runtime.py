@@ -162,7 +162,10 @@ def load(folder: str | Path, dtype: str | torch.dtype = "auto", device: str = "c
     for name, args in targets.items():
         bias = read(f"{name}.bias", optional=True)
         model.set_submodule(name, packed_linear(name, args, read, bias, dtype, device, backend))
-    packed_keys = {f"{name}.{suffix}" for name in targets for suffix in PACKED_SUFFIXES + ("bias",)}
+    tied = getattr(config, "tie_word_embeddings", False)
+    stored_embedding = _stored_embedding(model, qconfig, read, dtype, tied)
+    packed_keys = {f"{name}.{suffix}" for name in [*targets, *stored_embedding]
+                   for suffix in PACKED_SUFFIXES + ("bias",)}
     for key in files.keys() - packed_keys:
         module_name, _, tensor_name = key.rpartition(".")
         module = model.get_submodule(module_name)
@@ -170,10 +173,9 @@ def load(folder: str | Path, dtype: str | torch.dtype = "auto", device: str = "c
             raise CompressorError(f"{folder}: tensor {key} does not belong to the model")
         tensor = read(key).to(dtype).to(device)
         module._parameters[tensor_name] = torch.nn.Parameter(tensor, requires_grad=False)
-    tied = getattr(config, "tie_word_embeddings", False)
-    if tied:
+    if tied and not stored_embedding:
         model.tie_weights()
-    if embeddings == "int8":
+    if embeddings == "int8" and not stored_embedding:
         _int8_embeddings(model, tied, dtype)
     meta = [n for n, p in model.named_parameters() if p.is_meta]
     if meta:
@@ -194,6 +196,24 @@ def _load_2of4(folder: Path, dtype, device: str):
     if not accelerate_2of4(model):
         raise CompressorError(f"{folder} has neither integer quantization nor 2:4 sparse linears to run")
     return model, tokenizer
+
+
+def _stored_embedding(model, qconfig: dict, read, dtype, tied: bool) -> list[str]:
+    """A token embedding the checkpoint stores as int8 rows (--embeddings int8) becomes an
+    Int8Embedding (its head too when tied); returns its module name, or nothing."""
+    embedding = model.get_input_embeddings()
+    name = next(n for n, m in model.named_modules() if m is embedding)
+    args = _targets(qconfig, {name: embedding}).get(name)
+    if args is None:
+        return []
+    stored = read_linear(name, args, read)
+    if stored.bits != 8 or stored.zero is not None or stored.width != stored.codes.shape[1]:
+        raise CompressorError(f"{name}: only 8-bit symmetric per-row embeddings are run packed")
+    packed = Int8Embedding.from_codes(stored.codes.to(torch.int16) - sign_offset(8), stored.scale, dtype)
+    model.set_input_embeddings(packed)
+    if tied:
+        model.set_output_embeddings(packed.head())
+    return [name]
 
 
 def _int8_embeddings(model, tied: bool, dtype) -> None:

@@ -154,3 +154,45 @@ def test_upstream_fix_is_scoped():
     with scheme_per_layer():
         assert CompressedTensorsDequantize.convert is not original
     assert CompressedTensorsDequantize.convert is original
+
+
+@pytest.mark.parametrize("linears", [ASYM4, {"method": "rtn", "bits": 8, "group_size": 0, "symmetric": True}],
+                         ids=["w4g32-asym", "w8-channel"])
+def test_int8_embeddings_in_the_file(llama_dir, tmp_path, linears):
+    """--embeddings int8: the tied embedding stored once as int8 rows; compressor.load_model and the
+    packed runtime give the model with those rows; a one-scheme checkpoint loads in stock transformers."""
+    from transformers import AutoModelForCausalLM
+
+    from compressor.runtime import load
+
+    plain, small = tmp_path / "plain", tmp_path / "e8"
+    run_compression(ModelSource(str(llama_dir)), {"passes": [linears]}, plain, Calibration(), "cpu")
+    result = run_compression(ModelSource(str(llama_dir)), {"passes": [linears], "embeddings": "int8"}, small,
+                             Calibration(), "cpu")
+    assert list(result.manifest["embeddings"]) == ["model.embed_tokens"]
+    with safe_open(str(small / "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+        assert "model.embed_tokens.weight" not in keys and "lm_head.weight" not in keys
+        codes = f.get_tensor("model.embed_tokens.weight_packed")
+    assert codes.dtype == torch.int32 and codes.shape == (320, 96 * 8 // 32)
+    saved = (plain / "model.safetensors").stat().st_size - (small / "model.safetensors").stat().st_size
+    assert saved >= 320 * 96 * 3 - 320 * 4 - 512  # fp32 rows -> int8 rows, a scale each, header entries
+    # The reference: the plain checkpoint with the embedding rounded to 8 bits per row here.
+    reference, _ = load_model(ModelSource(str(plain)))
+    weight = reference.model.embed_tokens.weight.data
+    low, high = weight.amin(1, keepdim=True), weight.amax(1, keepdim=True)
+    scale = torch.maximum(-low, high) * 2 / 255
+    weight.copy_(torch.clamp(torch.round(weight / scale) + 128, 0, 255).sub(128) * scale)
+    expected = _logits(reference)
+    model, _ = load_model(ModelSource(str(small)))
+    assert torch.allclose(_logits(model), expected, atol=1e-5, rtol=1e-5)
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    packed, _ = load(small)
+    assert torch.allclose(_logits(packed), expected, atol=1e-3, rtol=1e-3)
+    info = inspect_checkpoint(small)
+    assert "model.embed_tokens" in {row["module"] for row in info["modules"]}
+    assert info["bpw"]["stored"] == inspect_checkpoint(plain)["bpw"]["stored"]  # decoder linears only
+    config = json.loads((small / "config.json").read_text())["quantization_config"]
+    if len(config["config_groups"]) == 1:  # 8-bit per row everywhere: one scheme
+        stock = AutoModelForCausalLM.from_pretrained(small).eval()
+        assert torch.allclose(_logits(stock), expected, atol=1e-5, rtol=1e-5)

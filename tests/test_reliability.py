@@ -92,7 +92,10 @@ def test_output_loads_in_transformers_and_matches_dequantized_logits(deep_dir, c
     import compressor
 
     ours, _ = compressor.load(tmp_path / "o", dtype=torch.float32)
-    torch.testing.assert_close(ours(ids).logits, logits, rtol=1e-3, atol=1e-3)
+    # The checkpoint is bfloat16 and asymmetric: transformers dequantizes while loading (the config
+    # says so, compressor.pack), in the scales' dtype, so its float32 weights carry bfloat16 rounding
+    # that the packed runtime's float32 products do not.
+    torch.testing.assert_close(ours(ids).logits, logits, rtol=1e-2, atol=1e-2)
 
 
 def test_same_inputs_and_seed_give_identical_bytes(deep_dir, calibration_file, tmp_path):

@@ -193,6 +193,16 @@ class Int8Embedding(torch.nn.Module):
         self.register_buffer("scale", scale.to(dtype))
         self.num_embeddings, self.embedding_dim = weight.shape
 
+    @classmethod
+    def from_codes(cls, codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> Int8Embedding:
+        """From stored signed int8 codes [num, dim] and one scale per row (a checkpoint's)."""
+        module = cls.__new__(cls)
+        torch.nn.Module.__init__(module)
+        module.register_buffer("codes", codes.to(torch.int8).contiguous())
+        module.register_buffer("scale", scale.reshape(-1).to(dtype))
+        module.num_embeddings, module.embedding_dim = codes.shape
+        return module
+
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return self.codes[ids].to(self.scale.dtype) * self.scale[ids, None]
 
