@@ -62,6 +62,26 @@ def test_packed_linear_matches_the_reference(bits, in_features, width, symmetric
     assert layer.weight_bytes <= code_bytes + 48 * groups * 8 + 4 * in_features
 
 
+@pytest.mark.parametrize("out_features", [64, 48])  # 48: not whole blocks of 32 rows
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int4_prefill_unpacks_the_kernel_layout(out_features, dtype):
+    """From PREFILL_ROWS rows on, an aten-int4 layer is read back from the kernel's own layout and
+    multiplied densely: the same result as the int4 kernel, the codes exactly as given."""
+    from compressor_kernels.packed_linear import PREFILL_ROWS
+
+    codes, scale, zero, _ = random_layer(4, out_features, 128, 64, False)
+    layer = PackedLinear(codes, scale, zero, 4, 64, dtype=dtype)
+    assert layer.backend == "aten-int4"
+    if out_features % 32 == 0:
+        assert torch.equal(layer._int4_codes(), codes)
+    x = torch.randn(PREFILL_ROWS + 3, 128, dtype=dtype)
+    prefill, kernel = layer(x), layer._int4(x)
+    tolerance = 1e-4 if dtype == torch.float32 else 3e-2
+    assert torch.allclose(prefill.float(), kernel.float(), rtol=tolerance, atol=tolerance)
+    expected = reference(x.float(), codes, scale, zero, 4, 64, None)
+    assert torch.allclose(prefill.float(), expected, rtol=tolerance, atol=tolerance)
+
+
 def test_every_backend_agrees_with_the_dequant_fallback_and_in_bfloat16():
     for bits, width, zero_ok in ((4, 32, True), (8, 128, False)):
         codes, scale, zero, _ = random_layer(bits, 32, 128, width, symmetric=not zero_ok, seed=3)

@@ -8,6 +8,8 @@ Backends, chosen per layer when it is built (the first that fits wins):
                  128 over 576 inputs run as groups of 64 sharing scales): torch's CPU int4
                  group-wise matmul (_weight_int4pack_mm_for_cpu), codes pre-packed once. 2- and
                  3-bit codes are held as 4-bit ones: a little more memory, the int4 kernel's speed.
+                 From PREFILL_ROWS input rows on the layer is unpacked from that layout into the
+                 shared workspace and multiplied densely (prefill).
     aten-int8    8-bit symmetric per-channel: torch's int8 weight-only matmul (_weight_int8pack_mm)
     triton       CUDA with Triton installed (asked for by the loader; any width 2-8, any groups,
                  act-order g_idx): the dequantize-matmul kernels of triton_matmul.py over the
@@ -37,6 +39,18 @@ def triton_available() -> bool:
         return False
     return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
 INT4_GROUPS = (32, 64, 128, 256)
+# From this many input rows on (prefill), an aten-int4 layer is dequantized into the shared
+# workspace and multiplied densely: the int4 kernel is tuned for a few rows (decode), while a dense
+# GEMM over many rows is compute-bound and the dequantization is paid once per layer, not per row.
+PREFILL_ROWS = 32
+
+
+def prefill_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dense prefill's dtype: the model's, except bfloat16 on a CPU that only emulates it
+    (no AMX / AVX512-BF16: there a float32 GEMM is several times faster; measured on AMD EPYC)."""
+    if dtype == torch.bfloat16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        return torch.float32
+    return dtype
 
 
 def dequantize_codes(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
@@ -152,6 +166,25 @@ class PackedLinear(torch.nn.Module):
             return self.packed.to(self.scales.dtype) * self.scales[:, None]
         return dequantize_codes(self.codes(), self.scale, self.zero, self.group_of.long(), out)
 
+    def _int4_codes(self) -> torch.Tensor | None:
+        """The unsigned codes [out, in] read back from the int4 kernel's CPU layout, or None where
+        that layout is not the one below. Rows come in blocks of 32; byte [block, column, j] holds
+        row 32*block + j in its low nibble and row 32*block + 16 + j in its high one."""
+        if self.out_features % 32 or self.packed.dtype != torch.uint8:
+            return None
+        blocks = self.packed.reshape(self.out_features // 32, self.in_features, 16)
+        codes = torch.cat([blocks & 15, blocks >> 4], dim=-1)  # [block, column, 32 rows]
+        return codes.permute(0, 2, 1).reshape(self.out_features, self.in_features)
+
+    def _int4_dense(self, out: torch.Tensor) -> torch.Tensor:
+        """The aten-int4 layer's weight in `out`: (code - 8) * scale + offset per kernel group."""
+        codes = self._int4_codes()
+        if codes is None:
+            return out.copy_(self.dense_weight())
+        scale = self.scales_and_zeros[..., 0].T.repeat_interleave(self.kernel_group, dim=1)
+        offset = self.scales_and_zeros[..., 1].T.repeat_interleave(self.kernel_group, dim=1)
+        return out.copy_(codes).sub_(8).mul_(scale).add_(offset)
+
     def _int4(self, x2d: torch.Tensor) -> torch.Tensor:
         return torch.ops.aten._weight_int4pack_mm_for_cpu(x2d, self.packed, self.kernel_group,
                                                           self.scales_and_zeros)
@@ -159,7 +192,11 @@ class PackedLinear(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2d = x.reshape(-1, self.in_features)
-        if self.backend == "aten-int4":
+        if self.backend == "aten-int4" and x2d.shape[0] >= PREFILL_ROWS:
+            dtype = prefill_dtype(self.scales_and_zeros.dtype)
+            buffer = _Workspace.get((self.out_features, self.in_features), dtype, x.device)
+            y = torch.nn.functional.linear(x2d.to(dtype), self._int4_dense(buffer))
+        elif self.backend == "aten-int4":
             y = self._int4(x2d.to(self.scales_and_zeros.dtype).contiguous())
         elif self.backend == "aten-int8":
             y = torch.ops.aten._weight_int8pack_mm(x2d.to(self.scales.dtype).contiguous(), self.packed,
