@@ -122,7 +122,9 @@ SUITES: dict[str, list[tuple[str, list[str]]]] = {
           [*_prune("sparsegpt", pattern, False), "--reconstruct"])
          for pattern in ("2:4", "0.5")
     ] + [("gptq-w4g64-sym-rot-rec-compressed-targets",
-          ["run", str(HERE / "w4-rotate-gptq-reconstruct-compressed-targets.yaml")])],
+          ["run", str(HERE / "w4-rotate-gptq-reconstruct-compressed-targets.yaml")]),
+         ("gptq-w4g64-full-rot-awq-rec-lr005",
+          ["run", str(HERE / "w4-full-rotate-awq-gptq-reconstruct-lr005.yaml")])],
     # Per-layer sparsity at equal total sparsity: uniform SparseGPT, LIM / ZD (+-10% by importance),
     # EvoPress over SparseGPT levels.
     "search-sparsity": [
