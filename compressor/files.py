@@ -24,6 +24,22 @@ def tensor_files(folder: Path) -> dict[str, Path]:
         return {key: folder / WEIGHTS_NAME for key in handle.keys()}
 
 
+def tensor_reader(folder: Path):
+    """(tensor name -> file, read(key, optional=False) -> tensor) over a checkpoint's files; a
+    missing tensor is one clear error (or None when optional)."""
+    files = tensor_files(folder)
+    handles = {path: safe_open(str(path), framework="pt") for path in set(files.values())}
+
+    def read(key: str, optional: bool = False):
+        if key not in files:
+            if optional:
+                return None
+            raise CompressorError(f"{folder}: tensor {key} is missing")
+        return handles[files[key]].get_tensor(key)
+
+    return files, read
+
+
 def atomic_write(path: Path, write) -> None:
     """write(temporary path), then rename: a reader never sees half a file. A failed write (a full
     disk, a quota) is one clear error."""

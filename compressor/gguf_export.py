@@ -30,10 +30,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import safe_open
 
 from compressor.errors import CompressorError
-from compressor.files import tensor_files
+from compressor.files import tensor_reader
 from compressor.model import read_json
 from compressor.runtime import PACKED_SUFFIXES, StoredLinear, _targets, read_linear
 
@@ -218,15 +217,7 @@ def export_gguf(folder: str | Path, output: str | Path, embeddings: str = "q8_0"
         raise CompressorError(f"{folder}: {qconfig.get('quant_method')} layouts are not exported to GGUF")
     config = AutoConfig.from_pretrained(folder)
     text = getattr(config, "text_config", config)
-    files = tensor_files(folder)
-    handles = {path: safe_open(str(path), framework="pt") for path in set(files.values())}
-
-    def read(key: str, optional: bool = False):
-        if key not in files:
-            if optional:
-                return None
-            raise CompressorError(f"{folder}: tensor {key} is missing")
-        return handles[files[key]].get_tensor(key)
+    files, read = tensor_reader(folder)
 
     modules = {key.rsplit(".", 1)[0] for key in files}
     targets = _targets(qconfig, {name: torch.nn.Linear(1, 1) for name in modules}) if qconfig else {}

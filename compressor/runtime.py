@@ -21,10 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 from compressor.errors import CompressorError
-from compressor.files import tensor_files
+from compressor.files import tensor_reader
 from compressor.grids import from_signed, sign_offset
 from compressor.model import ModelSource, load_model, load_tokenizer, read_json
 from compressor.pack import unpack_zero_point
@@ -145,15 +144,7 @@ def load(folder: str | Path, dtype: str | torch.dtype = "auto", device: str = "c
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    files = tensor_files(folder)
-    handles = {path: safe_open(str(path), framework="pt") for path in set(files.values())}
-
-    def read(key: str, optional: bool = False):
-        if key not in files:
-            if optional:
-                return None
-            raise CompressorError(f"{folder}: tensor {key} is missing")
-        return handles[files[key]].get_tensor(key)
+    files, read = tensor_reader(folder)
 
     linears = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
     targets = _targets(qconfig, linears)
