@@ -83,7 +83,8 @@ def vllm_cpu_reason(args: dict | None, layout: str, shape: tuple[int, int]) -> s
     return None
 
 
-def transformers_reason(args: dict | None, layout: str, one_scheme: bool, dequantize: bool) -> str | None:
+def transformers_reason(args: dict | None, layout: str, one_scheme: bool, dequantize: bool,
+                        embedding: bool = False) -> str | None:
     """Why stock transformers cannot load the layer; None when it can."""
     if args is None:
         return None
@@ -95,6 +96,9 @@ def transformers_reason(args: dict | None, layout: str, one_scheme: bool, dequan
         return ("packed zero points in a checkpoint of several schemes: transformers' skeleton has no "
                 "room for them (compressor.upstream); compressor.load_model loads it, --target "
                 "transformers writes blocks")
+    if embedding and not (one_scheme and dequantize):
+        return ("a quantized embedding in a checkpoint of several schemes: transformers leaves its tied "
+                "head no weight (compressor.upstream); compressor.load_model loads it")
     return None
 
 
@@ -121,7 +125,8 @@ def layer_engines(layers: Layouts, one_scheme: bool,
     for name, (args, layout, shape) in layers.items():
         vllm = fused.get(name) or vllm_reason(args, layout, shape)
         result[name] = {
-            Engine.TRANSFORMERS.value: transformers_reason(args, layout, one_scheme, dequantize),
+            Engine.TRANSFORMERS.value: transformers_reason(args, layout, one_scheme, dequantize,
+                                                           embedding="embed" in name.rsplit(".", 1)[-1]),
             Engine.VLLM.value: vllm,
             Engine.VLLM_CPU.value: vllm or vllm_cpu_reason(args, layout, shape),
         }

@@ -194,5 +194,8 @@ def test_int8_embeddings_in_the_file(llama_dir, tmp_path, linears):
     assert info["bpw"]["stored"] == inspect_checkpoint(plain)["bpw"]["stored"]  # decoder linears only
     config = json.loads((small / "config.json").read_text())["quantization_config"]
     if len(config["config_groups"]) == 1:  # 8-bit per row everywhere: one scheme
+        assert info["engines"]["transformers"] is None
         stock = AutoModelForCausalLM.from_pretrained(small).eval()
         assert torch.allclose(_logits(stock), expected, atol=1e-5, rtol=1e-5)
+    else:
+        assert "quantized embedding" in info["engines"]["transformers"]
