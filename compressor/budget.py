@@ -14,6 +14,9 @@ from compressor.fpgrids import FloatGrid
 from compressor.grids import IntGrid
 
 DTYPE_BITS = {"float32": 32, "float16": 16, "bfloat16": 16}
+# A mixed-precision checkpoint (search, --allocate) has several schemes, whose asymmetric zero
+# points are written as int8 blocks (compressor.pack.block_layers): its budget counts them so.
+MIXED_PACKED_ZERO = False
 
 
 def packed_words(count: int, bits: int) -> int:
@@ -100,13 +103,15 @@ def parse_budget(text: str) -> Budget:
 
 
 def linear_costs(
-    out_features: int, in_features: int, grid: IntGrid | None, dense_bits: int, kept: int
+    out_features: int, in_features: int, grid: IntGrid | None, dense_bits: int, kept: int,
+    packed_zero: bool | None = MIXED_PACKED_ZERO,
 ) -> dict:
-    """What one compressed linear costs under each budget kind, as integers (so sums are exact)."""
+    """What one compressed linear costs under each budget kind, as integers (so sums are exact);
+    by default as a mixed-precision checkpoint stores it (MIXED_PACKED_ZERO)."""
     numel = out_features * in_features
     stored = numel * dense_bits
     if grid is not None:
-        stored = quantized_linear_bits(out_features, in_features, grid, dense_bits)
+        stored = quantized_linear_bits(out_features, in_features, grid, dense_bits, packed_zero)
     return {"bpw": stored, "bits": numel * (grid.bits if grid else dense_bits), "sparsity": kept}
 
 

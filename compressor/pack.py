@@ -8,10 +8,10 @@ output rows, int32 [ceil(out*bits/32), groups]. "block" with blocks of [1, g] is
 nothing else expresses the layout:
 - a group size that does not divide the input width (576 columns in groups of 128): the "group"
   strategy refuses ragged groups, "block" pads them on load (no engine but transformers runs it);
-- asymmetric layers of a checkpoint with more than one scheme, under `--target transformers`, or
-  under the default target when ragged layers keep vLLM from serving it anyway: transformers 5
-  reads packed zero points only through its dequantize route, which applies one scheme to every
-  layer (compressor.upstream has the cause); block zero points stay int8 [out, groups] and load.
+- asymmetric layers of a checkpoint with more than one scheme (mixed bits, ragged layers beside
+  others), unless `--target vllm`: transformers 5 reads packed zero points only through its
+  dequantize route, which applies one scheme to every layer (compressor.upstream has the cause);
+  block zero points stay int8 [out, groups] and load.
 
 Zero points are packed when a block is written; the final decision (quantization_config) is made
 once every layer's scheme is known, and compressor.writer unpacks the few it turns into blocks.
@@ -162,21 +162,18 @@ def _schemes(quantized: dict, blocks: set[str]) -> dict[str, tuple[dict, str, li
 
 
 def block_layers(records: dict[str, LinearState], target: Target | str = Target.ANY) -> set[str]:
-    """The asymmetric layers written as blocks though groups could hold them. Stock transformers
-    reads packed zero points only through its one-scheme dequantize route, so in a checkpoint of
-    several schemes they are blocks under --target transformers, and under any when a ragged layer
-    (a block already) keeps vLLM from serving the checkpoint anyway."""
-    target = Target.parse(target)
-    if target is Target.VLLM:
+    """The asymmetric layers written as blocks though groups could hold them: all of them in a
+    checkpoint of several schemes (mixed bits, ragged layers beside others), unless --target vllm.
+    Stock transformers reads packed zero points only through its one-scheme dequantize route
+    (compressor.upstream); mixed-precision budgets count these zero points as int8 accordingly
+    (compressor.budget.MIXED_PACKED_ZERO)."""
+    if Target.parse(target) is Target.VLLM:
         return set()
     quantized = {name: state.quant for name, state in records.items() if state.quant is not None}
-    if len(_schemes(quantized, set())) <= 1:
+    if any(q.grid.format in OWN_FORMATS for q in quantized.values()) or len(_schemes(quantized, set())) <= 1:
         return set()
-    integer = {name: q for name, q in quantized.items() if isinstance(q.grid, IntGrid)}
-    ragged = any(q.grid.is_ragged(q.codes.shape[1]) for q in integer.values())
-    if target is Target.ANY and not ragged:
-        return set()
-    return {name for name, q in integer.items() if packs_zero_points(q.grid, q.codes.shape[1])}
+    return {name for name, q in quantized.items()
+            if isinstance(q.grid, IntGrid) and packs_zero_points(q.grid, q.codes.shape[1])}
 
 
 def quantization_config(records: dict[str, LinearState], ignore: list[str],

@@ -37,10 +37,12 @@ def test_parse_budget():
 def test_linear_costs_hand_count():
     # 96 x 96 at 3 bits, groups of 32, asymmetric, fp32 scales (a tiny model in float32):
     # codes: 96 rows x ceil(96*3/32)=9 int32 words = 27,648 bits; scales 96 x 3 groups x 32 = 9,216;
-    # int8 zero points 96 x 3 x 8 = 2,304. Total 39,168 bits = 4.25 bits per weight.
+    # int8 zero points (a mixed-precision checkpoint writes blocks) 96 x 3 x 8 = 2,304. Total 39,168
+    # bits = 4.25 bits per weight; packed along the rows (one scheme) 3 groups x 9 words = 864 bits.
     grid = IntGrid(bits=3, group_size=32, symmetric=False)
     costs = budget.linear_costs(96, 96, grid, 32, kept=96 * 96)
     assert costs == {"bpw": 39168, "bits": 3 * 96 * 96, "sparsity": 96 * 96}
+    assert budget.linear_costs(96, 96, grid, 32, kept=0, packed_zero=True)["bpw"] == 37728
     # Symmetric, bf16 scales, 576 columns in groups of 128 (ragged: 5 groups, the last of 64).
     grid = IntGrid(bits=4, group_size=128, symmetric=True)
     assert budget.linear_costs(10, 576, grid, 16, 0)["bpw"] == 10 * (576 * 4) + 10 * 5 * 16
