@@ -147,10 +147,10 @@ ReconstructTrainOpt = typer.Option(
 ReconstructItersOpt = typer.Option(50, "--reconstruct-iters", min=1, help="--reconstruct steps per block.")
 TargetOpt = typer.Option(
     "any", "--target",
-    help="The engine the checkpoint must suit: any (the standard compressed-tensors layout), vllm "
-         "(refuse, before any work, what vLLM cannot serve: one line per reason) or transformers "
-         "(stock from_pretrained must load it: zero points of a several-scheme checkpoint as blocks). "
-         "`compress inspect` lists the engines that serve each layer.")
+    help="The engine the checkpoint must suit: any (group/channel layouts, stock transformers loads "
+         "them: a several-scheme checkpoint keeps asymmetric zero points as int8 blocks), vllm (refuse, "
+         "before any work, what vLLM cannot serve, one line per reason; zero points always packed) or "
+         "transformers (as any). `compress inspect` lists the engines that serve each layer.")
 
 
 BaselineOpt = typer.Option(
