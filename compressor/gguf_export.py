@@ -165,8 +165,8 @@ def _architecture_metadata(writer, config, arch: str) -> None:
     writer.add_vocab_size(text.vocab_size)
 
 
-def _tokenizer_metadata(writer, folder: Path, source_gguf: str | None) -> None:
-    from gguf import GGUFReader, GGUFValueType, SpecialVocab
+def _tokenizer_metadata(writer, folder: Path, source_gguf: str | None, vocab_size: int) -> None:
+    from gguf import GGUFReader, GGUFValueType, SpecialVocab, TokenType
     from gguf.vocab import BpeVocab
 
     if source_gguf and Path(source_gguf).is_file():
@@ -181,11 +181,16 @@ def _tokenizer_metadata(writer, folder: Path, source_gguf: str | None) -> None:
     if not (folder / "tokenizer.json").is_file():
         raise CompressorError(f"{folder}: no tokenizer.json to describe the vocabulary in the GGUF file")
     vocab = BpeVocab(folder)
-    tokens, scores, types = zip(*vocab.all_tokens(), strict=True)
+    tokens, scores, types = (list(column) for column in zip(*vocab.all_tokens(), strict=True))
+    # llama.cpp sizes the embedding by the token list: pad it to the model's vocabulary (a
+    # vocabulary rounded up for the matmuls) with unused placeholders, as its converter does.
+    padding = vocab_size - len(tokens)
+    tokens += [f"[PAD{i}]".encode() for i in range(len(tokens), vocab_size)]
+    types += [TokenType.UNUSED] * max(padding, 0)
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre("default")
-    writer.add_token_list(list(tokens))
-    writer.add_token_types(list(types))
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
     SpecialVocab(folder, load_merges=True).add_to_gguf(writer, quiet=True)
 
 
@@ -240,7 +245,7 @@ def export_gguf(folder: str | Path, output: str | Path, embeddings: str = "q8_0"
     try:
         writer.add_name(manifest.get("source", {}).get("path", folder.name) if manifest else folder.name)
         _architecture_metadata(writer, config, arch)
-        _tokenizer_metadata(writer, folder, source_gguf)
+        _tokenizer_metadata(writer, folder, source_gguf, text.vocab_size)
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
         tied = bool(getattr(text, "tie_word_embeddings", getattr(config, "tie_word_embeddings", False)))
         packed = {f"{name}.{suffix}" for name in targets for suffix in PACKED_SUFFIXES}
