@@ -129,6 +129,33 @@ LLAMA_CPP = {"q4_0": (87.6, 21.271), "q8_0": (138.1, 19.163)}
 GGUF_TYPES = ("q4_0", "q4_1", "q5_0", "q8_0")
 
 
+def llama_cpp_ppl(path: Path, windows: int = 8, seqlen: int = 2048) -> float | None:
+    """Perplexity llama.cpp itself (llama-cpp-python) gives the file on the first benchmark windows
+    (the same token ids as transformers' protocol, every target scored); None without llama_cpp."""
+    try:
+        import llama_cpp
+    except ImportError:
+        return None
+    import numpy as np
+    import torch
+
+    from compressor import data
+    from compressor.model import ModelSource, load_tokenizer
+
+    tokenizer = load_tokenizer(ModelSource(str(HERE / "work" / "smollm2-fp32")))
+    ids = data.evaluation_ids(tokenizer, "wikitext2", data.resolve_data_dir(None))[0]
+    llm = llama_cpp.Llama(str(path), n_ctx=seqlen, logits_all=True, verbose=False, n_threads=2)
+    total, count = 0.0, 0
+    for i in range(windows):
+        window = ids[i * seqlen:(i + 1) * seqlen].tolist()
+        llm.reset()
+        llm.eval(window)
+        logits = torch.from_numpy(np.array(llm.scores[:seqlen - 1], dtype=np.float32))
+        total -= float(torch.log_softmax(logits, -1).gather(1, torch.tensor(window[1:])[:, None]).sum())
+        count += seqlen - 1
+    return float(np.exp(total / count))
+
+
 def run_gguf(model: Path) -> str:
     """GPTQ onto each legacy GGUF type (compress quantize --format gguf:TYPE), one GGUF file each,
     evaluated through transformers on the first 8 windows of the benchmark protocol."""
@@ -151,6 +178,7 @@ def run_gguf(model: Path) -> str:
             ["compress", "eval", str(path), "--baseline", str(model), "--windows", "8", "--json"],
             capture_output=True, text=True, check=True).stdout)
         rows.append({"type": gguf_type, "mib": path.stat().st_size / 2**20,
+                     "llama_cpp_ppl": llama_cpp_ppl(path),
                      "ppl": evaluation["perplexity"]["ppl"],
                      "dense_ppl": evaluation["baseline_perplexity"]["ppl"],
                      "kl": evaluation["kl"]["kl"], "compress_seconds": made["seconds"]["compress"],
@@ -161,14 +189,15 @@ def run_gguf(model: Path) -> str:
              "read back through transformers; perplexity on the first 8 windows of the benchmark protocol "
              "(as REFERENCE.md's llama.cpp rows, llama-quantize with an importance matrix from the same "
              "calibration windows). Command: `python bench/run.py gguf`.", "",
-             "| type | file MiB | wt2 ppl (8 windows) | vs dense | KL | compress s | llama.cpp MiB "
-             "| llama.cpp ppl |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| type | file MiB | wt2 ppl (8 windows) | vs dense | KL | same file in llama.cpp | compress s "
+             "| llama-quantize MiB | llama-quantize ppl |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
         ref = LLAMA_CPP.get(row["type"])
         lines.append(f"| {row['type'].upper()} | {row['mib']:.1f} | {row['ppl']:.3f} "
                      f"| {row['ppl'] / row['dense_ppl']:.3f} "
-                     f"| {row['kl']:.4f} | {row['compress_seconds']:.0f} | {ref[0] if ref else '-'} "
+                     f"| {row['kl']:.4f} | {row['llama_cpp_ppl'] or 0:.3f} | {row['compress_seconds']:.0f} "
+                     f"| {ref[0] if ref else '-'} "
                      f"| {ref[1] if ref else '-'} |")
     if rows:
         lines.append(f"\nDense fp32 on the same 8 windows: {rows[0]['dense_ppl']:.3f} (REFERENCE: 19.134).")
