@@ -126,7 +126,7 @@ def markdown(rows: list[dict]) -> str:
 # llama.cpp's llama-quantize with an importance matrix from the same calibration windows (REFERENCE.md):
 # file MiB and perplexity on the first 8 benchmark windows through transformers (dense fp32: 19.134).
 LLAMA_CPP = {"q4_0": (87.6, 21.271), "q8_0": (138.1, 19.163)}
-GGUF_TYPES = ("q4_0", "q4_1", "q5_0", "q8_0")
+GGUF_TYPES = ("q4_0", "q8_0")  # the types REFERENCE.md has llama-quantize rows for
 
 
 def llama_cpp_ppl(path: Path, windows: int = 8, seqlen: int = 2048) -> float | None:
