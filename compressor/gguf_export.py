@@ -23,7 +23,7 @@ checkpoint's tokenizer.json.
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -308,4 +308,4 @@ def export_gguf(folder: str | Path, output: str | Path, embeddings: str = "q8_0"
 
 
 def summary(result: ExportResult) -> dict:
-    return json.loads(json.dumps(result.__dict__))
+    return dataclasses.asdict(result)
