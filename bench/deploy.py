@@ -125,8 +125,9 @@ def markdown(rows: list[dict]) -> str:
 
 # llama.cpp's llama-quantize with an importance matrix from the same calibration windows (REFERENCE.md):
 # file MiB and perplexity on the first 8 benchmark windows through transformers (dense fp32: 19.134).
-LLAMA_CPP = {"q4_0": (87.6, 21.271), "q8_0": (138.1, 19.163)}
-GGUF_TYPES = ("q4_0", "q8_0")  # the types REFERENCE.md has llama-quantize rows for
+LLAMA_CPP = {"q4_0": (87.6, 21.271), "q4_k_m": (100.6, 19.690), "q3_k_m": (89.2, 20.765),
+             "q2_k": (84.1, 22.688), "q8_0": (138.1, 19.163)}
+GGUF_TYPES = ("q4_k_m", "q3_k_m", "q2_k", "q4_0", "q8_0")  # those REFERENCE.md has llama-quantize rows for
 
 
 def llama_cpp_ppl(path: Path, windows: int = 8, seqlen: int = 2048) -> float | None:
@@ -156,8 +157,35 @@ def llama_cpp_ppl(path: Path, windows: int = 8, seqlen: int = 2048) -> float | N
     return float(np.exp(total / count))
 
 
+def llama_cpp_speed(path: Path, prompt: int = 512, decode: int = 64) -> dict | None:
+    """llama.cpp's own speed on the file (llama-cpp-python, 2 threads): prompt tokens/s over one
+    `prompt`-token batch, and decode tokens/s over `decode` single-token steps after it (what
+    llama-bench's pp512 / tg64 measure)."""
+    try:
+        import llama_cpp
+    except ImportError:
+        return None
+    import time
+
+    from compressor import data
+    from compressor.model import ModelSource, load_tokenizer
+
+    tokenizer = load_tokenizer(ModelSource(str(HERE / "work" / "smollm2-fp32")))
+    ids = data.evaluation_ids(tokenizer, "wikitext2", data.resolve_data_dir(None))[0].tolist()
+    llm = llama_cpp.Llama(str(path), n_ctx=prompt + decode, n_batch=prompt, verbose=False, n_threads=2)
+    llm.eval(ids[:prompt])  # warm-up
+    llm.reset()
+    started = time.perf_counter()
+    llm.eval(ids[:prompt])
+    prefill = prompt / (time.perf_counter() - started)
+    started = time.perf_counter()
+    for token in ids[prompt:prompt + decode]:
+        llm.eval([token])
+    return {"prefill_tps": prefill, "decode_tps": decode / (time.perf_counter() - started)}
+
+
 def run_gguf(model: Path) -> str:
-    """GPTQ onto each legacy GGUF type (compress quantize --format gguf:TYPE), one GGUF file each,
+    """GPTQ onto each GGUF type or preset (compress quantize --format gguf:TYPE), one GGUF file each,
     evaluated through transformers on the first 8 windows of the benchmark protocol."""
     WORK.mkdir(parents=True, exist_ok=True)
     calibration = ["--calibration", "c4", "--samples", "128", "--seqlen", "512", "--seed", "0",
@@ -178,26 +206,28 @@ def run_gguf(model: Path) -> str:
             ["compress", "eval", str(path), "--baseline", str(model), "--windows", "8", "--json"],
             capture_output=True, text=True, check=True).stdout)
         rows.append({"type": gguf_type, "mib": path.stat().st_size / 2**20,
-                     # llama.cpp's own forward is slow on 8 x 2048 tokens here: the types REFERENCE has
-                     "llama_cpp_ppl": llama_cpp_ppl(path) if gguf_type in LLAMA_CPP else None,
+                     "llama_cpp_ppl": llama_cpp_ppl(path), **(llama_cpp_speed(path) or {}),
                      "ppl": evaluation["perplexity"]["ppl"],
                      "dense_ppl": evaluation["baseline_perplexity"]["ppl"],
                      "kl": evaluation["kl"]["kl"], "compress_seconds": made["seconds"]["compress"],
                      "exact": made["gguf"]["max_scale_rounding"] == 0.0})
         print(json.dumps(rows[-1]), flush=True)
     lines = ["# gguf benchmark: GPTQ onto llama.cpp's block types vs llama-quantize (SmolLM2-135M)", "",
-             "`compress quantize --format gguf:TYPE` (GPTQ, calibration c4 128 x 512), one GGUF file, "
+             "`compress quantize --format gguf:TYPE` (GPTQ onto the blocks fitted with the Hessian "
+             "diagonal as importance, calibration c4 128 x 512), one GGUF file, "
              "read back through transformers; perplexity on the first 8 windows of the benchmark protocol "
              "(as REFERENCE.md's llama.cpp rows, llama-quantize with an importance matrix from the same "
              "calibration windows). Command: `python bench/run.py gguf`.", "",
-             "| type | file MiB | wt2 ppl (8 windows) | vs dense | KL | same file in llama.cpp | compress s "
-             "| llama-quantize MiB | llama-quantize ppl |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| type | file MiB | wt2 ppl (8 windows) | vs dense | KL | same file in llama.cpp "
+             "| llama.cpp prompt / decode tok/s | compress s | llama-quantize MiB | llama-quantize ppl |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
         ref = LLAMA_CPP.get(row["type"])
         lines.append(f"| {row['type'].upper()} | {row['mib']:.1f} | {row['ppl']:.3f} "
                      f"| {row['ppl'] / row['dense_ppl']:.3f} "
-                     f"| {row['kl']:.4f} | {row['llama_cpp_ppl'] or 0:.3f} | {row['compress_seconds']:.0f} "
+                     f"| {row['kl']:.4f} | {row['llama_cpp_ppl'] or 0:.3f} "
+                     f"| {row.get('prefill_tps', 0):.0f} / {row.get('decode_tps', 0):.0f} "
+                     f"| {row['compress_seconds']:.0f} "
                      f"| {ref[0] if ref else '-'} "
                      f"| {ref[1] if ref else '-'} |")
     if rows:

@@ -12,6 +12,7 @@ from compressor import budget, engines, fpgrids
 from compressor.errors import CompressorError
 from compressor.files import INDEX_NAME, WEIGHTS_NAME, tensor_files
 from compressor.fpgrids import FloatGrid
+from compressor.gguf_quants import GgufGrid, GgufType
 from compressor.grids import IntGrid
 from compressor.model import OWN_QUANT_METHOD
 from compressor.pack import unpack_zero_point
@@ -80,6 +81,20 @@ def inspect_checkpoint(folder: str | Path) -> dict:
                          "symmetric": grid.symmetric, "shape": [out_features, in_features],
                          "format": grid.format if isinstance(grid, FloatGrid) else "int",
                          "bpw": budget.bits_per_weight([row])["stored"]})
+        elif key.endswith(".weight_gguf"):  # GGUF blocks (--format gguf:TYPE before export)
+            name = key.removesuffix(".weight_gguf")
+            qtype = (qconfig.get("types") or {}).get(name)
+            if qtype is None or name not in original:
+                raise CompressorError(f"{name} holds GGUF blocks but no type (or weight_shape) for them")
+            grid = GgufGrid(GgufType.parse(qtype))
+            out_features, in_features = original[name]
+            row = (out_features, in_features, grid, 16)
+            if ".layers." in name:
+                layers.append(row)
+            layouts[name] = ({"type": "gguf", "num_bits": grid.bits}, "gguf", (out_features, in_features))
+            rows.append({"module": name, "bits": grid.bits, "group_size": grid.group_size,
+                         "symmetric": grid.symmetric, "shape": [out_features, in_features],
+                         "format": qtype, "bpw": budget.bits_per_weight([row])["stored"]})
         elif key.endswith(".weight") and len(shape) == 2 and ".layers." in key:
             bits = 8 * BYTES.get(dtype, 2)
             layers.append((shape[0], shape[1], None, bits))

@@ -208,8 +208,10 @@ def quantize(
         help="int (integer grid, the options above), or 4-bit floats: nvfp4 (E2M1, FP8 scale per 16), "
              "mxfp4 (E2M1, power-of-two scale per 32), fp4 (LLM-FP4: per-channel format E3M0/E2M1/E1M2 "
              "and exponent bias searched on calibration data), e2m1 (plain per-channel E2M1); or "
-             "gguf:q4_0|q4_1|q5_0|q5_1|q8_0: --method (GPTQ) onto that llama.cpp block type, written as "
-             "one GGUF file (-o NAME.gguf)."),
+             "gguf:TYPE: --method (GPTQ or rtn) onto llama.cpp's blocks, written as one GGUF file "
+             "(-o NAME.gguf); TYPE is a block type (q4_0 q4_1 q5_0 q5_1 q8_0 q2_k q3_k q4_k q5_k q6_k) "
+             "or a llama.cpp preset (q2_k q3_k_s q3_k_m q3_k_l q4_k_s q4_k_m q5_k_s q5_k_m q6_k: "
+             "a type per tensor role, llama.cpp's fallbacks where rows are not a multiple of 256)."),
     act_bits: int = typer.Option(
         None, "--act-bits",
         help="With --format fp4/e2m1: also quantize each linear's input to 8 or 4-bit floats "
@@ -713,17 +715,20 @@ def export(
     to: str = typer.Option("gguf", "--to", help="Output format: gguf (llama.cpp, Ollama, LM Studio)."),
     output: Path = typer.Option(..., "--output", "-o", help="Output file (written atomically)."),
     embeddings: str = typer.Option(
-        "q8_0", "--embeddings", help="Token embedding (and untied head) type: q8_0 (llama.cpp's presets), "
-                                     "f16 or f32."),
+        "auto", "--embeddings",
+        help="Token embedding (and untied head) type: auto (llama.cpp's presets: q6_k, or q8_0 where "
+             "rows are not a multiple of 256), q8_0, q6_k, q4_k, f16 or f32."),
     requantize: str = typer.Option(
         None, "--requantize",
-        help="GGUF type (q4_0, q4_1, q5_0, q5_1, q8_0) for layers whose grid GGUF has no block for: "
-             "their dequantized weights are rounded again (lossy). Without it such a layer is refused."),
+        help="GGUF type (q4_0 q4_1 q5_0 q5_1 q8_0 q2_k q3_k q4_k q5_k q6_k) for layers whose grid GGUF "
+             "has no block for: their dequantized weights are rounded again (lossy; llama.cpp's fallback "
+             "where rows do not fit the type). Without it such a layer is refused."),
     overwrite: bool = OverwriteOpt,
     as_json: bool = JsonOpt,
 ):
     """Write a checkpoint in another engine's format. 4/5-bit and 8-bit symmetric groups of 32 map
-    code for code onto Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 (scales rounded to float16).
+    code for code onto Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 (scales rounded to float16); GGUF blocks made by
+    --format gguf:TYPE are copied as they are.
 
     Example: compress export out/w4g32 --to gguf -o w4.gguf
     """

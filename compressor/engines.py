@@ -39,10 +39,15 @@ def _group(args: dict) -> int:
     return -1 if args.get("strategy") == "channel" else int(args.get("group_size") or -1)
 
 
+GGUF_REASON = "GGUF blocks: `compress export --to gguf` writes the file llama.cpp runs"
+
+
 def vllm_reason(args: dict | None, layout: str, shape: tuple[int, int]) -> str | None:
     """Why vLLM (CUDA, stock kernels) cannot serve the layer; None when it can."""
     if args is None:
         return None  # dense
+    if layout == "gguf":
+        return GGUF_REASON
     if layout not in ("pack-quantized", "nvfp4-pack-quantized", "mxfp4-pack-quantized"):
         return f"{layout} is this project's own layout"
     if args.get("type") == "float":
@@ -88,6 +93,8 @@ def transformers_reason(args: dict | None, layout: str, one_scheme: bool, dequan
     """Why stock transformers cannot load the layer; None when it can."""
     if args is None:
         return None
+    if layout == "gguf":
+        return f"{GGUF_REASON} (transformers reads that file; compressor.load_model this folder)"
     if layout not in ("pack-quantized", "nvfp4-pack-quantized", "mxfp4-pack-quantized"):
         return f"{layout} is this project's own layout (compressor.load_model reads it)"
     packed_zero = (args.get("type") == "int" and not args.get("symmetric", True)
@@ -162,6 +169,8 @@ def plan_layouts(model, plan) -> Layouts:
             grid = (output_grid(step.args) if output_grid else None) or grid
         if grid is None:
             layouts[name] = (None, "dense", (out_features, in_features))
+        elif grid.format == "gguf":  # written as a GGUF file (llama.cpp), not a checkpoint folder
+            layouts[name] = ({"type": "gguf", "num_bits": grid.bits}, "gguf", (out_features, in_features))
         elif grid.format in OWN_FORMATS:
             layouts[name] = ({"type": "float", "num_bits": 4}, grid.format, (out_features, in_features))
         else:

@@ -46,6 +46,8 @@ def read_state_dict(folder: Path) -> dict[str, torch.Tensor]:
 def dequantized_state_dict(folder: Path, qconfig: dict) -> tuple[dict[str, torch.Tensor], dict]:
     """The checkpoint's tensors with every packed linear replaced by its float32 weight, and the
     input quantizers (module -> (format, bias, shift)) of the linears that have one."""
+    if qconfig.get("format") == "gguf":
+        return gguf_state_dict(folder, qconfig), {}
     names = qconfig.get("row_formats")
     if names != [f.name for f in fpgrids.ROW_FORMATS]:
         raise CompressorError(f"unsupported LLM-FP4 row formats {names!r}")
@@ -70,6 +72,24 @@ def dequantized_state_dict(folder: Path, qconfig: dict) -> tuple[dict[str, torch
             bias = float(tensors.pop(f"{module}.input_bias")[0])
             quantizers[module] = (fmt, bias, tensors.pop(f"{module}.input_shift"))
     return tensors, quantizers
+
+
+def gguf_state_dict(folder: Path, qconfig: dict) -> dict[str, torch.Tensor]:
+    """The tensors of a checkpoint of GGUF blocks (compressor.passes.gguf), each decoded by gguf-py."""
+    from compressor import gguf_quants
+
+    tensors = read_state_dict(folder)
+    for module, qtype in (qconfig.get("types") or {}).items():
+        try:
+            data = tensors.pop(f"{module}.weight_gguf")
+            rows, cols = tensors.pop(f"{module}.weight_shape").tolist()
+        except KeyError as missing:
+            raise CompressorError(f"{folder}: {module} lacks tensor {missing}")
+        spec = gguf_quants.SPECS[gguf_quants.GgufType.parse(qtype)]
+        if list(data.shape) != [rows, cols // spec.block * spec.nbytes]:
+            raise CompressorError(f"{folder}: {module} blocks do not match shape {[rows, cols]} ({qtype})")
+        tensors[f"{module}.weight"] = gguf_quants.decode(data.numpy(), qtype, cols)
+    return tensors
 
 
 def install_input_quantizers(model, quantizers: dict) -> None:
@@ -111,14 +131,15 @@ def load_llm_fp4(folder: Path, config, dtype):
 
 GUARDED_TYPE = "compressor_llm_fp4"
 NOTICE_MODULE = "llm_fp4_notice"
-NOTICE = f'''"""This checkpoint holds LLM-FP4 weights in compressor's own layout, which transformers cannot
-dequantize (it would skip them and run random weights). Load it with compressor:
+NOTICE = f'''"""This checkpoint holds LLM-FP4 (or GGUF-block) weights in compressor's own layout, which
+transformers cannot dequantize (it would skip them and run random weights). Load it with compressor:
 compressor.load_model / `compress eval` / `compress generate`."""
 
 from transformers import PretrainedConfig, PreTrainedModel
 
-MESSAGE = ("this is an LLM-FP4 checkpoint in compressor's own layout, which transformers cannot read: "
-           "load it with compressor (compressor.load_model, `compress eval`, `compress generate`)")
+MESSAGE = ("this is an LLM-FP4 or GGUF-block checkpoint in compressor's own layout, which transformers "
+           "cannot read: load it with compressor (compressor.load_model, `compress eval`, "
+           "`compress generate`)")
 
 
 class LlmFp4Config(PretrainedConfig):

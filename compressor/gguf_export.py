@@ -31,15 +31,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from compressor import gguf_quants
 from compressor.errors import CompressorError
 from compressor.files import tensor_reader
-from compressor.model import read_json
+from compressor.fp4load import read_config
+from compressor.gguf_quants import GgufType
+from compressor.model import GGUF_QUANT_METHOD, read_json
 from compressor.runtime import PACKED_SUFFIXES, StoredLinear, _targets, read_linear
 
 # model_type -> (llama.cpp architecture, q/k rows permuted as its converter does)
 ARCHITECTURES = {"llama": ("llama", True), "mistral": ("llama", True), "qwen2": ("qwen2", False)}
 BLOCK = 32
-EMBEDDING_TYPES = ("q8_0", "f16", "f32")
+EMBEDDING_TYPES = ("auto", "q8_0", "q6_k", "q4_k", "f16", "f32")
 
 
 @dataclass
@@ -132,8 +135,17 @@ def _stored_permuted(stored: StoredLinear, heads: int) -> StoredLinear:
                         stored.bits, stored.width, stored.g_idx)
 
 
+def embedding_type(kind: str, width: int) -> str:
+    """`auto`: llama.cpp's presets' type for the output (and a tied token embedding): Q6_K, or Q8_0
+    where rows are not a multiple of 256."""
+    if kind != "auto":
+        return kind
+    return "q6_k" if width % gguf_quants.QK_K == 0 else "q8_0"
+
+
 def _float_tensor(tensor: torch.Tensor, kind: str):
-    """(data, raw type) for a float tensor at f32 / f16 / q8_0."""
+    """(data, raw type) for a float tensor at f32 / f16 / q8_0 (gguf-py's, as llama.cpp rounds it) /
+    a K-quant (compressor.gguf_quants, round to nearest)."""
     from gguf import GGMLQuantizationType as T
     from gguf import quants
 
@@ -142,7 +154,11 @@ def _float_tensor(tensor: torch.Tensor, kind: str):
         return array, T.F32
     if kind == "f16":
         return array.astype(np.float16), T.F16
-    return quants.quantize(array, T.Q8_0), T.Q8_0
+    if kind == "q8_0":
+        return quants.quantize(array, T.Q8_0), T.Q8_0
+    qtype = GgufType.parse(kind)
+    codes, header = gguf_quants.quantize(tensor.float(), qtype)
+    return gguf_quants.encode(codes, header), qtype.ggml
 
 
 def _architecture_metadata(writer, config, arch: str) -> None:
@@ -194,38 +210,39 @@ def _tokenizer_metadata(writer, folder: Path, source_gguf: str | None, vocab_siz
     SpecialVocab(folder, load_merges=True).add_to_gguf(writer, quiet=True)
 
 
-def export_gguf(folder: str | Path, output: str | Path, embeddings: str = "q8_0",
+def export_gguf(folder: str | Path, output: str | Path, embeddings: str = "auto",
                 requantize: str | None = None, overwrite: bool = False) -> ExportResult:
     """Write `folder` (a checkpoint of this project, or a dense model folder) as a GGUF file."""
     import gguf
-    from gguf import GGMLQuantizationType as T
     from transformers import AutoConfig
 
     folder, output = Path(folder), Path(output)
     if embeddings not in EMBEDDING_TYPES:
         raise CompressorError(f"unknown --embeddings {embeddings!r}; choose {', '.join(EMBEDDING_TYPES)}")
-    if requantize is not None and requantize.lower() not in LEGACY:
-        raise CompressorError(f"unknown GGUF type {requantize!r} for --requantize; choose "
-                              f"{', '.join(LEGACY)}")
+    if requantize is not None:
+        requantize = GgufType.parse(requantize)
     if output.exists() and not overwrite:
         raise CompressorError(f"output file exists: {output} (pass --overwrite to replace it)")
     if not (folder / "config.json").is_file():
         raise CompressorError(f"{folder} is not a checkpoint folder (no config.json)")
     raw = read_json(folder / "config.json")
-    model_type = raw.get("model_type")
+    model_type = raw.get("compressor_model_type", raw.get("model_type"))  # guarded own layouts
     if model_type not in ARCHITECTURES:
         raise CompressorError(f"architecture {model_type!r} has no llama.cpp name known here; supported: "
                               f"{', '.join(sorted(ARCHITECTURES))}")
     arch, permute = ARCHITECTURES[model_type]
     qconfig = raw.get("quantization_config") or {}
-    if qconfig and qconfig.get("quant_method") != "compressed-tensors":
+    blocks = qconfig.get("types", {}) if qconfig.get("quant_method") == GGUF_QUANT_METHOD else {}
+    if qconfig and not blocks and qconfig.get("quant_method") != "compressed-tensors":
         raise CompressorError(f"{folder}: {qconfig.get('quant_method')} layouts are not exported to GGUF")
-    config = AutoConfig.from_pretrained(folder)
+    config = read_config(folder) if "compressor_model_type" in raw else AutoConfig.from_pretrained(folder)
     text = getattr(config, "text_config", config)
     files, read = tensor_reader(folder)
 
     modules = {key.rsplit(".", 1)[0] for key in files}
-    targets = _targets(qconfig, {name: torch.nn.Linear(1, 1) for name in modules}) if qconfig else {}
+    targets = {}
+    if qconfig and not blocks:
+        targets = _targets(qconfig, {name: torch.nn.Linear(1, 1) for name in modules})
     for name, args in targets.items():
         if args.get("type", "int") != "int":
             raise CompressorError(f"{name}: 4-bit float layers are not exported to GGUF yet")
@@ -249,7 +266,8 @@ def export_gguf(folder: str | Path, output: str | Path, embeddings: str = "q8_0"
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
         tied = bool(getattr(text, "tie_word_embeddings", getattr(config, "tie_word_embeddings", False)))
         packed = {f"{name}.{suffix}" for name in targets for suffix in PACKED_SUFFIXES}
-        keys = sorted((files.keys() - packed) | {f"{name}.weight" for name in targets})
+        packed |= {f"{name}.{suffix}" for name in blocks for suffix in ("weight_gguf", "weight_shape")}
+        keys = sorted((files.keys() - packed) | {f"{name}.weight" for name in (*targets, *blocks)})
         for key in keys:
             module, _, suffix = key.rpartition(".")
             if tied and key == "lm_head.weight":
@@ -259,7 +277,15 @@ def export_gguf(folder: str | Path, output: str | Path, embeddings: str = "q8_0"
                 raise CompressorError(f"{key}: no GGUF tensor name for it in llama.cpp's {arch} map")
             local = module.rsplit(".", 1)[-1]
             row_heads = heads.get(local) if permute and suffix == "weight" else None
-            if module in targets and suffix == "weight":
+            if module in blocks and suffix == "weight":  # GGUF blocks already: rows copied as they are
+                data = read(f"{module}.weight_gguf")
+                if row_heads:
+                    data = permute_rows(data, row_heads)
+                qtype = GgufType.parse(blocks[module]).ggml
+                data = data.numpy()
+                exact += 1
+                writer.add_tensor(gguf_name, data, raw_dtype=qtype)
+            elif module in targets and suffix == "weight":
                 stored = read_linear(module, targets[module], read)
                 if row_heads:
                     stored = _stored_permuted(stored, row_heads)
@@ -271,8 +297,10 @@ def export_gguf(folder: str | Path, output: str | Path, embeddings: str = "q8_0"
                     worst = max(worst, float(rounding))
                     exact += 1
                 elif requantize is not None:
-                    qtype = T[requantize.upper()]
-                    data = gguf.quants.quantize(dequantized(stored).numpy(), qtype)
+                    weight = dequantized(stored)
+                    fitting = gguf_quants.fitting_type(requantize, weight.shape[1])
+                    data = gguf_quants.encode(*gguf_quants.quantize(weight, fitting))
+                    qtype = fitting.ggml
                     requantized += 1
                 else:
                     kind = "symmetric" if stored.zero is None else "asymmetric"
@@ -286,7 +314,7 @@ def export_gguf(folder: str | Path, output: str | Path, embeddings: str = "q8_0"
                 if row_heads and tensor.dim() >= 1:
                     tensor = permute_rows(tensor, row_heads)
                 if "embed" in module or module == "lm_head":
-                    data, qtype = _float_tensor(tensor, embeddings)
+                    data, qtype = _float_tensor(tensor, embedding_type(embeddings, tensor.shape[-1]))
                 elif tensor.dim() == 2:
                     data, qtype = _float_tensor(tensor, "f16")
                 else:

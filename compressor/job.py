@@ -19,7 +19,6 @@ import yaml
 from compressor import __version__, budget, data, distributed
 from compressor.engines import check_plan, plan_layouts
 from compressor.errors import CompressorError
-from compressor.fpgrids import FloatGrid
 from compressor.model import ModelSource, decoder_blocks, load_model
 from compressor.pack import Target, block_layers, check_output, module_tensors, quantize_embeddings
 from compressor.passes import Scope
@@ -280,7 +279,7 @@ def build_manifest(model, source: ModelSource, recipe: dict, records: dict, cali
                          act_order=state.quant.act_order)
             if getattr(grid, "full_range", False):
                 entry["full_range"] = True
-            if isinstance(grid, FloatGrid):
+            if grid.format != "int":
                 entry["format"] = grid.format
         row = (out_features, in_features, grid, scale_bits, name not in blocks)
         entry["bpw"] = round(budget.bits_per_weight([row])["stored"], 4)

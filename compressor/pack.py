@@ -28,12 +28,12 @@ import torch
 from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32, unpack_from_int32
 from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
 
-from compressor import fpgrids, grids
+from compressor import fpgrids, gguf_quants, grids
 from compressor.errors import CompressorError
 from compressor.fpgrids import FloatGrid
 from compressor.grids import IntGrid
-from compressor.model import OWN_QUANT_METHOD
-from compressor.passes import FloatWeight, LinearState, QuantizedWeight
+from compressor.model import GGUF_QUANT_METHOD, OWN_QUANT_METHOD
+from compressor.passes import FloatWeight, GgufWeight, LinearState, QuantizedWeight
 
 CT_FLOAT_FORMATS = {"nvfp4": "nvfp4-pack-quantized", "mxfp4": "mxfp4-pack-quantized"}
 OWN_FORMATS = ("fp4", "e2m1")  # LLM-FP4 layout: read back by compressor.model.load_model
@@ -60,10 +60,13 @@ def packs_zero_points(grid: IntGrid, in_features: int) -> bool:
     return not grid.symmetric and not grid.is_ragged(in_features)
 
 
-def pack_linear(q: QuantizedWeight | FloatWeight) -> dict[str, torch.Tensor]:
+def pack_linear(q: QuantizedWeight | FloatWeight | GgufWeight) -> dict[str, torch.Tensor]:
     """A linear's packed tensors (local names), in compressed-tensors' signed convention."""
     if isinstance(q, FloatWeight):
         return pack_float_linear(q)
+    if isinstance(q, GgufWeight):  # the GGUF bytes themselves, rows of blocks (compressor.gguf_quants)
+        return {"weight_gguf": torch.from_numpy(gguf_quants.encode(q.codes, q.header)),
+                "weight_shape": torch.tensor(list(q.codes.shape), dtype=torch.int64)}
     out_features, in_features = q.codes.shape
     signed = grids.to_signed(q.codes, q.grid.bits)
     tensors = {
@@ -170,7 +173,9 @@ def block_layers(records: dict[str, LinearState], target: Target | str = Target.
     if Target.parse(target) is Target.VLLM:
         return set()
     quantized = {name: state.quant for name, state in records.items() if state.quant is not None}
-    if any(q.grid.format in OWN_FORMATS for q in quantized.values()) or len(_schemes(quantized, set())) <= 1:
+    if any(q.grid.format in (*OWN_FORMATS, "gguf") for q in quantized.values()):
+        return set()
+    if len(_schemes(quantized, set())) <= 1:
         return set()
     return {name for name, q in quantized.items()
             if isinstance(q.grid, IntGrid) and packs_zero_points(q.grid, q.codes.shape[1])}
@@ -182,6 +187,8 @@ def quantization_config(records: dict[str, LinearState], ignore: list[str],
     sparsity metadata when some linears were pruned."""
     sparsity = sparsity_config(records, ignore)
     quantized = {name: state.quant for name, state in records.items() if state.quant is not None}
+    if any(q.grid.format == "gguf" for q in quantized.values()):
+        return gguf_config(quantized, sparsity)
     own = [name for name, q in quantized.items() if q.grid.format in OWN_FORMATS]
     if own:
         return own_format_config(quantized, own, sparsity)
@@ -270,6 +277,15 @@ def own_format_config(quantized: dict, own: list[str], sparsity: dict | None) ->
     if sparsity:
         config["sparsity_config"] = sparsity
     return config
+
+
+def gguf_config(quantized: dict, sparsity: dict | None) -> dict:
+    """GGUF blocks have no compressed-tensors layout: the checkpoint names its own method and each
+    linear's type (`compress export --to gguf` copies the blocks; compressor.load_model decodes them)."""
+    if sparsity or any(q.grid.format != "gguf" for q in quantized.values()):
+        raise CompressorError("GGUF blocks cannot share a checkpoint with other formats or pruning")
+    return {"quant_method": GGUF_QUANT_METHOD, "format": "gguf",
+            "types": {name: q.grid.qtype.value for name, q in sorted(quantized.items())}}
 
 
 def module_tensors(module, prefix: str, records: dict[str, LinearState],

@@ -96,14 +96,17 @@ def build_plan(model, passes: list[dict]) -> Plan:
     plan: Plan = {}
     for raw in passes:
         args = _step_args(raw)
-        get_pass(raw["method"]).validate(args)
+        module = get_pass(raw["method"])
+        module.validate(args)
         scope = scope_of(raw["method"])
+        # A pass may specialise its settings per module (GGUF presets: a type per tensor role).
+        specialise = getattr(module, "module_args", lambda args, name, model: dict(args))
         targets = raw.get("targets") or ["re:.*"]
         ignore = raw.get("ignore") or []
         chosen = [n for n in names[scope] if _matches(n, targets) and not _matches(n, ignore)]
         if not chosen:
             raise CompressorError(f"pass {raw['method']!r}: no module matches targets {targets}")
         for name in chosen:
-            plan.setdefault(name, []).append(Step(raw["method"], dict(args)))
+            plan.setdefault(name, []).append(Step(raw["method"], specialise(args, name, model)))
     order = {name: i for i, name in enumerate([MODEL_KEY, *names[Scope.SUBGROUP], *names[Scope.BLOCK]])}
     return dict(sorted(plan.items(), key=lambda item: order[item[0]]))

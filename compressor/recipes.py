@@ -66,23 +66,30 @@ def quantize_job(bits: float = 4, group_size: int | None = None, symmetric: bool
 
 def _gguf_job(gguf_type, bits, group_size, symmetric, method, act_order, mse, damp, allocate, budget,
               rotate, reconstruct, reconstruct_train, reconstruct_iters, full_range, awq) -> Job:
-    """--format gguf:TYPE: the integer quantization onto that GGUF block type's grid, then exported."""
-    from compressor.gguf_export import legacy_grid_args
+    """--format gguf:TYPE: GPTQ (or RTN) onto llama.cpp's blocks of TYPE (a block type, or a preset
+    that gives each tensor role its type), optionally after AWQ / a rotation; then exported."""
+    from compressor.passes.gguf import PRESETS
 
-    grid = legacy_grid_args(gguf_type)
-    if bits != 4 or group_size is not None or not symmetric or full_range:
-        raise CompressorError(f"--format gguf:{gguf_type} fixes the grid ({grid['bits']}-bit, groups of 32): "
-                              "drop --bits, --group-size, --asym and --full-range")
+    if gguf_type not in PRESETS:
+        raise CompressorError(f"unknown GGUF type {gguf_type!r}; choose one of {', '.join(PRESETS)}")
+    if bits != 4 or group_size is not None or not symmetric or full_range or mse:
+        raise CompressorError(f"--format gguf:{gguf_type} fixes the grid: drop --bits, --group-size, --asym, "
+                              "--full-range and --mse")
     if allocate is not None or budget is not None:
-        raise CompressorError("--format gguf: one GGUF type per run (per-tensor types are not built yet)")
-    job = _quantize_job(grid["bits"], 32, grid["symmetric"], method, "int", None, act_order, mse, damp,
-                        None, None, rotate, reconstruct, reconstruct_train, reconstruct_iters,
-                        grid["full_range"], awq)
-    for step in job.recipe["passes"]:
-        if step["method"] in ("gptq", "rtn", "awq"):
-            step["fp16_scale"] = True
-    suffix = "".join(part for part in ("-awq", "-rot", "-rec") if part in job.tag)
-    return Job(job.recipe, None, f"{job.tag.split('-', 1)[0]}-{gguf_type}{suffix}", export=gguf_type)
+        raise CompressorError("--format gguf: a type or preset per run (search over GGUF types is not built)")
+    if reconstruct:
+        raise CompressorError("--format gguf: --reconstruct does not learn GGUF blocks yet")
+    method = method or "gptq"
+    if method not in ("gptq", "rtn"):
+        raise CompressorError(f"--format gguf: --method gptq or rtn, got {method!r}")
+    step = {"method": "gguf", "type": gguf_type, "solver": method}
+    if method == "gptq":
+        step.update(act_order=act_order, damp=damp)
+    # AWQ searches its scales on the nearest integer grid (4-bit, groups of 32) of the GGUF blocks.
+    awq_step = [{"method": "awq", "bits": 4, "group_size": 32, "symmetric": True}] if awq else []
+    passes, suffix = with_transforms([*awq_step, step], rotate=rotate)
+    return Job({"passes": passes}, None, f"{method}-{gguf_type}{'-awq' if awq else ''}{suffix}",
+               export=gguf_type)
 
 
 def with_target(job: Job, target: str) -> Job:

@@ -39,7 +39,7 @@ from compressor import distributed
 from compressor.errors import CompressorError
 from compressor.files import INDEX_NAME, WEIGHTS_NAME, atomic_write
 from compressor.fp4load import guard_config
-from compressor.model import OWN_QUANT_METHOD
+from compressor.model import OWN_QUANT_METHODS
 from compressor.pack import (
     Target,
     block_layers,
@@ -267,7 +267,7 @@ def save_config(model, tokenizer, records: dict[str, LinearState], ignore: list[
         if qconfig is not None:
             config.quantization_config = qconfig
         config.save_pretrained(folder)
-        if qconfig is not None and qconfig.get("quant_method") == OWN_QUANT_METHOD:
+        if qconfig is not None and qconfig.get("quant_method") in OWN_QUANT_METHODS:
             guard_config(Path(folder))
     finally:
         if previous is None:

@@ -94,7 +94,7 @@ def test_refusals_write_nothing(tmp_path, llama_dir, capsys, monkeypatch):
                            capsys, monkeypatch)
     assert code == 2 and "no GGUF block type" in err and "--requantize" in err
     assert not list(tmp_path.glob("*.gguf")) and not list(tmp_path.glob(".*partial"))
-    code, _, err = run_cli(["export", str(out), "-o", str(tmp_path / "w3.gguf"), "--requantize", "q3_k"],
+    code, _, err = run_cli(["export", str(out), "-o", str(tmp_path / "w3.gguf"), "--requantize", "q7_k"],
                            capsys, monkeypatch)
     assert code == 2 and "unknown GGUF type" in err
     code, stdout, _ = run_cli(["export", str(out), "-o", str(tmp_path / "w3.gguf"), "--requantize", "q4_1",
@@ -151,7 +151,7 @@ def test_quantize_onto_a_gguf_type(llama_dir, tmp_path, calibration_file):
 
 @pytest.mark.parametrize("options, message", [
     (dict(number_format="gguf:q4_0", bits=3), "fixes the grid"),
-    (dict(number_format="gguf:q3_k"), "unknown GGUF type"),
+    (dict(number_format="gguf:q7_k"), "unknown GGUF type"),
 ])
 def test_gguf_format_refusals(options, message):
     from compressor.recipes import quantize_job

@@ -21,6 +21,10 @@ of them:
 and every pass has
     validate(args)                                reject bad settings before any work
     needs_data(args) -> bool                      does it need calibration data?
+and optionally
+    output_grid(args)                             the grid the weights end on (inspect, --target)
+    module_args(args, name, model) -> dict        its settings specialised for one module, when the
+                                                  plan is built (GGUF presets: a type per tensor role)
 
 Several sub-group steps may apply to the same linear in order (for example prune, then quantize
 the survivors); they share the layer's statistics, so the Hessian is accumulated once. The records
@@ -38,6 +42,7 @@ import torch
 
 from compressor.errors import CompressorError
 from compressor.fpgrids import FloatGrid
+from compressor.gguf_quants import BlockHeader, GgufGrid
 from compressor.grids import SUPPORTED_BITS, IntGrid
 
 
@@ -72,13 +77,23 @@ class FloatWeight:
 
 
 @dataclass
+class GgufWeight:
+    """Codes on llama.cpp's GGUF blocks (compressor.gguf_quants) and their block header."""
+
+    grid: GgufGrid
+    codes: torch.Tensor  # uint8 [out, in], value = step * code + offset per sub-block
+    header: BlockHeader
+    act_order: bool = False
+
+
+@dataclass
 class LinearState:
     """One linear layer as the passes see it: a float32 working copy of its weight and what was done."""
 
     name: str
     weight: torch.Tensor  # float32 [out, in]
     dtype: torch.dtype  # the model's dtype, for the final weight and the stored scales
-    quant: QuantizedWeight | FloatWeight | None = None
+    quant: QuantizedWeight | FloatWeight | GgufWeight | None = None
     mask: torch.Tensor | None = None  # bool [out, in], True = kept (sparsity passes)
     original: torch.Tensor | None = None  # the weight before any pass (DSnoT regrows from it)
     methods: list[str] = field(default_factory=list)
@@ -109,7 +124,7 @@ class Scope(str, Enum):
 PASSES: dict[str, str | ModuleType] = {
     name: f"compressor.passes.{name}"
     for name in ("rotate",  # model scope
-                 "awq", "rtn", "gptq", "fp4", "magnitude", "wanda", "sparsegpt", "dsnot",  # sub-group
+                 "awq", "rtn", "gptq", "fp4", "gguf", "magnitude", "wanda", "sparsegpt", "dsnot",  # sub-group
                  "reconstruct")  # block scope
 }
 

@@ -1,0 +1,175 @@
+"""GPTQ (or round-to-nearest) onto llama.cpp's GGUF block types, legacy and K-quants
+(compressor.gguf_quants), with llama.cpp's per-tensor presets (Q4_K_M and friends).
+
+Each linear's block header is fitted once on its original weights with llama.cpp's importance-weighted
+search (importance = the diagonal of the layer's input Hessian, i.e. what an importance matrix holds),
+then GPTQ rounds column by column onto those fixed per-sub-block grids, pushing each column's error
+onto the columns not yet rounded (act-order by default; the grids are static, so the stored blocks
+keep the original column order). `solver: rtn` rounds to nearest on the same fitted grid.
+
+Settings: type (a GGUF type such as q4_k, or a preset such as q4_k_m: then each linear gets the type
+llama.cpp's preset gives a tensor of its role and depth), solver (gptq | rtn), damp, act_order,
+blocksize, refit (gptq: once the codes are chosen, refit the blocks' float16 numbers in closed form
+for the least output error, gguf_quants.refit; default true). A row whose length is not a multiple of the type's block falls back as llama.cpp does
+(Q4_K -> Q5_0, ...): module_args resolves both before any work, so the plan shows the final types.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+from compressor import gguf_quants
+from compressor.errors import CompressorError
+from compressor.gguf_quants import SPECS, GgufGrid, GgufType
+from compressor.passes import GgufWeight, LinearState, check_keys
+from compressor.passes.gptq import GPTQOptions, error_feedback
+from compressor.stats import InputStats
+
+KEYS = {"type", "solver", "damp", "act_order", "blocksize", "refit"}
+SOLVERS = ("gptq", "rtn")
+
+# llama.cpp's presets: the type most tensors get (llama_ftype_get_default_type)
+PRESETS = {"q2_k": GgufType.Q2_K, "q3_k_s": GgufType.Q3_K, "q3_k_m": GgufType.Q3_K,
+           "q3_k_l": GgufType.Q3_K, "q4_k_s": GgufType.Q4_K, "q4_k_m": GgufType.Q4_K,
+           "q5_k_s": GgufType.Q5_K, "q5_k_m": GgufType.Q5_K, "q6_k": GgufType.Q6_K,
+           **{t.value: t for t in GgufType}}
+
+# Module name -> llama.cpp's tensor role (the Llama family's names; Qwen2 and Mistral share them).
+ROLES = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output",
+         "gate_proj": "ffn_gate", "up_proj": "ffn_up", "down_proj": "ffn_down"}
+
+
+def _preset(args: dict) -> str:
+    name = str(args.get("type", "q4_k_m")).lower()
+    if name not in PRESETS:
+        raise CompressorError(f"unknown GGUF type {name!r}; choose one of {', '.join(PRESETS)}")
+    return name
+
+
+def validate(args: dict) -> None:
+    check_keys("gguf", args, KEYS)
+    _preset(args)
+    if args.get("solver", "gptq") not in SOLVERS:
+        raise CompressorError(f"gguf: solver must be one of {', '.join(SOLVERS)}, got {args.get('solver')!r}")
+    GPTQOptions.from_args(args)
+
+
+def needs_data(args: dict) -> bool:
+    return args.get("solver", "gptq") == "gptq"
+
+
+def output_grid(args: dict) -> GgufGrid:
+    return GgufGrid(PRESETS[_preset(args)])
+
+
+def _use_more_bits(layer: int, layers: int) -> bool:
+    return layer < layers // 8 or layer >= 7 * layers // 8 or (layer - layers // 8) % 3 == 2
+
+
+def preset_type(preset: str, role: str, layer: int, layers: int, gqa: int = 1,
+                calibrated: bool = False) -> GgufType:
+    """The type llama.cpp's preset gives a decoder tensor (llama-quant.cpp, llama_tensor_get_type_impl,
+    for dense non-Falcon models; `calibrated`: an importance matrix is given)."""
+    base = PRESETS[preset]
+    k = GgufType
+    if role == "attn_v":
+        if preset == "q2_k":
+            return k.Q4_K if gqa >= 4 else k.Q3_K
+        if preset == "q3_k_m":
+            return k.Q5_K if layer < 2 else k.Q4_K
+        if preset == "q3_k_l":
+            return k.Q5_K
+        if preset in ("q4_k_m", "q5_k_m") and _use_more_bits(layer, layers):
+            return k.Q6_K
+        if preset == "q4_k_s" and layer < 4:
+            return k.Q5_K
+    elif role == "ffn_down":
+        if preset == "q2_k":
+            return k.Q3_K
+        if preset == "q3_k_m":
+            return k.Q5_K if layer < layers // 16 else k.Q4_K
+        if preset == "q3_k_l":
+            return k.Q5_K
+        if preset in ("q4_k_m", "q5_k_m") and _use_more_bits(layer, layers):
+            return k.Q6_K
+        if preset == "q4_k_s" and layer < layers // 8:
+            return k.Q5_K
+        if preset in ("q4_0", "q5_0") and calibrated and layer < layers // 8:
+            return k.Q4_1 if preset == "q4_0" else k.Q5_1
+    elif role == "attn_output":
+        if preset == "q2_k":
+            return k.Q3_K
+        if preset == "q3_k_m":
+            return k.Q4_K
+        if preset == "q3_k_l":
+            return k.Q5_K
+    return base
+
+
+def module_args(args: dict, name: str, model) -> dict:
+    """This linear's settings with `type` resolved: the preset's type for its role and depth, then
+    llama.cpp's fallback where its rows do not fit the type's blocks."""
+    from compressor.model import decoder_blocks
+
+    preset = _preset(args)
+    _, blocks = decoder_blocks(model)
+    found = re.search(r"\.(\d+)\.", name)
+    role = ROLES.get(name.rsplit(".", 1)[-1], "")
+    config = getattr(model.config, "text_config", model.config)
+    heads = getattr(config, "num_attention_heads", 1)
+    gqa = heads // (getattr(config, "num_key_value_heads", None) or heads)
+    calibrated = args.get("solver", "gptq") == "gptq"
+    qtype = preset_type(preset, role, int(found.group(1)) if found else 0, len(blocks), gqa, calibrated)
+    in_features = model.get_submodule(name).weight.shape[1]
+    return {**args, "type": gguf_quants.fitting_type(qtype, in_features).value}
+
+
+def compress(layer: LinearState, stats: InputStats | None, args: dict) -> None:
+    compress_many([layer], stats, args)
+
+
+def compress_many(layers: list[LinearState], stats: InputStats | None, args: dict) -> None:
+    """The linears of one input share its Hessian (and importance); each gets its own type's grid."""
+    solver = args.get("solver", "gptq")
+    if solver == "gptq" and (stats is None or stats.tokens == 0):
+        raise CompressorError("gguf with solver gptq needs calibration data")
+    hessian = stats.hessian() if stats is not None and stats.tokens else None
+    importance = hessian.diagonal().float().clone() if hessian is not None else None
+    options = GPTQOptions.from_args(args)
+    for layer in layers:
+        if layer.mask is not None:
+            raise CompressorError(f"{layer.name}: GGUF blocks after pruning are not supported")
+        qtype = gguf_quants.fitting_type(_preset(args), layer.weight.shape[1])
+        w = layer.weight.float()
+        header = gguf_quants.fit(w, qtype, importance)
+        step, offset = header.step_offset()
+        maxq = SPECS[qtype].maxq
+        if solver == "gptq":
+            original = w
+            w, error, damp = error_feedback(w, hessian, _column_rounder(step, offset, SPECS[qtype].sub, maxq),
+                                            options)
+            layer.metrics.update(gptq_error=float(error.sum()), gptq_damp=damp)
+        codes = gguf_quants.round_to(w, step, offset, maxq)
+        if solver == "gptq" and args.get("refit", True):
+            damped = hessian + damp * hessian.diagonal().mean() * torch.eye(len(hessian))
+            header = gguf_quants.refit(original, codes, header, damped)
+        layer.weight = gguf_quants.values(codes, header)
+        layer.quant = GgufWeight(grid=GgufGrid(qtype), codes=codes, header=header,
+                                 act_order=solver == "gptq" and options.act_order)
+        layer.methods.append(f"gguf-{qtype.value}+{solver}")
+        layer.metrics["gguf_type"] = qtype.value
+
+
+def _column_rounder(step: torch.Tensor, offset: torch.Tensor, sub: int, maxq: int):
+    """GPTQ's rounding of one column onto its sub-block's fixed grid (value = step * code + offset)."""
+    step_t, offset_t = step.T.contiguous(), offset.T.contiguous()  # [sub-blocks, rows]: one row per column
+
+    def round_column(col: int, upcoming: torch.Tensor) -> torch.Tensor:
+        s, o = step_t[col // sub], offset_t[col // sub]
+        q = torch.round((upcoming[0] - o) / torch.where(s == 0, 1.0, s))
+        q = torch.where(s == 0, 0.0, q).clamp(0, maxq)
+        return s * q + o
+
+    return round_column
