@@ -10,8 +10,9 @@ keep the original column order). `solver: rtn` rounds to nearest on the same fit
 Settings: type (a GGUF type such as q4_k, or a preset such as q4_k_m: then each linear gets the type
 llama.cpp's preset gives a tensor of its role and depth), solver (gptq | rtn), damp, act_order,
 blocksize, refit (gptq: once the codes are chosen, refit the blocks' float16 numbers in closed form
-for the least output error, gguf_quants.refit; default true). A row whose length is not a multiple of the type's block falls back as llama.cpp does
-(Q4_K -> Q5_0, ...): module_args resolves both before any work, so the plan shows the final types.
+for the least output error, gguf_quants.refit; default true). A row whose length is not a multiple
+of the type's block falls back as llama.cpp does (Q4_K -> Q5_0, ...): module_args resolves both
+before any work, so the plan shows the final types.
 """
 
 from __future__ import annotations
