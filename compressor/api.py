@@ -59,7 +59,8 @@ def _to_gguf(source, job: Job, output: Path, cal: Calibration, device: str, over
         raise CompressorError(f"output file exists: {output} (pass --overwrite to replace it)")
     folder = output.with_name(f".{output.name}.checkpoint")
     result = run_compression(source, job.recipe, folder, cal, device, overwrite=True, on_stage=on_stage,
-                             on_block=on_block, resume=resume, low_memory=low_memory)
+                             on_block=on_block, allocation=job.allocation, resume=resume,
+                             low_memory=low_memory)
     if on_stage:
         on_stage(f"exporting {output}")
     exported = summary(export_gguf(folder, output, overwrite=overwrite))

@@ -211,7 +211,9 @@ def quantize(
              "gguf:TYPE: --method (GPTQ or rtn) onto llama.cpp's blocks, written as one GGUF file "
              "(-o NAME.gguf); TYPE is a block type (q4_0 q4_1 q5_0 q5_1 q8_0 q2_k q3_k q4_k q5_k q6_k) "
              "or a llama.cpp preset (q2_k q3_k_s q3_k_m q3_k_l q4_k_s q4_k_m q5_k_s q5_k_m q6_k: "
-             "a type per tensor role, llama.cpp's fallbacks where rows are not a multiple of 256)."),
+             "a type per tensor role, llama.cpp's fallbacks where rows are not a multiple of 256); or "
+             "gguf with --allocate lim|zd --budget NBPW: per block the cheaper or dearer of two "
+             "neighbouring types of q2_k q3_k q4_k q5_k q6_k q8_0."),
     act_bits: int = typer.Option(
         None, "--act-bits",
         help="With --format fp4/e2m1: also quantize each linear's input to 8 or 4-bit floats "

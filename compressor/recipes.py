@@ -49,10 +49,10 @@ def quantize_job(bits: float = 4, group_size: int | None = None, symmetric: bool
     """The options of `compress quantize` (see its --help) as a recipe."""
     if embeddings not in ("keep", "int8"):
         raise CompressorError(f"unknown --embeddings {embeddings!r}; choose keep or int8")
-    if number_format.lower().startswith("gguf:"):
+    if number_format.lower() == "gguf" or number_format.lower().startswith("gguf:"):
         if embeddings != "keep":
             raise CompressorError("--format gguf: the GGUF file holds its embeddings as Q8_0 already")
-        return with_target(_gguf_job(number_format.split(":", 1)[1].lower(), bits, group_size, symmetric,
+        return with_target(_gguf_job(number_format.partition(":")[2].lower(), bits, group_size, symmetric,
                                      method, act_order, mse, damp, allocate, budget, rotate, reconstruct,
                                      reconstruct_train, reconstruct_iters, full_range, awq), target)
     job = _quantize_job(bits, group_size, symmetric, method, number_format, act_bits, act_order, mse, damp,
@@ -68,15 +68,25 @@ def _gguf_job(gguf_type, bits, group_size, symmetric, method, act_order, mse, da
               rotate, reconstruct, reconstruct_train, reconstruct_iters, full_range, awq) -> Job:
     """--format gguf:TYPE: GPTQ (or RTN) onto llama.cpp's blocks of TYPE (a block type, or a preset
     that gives each tensor role its type), optionally after AWQ / a rotation; then exported."""
+    from compressor.budget import parse_budget
     from compressor.passes.gguf import PRESETS
 
-    if gguf_type not in PRESETS:
-        raise CompressorError(f"unknown GGUF type {gguf_type!r}; choose one of {', '.join(PRESETS)}")
+    if gguf_type not in PRESETS and not (gguf_type == "" and allocate):
+        raise CompressorError(f"unknown GGUF type {gguf_type!r}; choose one of {', '.join(PRESETS)} (or "
+                              "--format gguf with --allocate lim|zd --budget NBPW)")
     if bits != 4 or group_size is not None or not symmetric or full_range or mse:
         raise CompressorError(f"--format gguf:{gguf_type} fixes the grid: drop --bits, --group-size, --asym, "
                               "--full-range and --mse")
-    if allocate is not None or budget is not None:
-        raise CompressorError("--format gguf: a type or preset per run (search over GGUF types is not built)")
+    allocation = None
+    if allocate is not None:
+        if allocate not in ("lim", "zd") or budget is None:
+            raise CompressorError("--format gguf allocates types with --allocate lim|zd --budget NBPW")
+        if awq or rotate:
+            raise CompressorError("--format gguf --allocate: drop --awq and --rotate (one GGUF step)")
+        allocation = {"score": allocate, "budget": parse_budget(budget)}
+        gguf_type = "q4_k"  # a placeholder for validation: the allocation picks each block's type
+    elif budget is not None:
+        raise CompressorError("--budget needs --allocate lim|zd")
     if reconstruct:
         raise CompressorError("--format gguf: --reconstruct does not learn GGUF blocks yet")
     method = method or "gptq"
@@ -88,8 +98,9 @@ def _gguf_job(gguf_type, bits, group_size, symmetric, method, act_order, mse, da
     # AWQ searches its scales on the nearest integer grid (4-bit, groups of 32) of the GGUF blocks.
     awq_step = [{"method": "awq", "bits": 4, "group_size": 32, "symmetric": True}] if awq else []
     passes, suffix = with_transforms([*awq_step, step], rotate=rotate)
-    return Job({"passes": passes}, None, f"{method}-{gguf_type}{'-awq' if awq else ''}{suffix}",
-               export=gguf_type)
+    name = f"{allocate}-{budget}" if allocation else gguf_type
+    return Job({"passes": passes}, allocation, f"{method}-{name}{'-awq' if awq else ''}{suffix}",
+               export=name)
 
 
 def with_target(job: Job, target: str) -> Job:

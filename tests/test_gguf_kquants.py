@@ -275,3 +275,23 @@ def test_export_requantizes_onto_k_types(tmp_path, wide_dir):
     result = export_gguf(out, tmp_path / "w3.gguf", requantize="q3_k")
     assert result.tensors["Q3_K"] == 56 and result.requantized_layers == 56
     assert json.loads(json.dumps(result.tensors))  # plain data for --json
+
+
+def test_allocated_gguf_types_meet_the_budget(wide_dir, tmp_path, calibration_file):
+    """--format gguf --allocate zd --budget 4bpw: the blocks judged most important get the dearer of
+    two neighbouring GGUF types (here Q3_K / Q4_K), the stored bits per weight stay within budget,
+    and the file holds exactly those types."""
+    import compressor
+
+    result = compressor.quantize(str(wide_dir), tmp_path / "mixed.gguf", number_format="gguf",
+                                 allocate="zd", budget="4bpw", calibration=str(calibration_file),
+                                 samples=4, seqlen=32, device="cpu")
+    decided = result.manifest["recipe"]["allocation"]
+    assert set(decided["type_per_block"]) == {"q3_k", "q4_k"}
+    assert decided["achieved"] <= 4.0 and result.manifest["bpw"]["stored"] <= 4.0
+    types = _gguf_types(tmp_path / "mixed.gguf")
+    for block, qtype in enumerate(decided["type_per_block"]):
+        assert types[f"blk.{block}.ffn_down.weight"] == qtype
+    with pytest.raises(CompressorError, match="allocates types"):
+        compressor.quantize(str(wide_dir), tmp_path / "x.gguf", number_format="gguf", allocate="ip",
+                            budget="4bpw")

@@ -120,13 +120,30 @@ def _per_block_passes(prefix: str, step: dict, key: str, value_per_block: list) 
     return passes
 
 
+# GGUF types from cheapest to dearest, the ladder a GGUF allocation climbs (llama.cpp's fallbacks
+# apply per tensor, so on 576-wide rows Q2_K and Q3_K both cost what Q4_0 does).
+GGUF_LADDER = ("q2_k", "q3_k", "q4_k", "q5_k", "q6_k", "q8_0")
+
+
+def _gguf_block_cost(model, block_names: list[str], qtype: str, kind: str) -> int:
+    from compressor.gguf_quants import GgufGrid, fitting_type
+
+    total = 0
+    for name in block_names:
+        out_features, in_features = model.get_submodule(name).weight.shape
+        grid = GgufGrid(fitting_type(qtype, in_features))
+        total += budget.linear_costs(out_features, in_features, grid, 16, 0)[kind]
+    return total
+
+
 def allocate_recipe(
     model, step: dict, target: budget.Budget, score: str, calibration_ids
 ) -> tuple[list, dict]:
-    """Expand one quantization step into per-block steps at two bit widths that meet `target`.
+    """Expand one quantization step into per-block steps at two levels that meet `target`: two bit
+    widths, or for a GGUF step two neighbouring types of GGUF_LADDER.
 
-    Returns the recipe passes (one per bit width, with explicit block targets, so the saved recipe
-    reproduces the allocation) and what was decided (scores, bits per block, achieved budget).
+    Returns the recipe passes (one per level, with explicit block targets, so the saved recipe
+    reproduces the allocation) and what was decided (scores, level per block, achieved budget).
     """
     if target.kind == "sparsity":
         raise CompressorError("a sparsity budget cannot be met by allocating bits; use --budget ...bpw")
@@ -136,28 +153,33 @@ def allocate_recipe(
     names = [[f"{prefix}.{i}.{n}" for n in block_linears(b)] for i, b in enumerate(blocks)]
     weights = sum(model.get_submodule(n).weight.numel() for block in names for n in block)
     limit = budget.budget_limit(target, weights)
-    costs = {b: [_block_cost(model, block, step, b, target.kind) for block in names] for b in range(2, 9)}
-    fitting = [b for b in range(2, 9) if sum(costs[b]) <= limit]
+    if step.get("method") == "gguf":
+        key, ladder = "type", list(GGUF_LADDER)
+        costs = {t: [_gguf_block_cost(model, block, t, target.kind) for block in names] for t in ladder}
+    else:
+        key, ladder = "bits", list(range(2, 9))
+        costs = {b: [_block_cost(model, block, step, b, target.kind) for block in names] for b in ladder}
+    fitting = [level for level in ladder if sum(costs[level]) <= limit]
     if not fitting:
-        cheapest = budget.achieved(target.kind, sum(costs[2]), weights)
-        raise CompressorError(f"budget {target} cannot be met: the cheapest setting (2 bits) costs "
+        cheapest = budget.achieved(target.kind, sum(costs[ladder[0]]), weights)
+        raise CompressorError(f"budget {target} cannot be met: the cheapest setting ({ladder[0]}) costs "
                               f"{cheapest:.3f}{target.kind}")
-    lo = max(fitting)
-    hi = min(lo + 1, 8)
+    lo = fitting[-1]
+    hi = ladder[min(ladder.index(lo) + 1, len(ladder) - 1)]
     scores = _importance(model, score, calibration_ids)
-    raised = two_level_allocation(scores, costs[lo], costs[hi], limit) if hi > lo else [False] * len(blocks)
+    raised = two_level_allocation(scores, costs[lo], costs[hi], limit) if hi != lo else [False] * len(blocks)
     total = sum(costs[hi][i] if up else costs[lo][i] for i, up in enumerate(raised))
     reached = budget.achieved(target.kind, total, weights)
-    if target.kind == "bits" and total != limit and hi > lo:
+    if target.kind == "bits" and key == "bits" and total != limit and hi != lo:
         step_size = (sum(costs[hi]) - sum(costs[lo])) / len(blocks) / weights
         raise CompressorError(
             f"{target.value:g} bits cannot be met exactly with {len(blocks)} blocks at {lo}/{hi} bits; "
             f"nearest: {reached:.4g} or {reached + step_size:.4g}"
         )
-    bits_per_block = [hi if up else lo for up in raised]
-    info = {"score": score, "scores": scores, "bits_per_block": bits_per_block,
+    per_block = [hi if up else lo for up in raised]
+    info = {"score": score, "scores": scores, f"{key}_per_block": per_block,
             "budget": str(target), "achieved": reached}
-    return _per_block_passes(prefix, step, "bits", bits_per_block), info
+    return _per_block_passes(prefix, step, key, per_block), info
 
 
 def _kept(model, block_names: list[str], sparsity: float) -> int:
