@@ -149,7 +149,8 @@ TargetOpt = typer.Option(
     "any", "--target",
     help="The engine the checkpoint must suit: any (group/channel layouts, stock transformers loads "
          "them: a several-scheme checkpoint keeps asymmetric zero points as int8 blocks), vllm (refuse, "
-         "before any work, what vLLM cannot serve, one line per reason; zero points always packed) or "
+         "before any work, what vLLM cannot serve, one line per reason; zero points always packed), "
+         "gguf (refuse what `compress export --to gguf` could not write code for code) or "
          "transformers (as any). `compress inspect` lists the engines that serve each layer.")
 
 

@@ -9,6 +9,8 @@ A layout is a layer's compressed-tensors QuantizationArgs (as a dict), its forma
     vllm          vLLM on CUDA with its stock kernels (Machete, Marlin, Exllama, TritonW4A16);
                   2/3/5/6/7-bit integers need the optional humming kernels and are reported unserved
     vllm-cpu      vLLM's CPU build (its WNA16 kernel: 4-bit integers only)
+    llama.cpp     llama.cpp (Ollama, LM Studio) on the file `compress export --to gguf` writes code for
+                  code: 4/5-bit and symmetric 8-bit groups of 32 (Q4_0 .. Q8_0), GGUF blocks
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ class Engine(str, Enum):
     TRANSFORMERS = "transformers"
     VLLM = "vllm"
     VLLM_CPU = "vllm-cpu"
+    LLAMA_CPP = "llama.cpp"
 
 
 ENGINES = [engine.value for engine in Engine]
@@ -109,6 +112,23 @@ def transformers_reason(args: dict | None, layout: str, one_scheme: bool, dequan
     return None
 
 
+def llama_cpp_reason(args: dict | None, layout: str, shape: tuple[int, int]) -> str | None:
+    """Why `compress export --to gguf` cannot write the layer code for code; None when it can."""
+    if args is None or layout == "gguf":
+        return None  # dense (written as float16), or GGUF blocks already
+    if args.get("type") != "int":
+        return "4-bit float layers are not exported to GGUF yet"
+    bits, symmetric = int(args["num_bits"]), args.get("symmetric", True)
+    group = args.get("group_size") if args.get("strategy") == "group" else None
+    if group != 32 or shape[1] % 32:
+        return (f"{'groups of ' + str(group) if group else args.get('strategy')}: GGUF's legacy blocks "
+                "hold groups of 32 (--format gguf:TYPE quantizes onto GGUF's blocks)")
+    if bits not in (4, 5, 8) or (bits == 8 and not symmetric):
+        return (f"{bits}-bit {'symmetric' if symmetric else 'asymmetric'}: no GGUF block holds these codes "
+                "(--format gguf:TYPE quantizes onto GGUF's blocks)")
+    return None
+
+
 def fused_reasons(scheme_of: dict[str, dict | None]) -> dict[str, str]:
     """Layers vLLM cannot fuse: a q/k/v or gate/up set whose members differ in scheme."""
     reasons = {}
@@ -136,21 +156,24 @@ def layer_engines(layers: Layouts, one_scheme: bool,
                                                            embedding="embed" in name.rsplit(".", 1)[-1]),
             Engine.VLLM.value: vllm,
             Engine.VLLM_CPU.value: vllm or vllm_cpu_reason(args, layout, shape),
+            Engine.LLAMA_CPP.value: llama_cpp_reason(args, layout, shape),
         }
     return result
 
 
-def check_plan(layers: Layouts) -> None:
-    """`--target vllm`: refuse a plan vLLM could not serve, one line per reason."""
+def check_plan(layers: Layouts, engine: Engine = Engine.VLLM) -> None:
+    """`--target vllm|gguf`: refuse a plan that engine could not run, one line per reason."""
     reasons: dict[str, list[str]] = {}
     for name, engines in layer_engines(layers, one_scheme=True, dequantize=True).items():
-        reason = engines[Engine.VLLM.value]
+        reason = engines[engine.value]
         if reason is not None:
             reasons.setdefault(reason, []).append(name.rsplit(".", 1)[-1])
     if reasons:
         lines = [f"{reason} ({len(names)} layers: {', '.join(sorted(set(names)))})"
                  for reason, names in reasons.items()]
-        raise CompressorError("--target vllm: vLLM could not serve this:\n  " + "\n  ".join(lines))
+        target = "gguf" if engine is Engine.LLAMA_CPP else engine.value
+        raise CompressorError(f"--target {target}: {engine.value} could not run this:\n  "
+                              + "\n  ".join(lines))
 
 
 def plan_layouts(model, plan) -> Layouts:

@@ -210,6 +210,16 @@ def _tokenizer_metadata(writer, folder: Path, source_gguf: str | None, vocab_siz
     SpecialVocab(folder, load_merges=True).add_to_gguf(writer, quiet=True)
 
 
+def check_gguf_architecture(config) -> tuple[str, bool]:
+    """(llama.cpp architecture, q/k rows permuted) of a config (a dict or a transformers config)."""
+    raw = config if isinstance(config, dict) else config.to_dict()
+    model_type = raw.get("compressor_model_type", raw.get("model_type"))  # guarded own layouts
+    if model_type not in ARCHITECTURES:
+        raise CompressorError(f"architecture {model_type!r} has no llama.cpp name known here; supported: "
+                              f"{', '.join(sorted(ARCHITECTURES))}")
+    return ARCHITECTURES[model_type]
+
+
 def export_gguf(folder: str | Path, output: str | Path, embeddings: str = "auto",
                 requantize: str | None = None, overwrite: bool = False) -> ExportResult:
     """Write `folder` (a checkpoint of this project, or a dense model folder) as a GGUF file."""
@@ -226,11 +236,7 @@ def export_gguf(folder: str | Path, output: str | Path, embeddings: str = "auto"
     if not (folder / "config.json").is_file():
         raise CompressorError(f"{folder} is not a checkpoint folder (no config.json)")
     raw = read_json(folder / "config.json")
-    model_type = raw.get("compressor_model_type", raw.get("model_type"))  # guarded own layouts
-    if model_type not in ARCHITECTURES:
-        raise CompressorError(f"architecture {model_type!r} has no llama.cpp name known here; supported: "
-                              f"{', '.join(sorted(ARCHITECTURES))}")
-    arch, permute = ARCHITECTURES[model_type]
+    arch, permute = check_gguf_architecture(raw)
     qconfig = raw.get("quantization_config") or {}
     blocks = qconfig.get("types", {}) if qconfig.get("quant_method") == GGUF_QUANT_METHOD else {}
     if qconfig and not blocks and qconfig.get("quant_method") != "compressed-tensors":

@@ -17,8 +17,9 @@ import torch
 import yaml
 
 from compressor import __version__, budget, data, distributed
-from compressor.engines import check_plan, plan_layouts
+from compressor.engines import Engine, check_plan, plan_layouts
 from compressor.errors import CompressorError
+from compressor.gguf_export import check_gguf_architecture
 from compressor.model import ModelSource, decoder_blocks, load_model
 from compressor.pack import Target, block_layers, check_output, module_tensors, quantize_embeddings
 from compressor.passes import Scope
@@ -148,8 +149,12 @@ def _compress(source, recipe, writer, calibration, torch_device, data_dir, stage
             passes, decided = allocate_recipe(model, first, allocation["budget"], allocation["score"], ids)
         recipe = {**recipe, "passes": passes + rest, "allocation": decided}
     plan = build_plan(model, recipe["passes"])
-    if Target.parse(recipe.get("target")) is Target.VLLM:
-        check_plan(plan_layouts(model, plan))
+    target = Target.parse(recipe.get("target"))
+    if target is Target.VLLM:
+        check_plan(plan_layouts(model, plan), Engine.VLLM)
+    elif target is Target.GGUF:
+        check_gguf_architecture(model.config)
+        check_plan(plan_layouts(model, plan), Engine.LLAMA_CPP)
     if ids is None and needs_data(plan):
         ids = calibration_ids()
 

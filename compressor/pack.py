@@ -45,6 +45,7 @@ class Target(str, Enum):
     ANY = "any"  # the standard layout (group/channel, packed zero points)
     VLLM = "vllm"  # refuse, before any work, what vLLM cannot serve (compressor.engines)
     TRANSFORMERS = "transformers"  # stock transformers must load it: blocks where it cannot
+    GGUF = "gguf"  # refuse what `compress export --to gguf` could not write code for code (llama.cpp)
 
     @classmethod
     def parse(cls, value: str | Target | None) -> Target:

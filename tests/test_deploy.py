@@ -137,6 +137,33 @@ def test_target_vllm_refuses_before_work_one_line_per_reason(tiny_model_dir, tmp
         run_compression(ModelSource(str(tiny_model_dir)), recipe, tmp_path / "x", Calibration(), "cpu")
 
 
+def test_target_gguf_refuses_what_export_cannot_write(tiny_model_dir, tmp_path):
+    step = {"method": "rtn", "bits": 4, "group_size": 64, "symmetric": False}
+    recipe = {"passes": [step], "target": "gguf"}
+    with pytest.raises(CompressorError) as error:
+        run_compression(ModelSource(str(tiny_model_dir)), recipe, tmp_path / "x", Calibration(), "cpu")
+    lines = str(error.value).splitlines()
+    assert lines[0].startswith("--target gguf: llama.cpp") and "groups of 32" in lines[1]
+    assert not (tmp_path / "x").exists()
+    recipe["passes"][0]["group_size"] = 32
+    run_compression(ModelSource(str(tiny_model_dir)), recipe, tmp_path / "x", Calibration(), "cpu")
+    assert inspect_checkpoint(tmp_path / "x")["engines"]["llama.cpp"] is None
+
+
+def test_llama_cpp_rules():
+    g32 = {"type": "int", "num_bits": 4, "symmetric": True, "strategy": "group", "group_size": 32}
+    assert engines.llama_cpp_reason(g32, "pack-quantized", (64, 576)) is None
+    asym5 = {**g32, "num_bits": 5, "symmetric": False}
+    assert engines.llama_cpp_reason(asym5, "pack-quantized", (8, 64)) is None
+    assert "no GGUF block" in engines.llama_cpp_reason({**g32, "num_bits": 3}, "pack-quantized", (8, 64))
+    assert "no GGUF block" in engines.llama_cpp_reason({**g32, "num_bits": 8, "symmetric": False},
+                                                       "pack-quantized", (8, 64))
+    assert "channel" in engines.llama_cpp_reason({**g32, "strategy": "channel"}, "pack-quantized", (8, 64))
+    assert engines.llama_cpp_reason({"type": "gguf", "num_bits": 3}, "gguf", (8, 256)) is None
+    assert "float" in engines.llama_cpp_reason({"type": "float", "num_bits": 4}, "nvfp4-pack-quantized",
+                                               (8, 64))
+
+
 def test_vllm_rules():
     group4 = {"type": "int", "num_bits": 4, "symmetric": False, "strategy": "group", "group_size": 64}
     assert engines.vllm_reason(group4, "pack-quantized", (576, 576)) is None
