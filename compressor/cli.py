@@ -357,7 +357,11 @@ def search(
         None, "--budget",
         help="Target: 3.5bpw (stored bits per weight: codes, scales, zeros), 3.25bits (code bits "
              "only) or 0.5sparsity (with --levels sparsity)."),
-    levels: str = typer.Option("quant", "--levels", help="quant (GPTQ bit widths) or sparsity (SparseGPT)."),
+    levels: str = typer.Option(
+        "quant", "--levels",
+        help="quant (GPTQ bit widths), gguf (GPTQ onto llama.cpp's types q2_k q3_k q4_k q5_k q6_k q8_0, "
+             "per tensor; -o NAME.gguf writes one GGUF file) or sparsity (SparseGPT)."),
+    number_format: str = typer.Option("int", "--format", help="int, or gguf (the same as --levels gguf)."),
     bits_levels: str = typer.Option("2,3,4,5,6", "--bits-levels", help="Bit widths to choose from."),
     group_size: int = typer.Option(128, "--group-size", help="Quant levels: columns per scale group."),
     symmetric: bool = typer.Option(False, "--sym/--asym", help="Quant levels: symmetric or zero points."),
@@ -440,6 +444,10 @@ def search(
             raise CompressorError(f"--bits-levels must be integers separated by commas, got {bits_levels!r}")
         settings = SearchSettings(generations=generations, offspring=offspring, stages=parse_stages(stages),
                                   seed=search_seed)
+        if number_format not in ("int", "gguf"):
+            raise CompressorError(f"unknown --format {number_format!r} for search; choose int or gguf")
+        if number_format == "gguf":
+            levels = "gguf"
         job = SearchJob(budget=budget.replace(" ", ""), levels=levels, bits=widths, group_size=group_size,
                         symmetric=symmetric, sparsity_step=sparsity_step, granularity=granularity,
                         top_k=top_k, fitness_windows=fitness_windows, fitness_seqlen=fitness_seqlen,

@@ -295,3 +295,33 @@ def test_allocated_gguf_types_meet_the_budget(wide_dir, tmp_path, calibration_fi
     with pytest.raises(CompressorError, match="allocates types"):
         compressor.quantize(str(wide_dir), tmp_path / "x.gguf", number_format="gguf", allocate="ip",
                             budget="4bpw")
+
+
+def test_search_over_gguf_types_writes_one_gguf_file(wide_dir, tmp_path, calibration_file, capsys,
+                                                     monkeypatch):
+    """compress search --format gguf -o X.gguf: per tensor one of the GGUF levels, within the budget,
+    written as one file whose tensors carry exactly the chosen types (and decode to the database's
+    weights)."""
+    from transformers import AutoModelForCausalLM
+
+    from compressor.search.database import LevelDatabase
+
+    args = ["search", str(wide_dir), "--format", "gguf", "--budget", "4.25bpw", "--granularity", "module",
+            "--samples", "4", "--seqlen", "32", "--fitness-windows", "4", "--fitness-seqlen", "32",
+            "--stages", "2x32,1x64", "--generations", "3", "--offspring", "3", "--database-reference",
+            "dense", "--calibration", str(calibration_file), "--json", "-o", str(tmp_path / "mixed.gguf")]
+    code, stdout, stderr = run_cli(args, capsys, monkeypatch)
+    assert code == 0, stderr
+    result = json.loads(stdout)
+    assert result["output"].endswith("mixed.gguf") and result["search"]["achieved"] <= 4.25
+    chosen = result["search"]["per_module_level"]
+    assert len(set(chosen.values())) >= 2  # a budget between two types mixes them
+    types = _gguf_types(tmp_path / "mixed.gguf")
+    database = LevelDatabase(tmp_path / "mixed.gguf.search" / "database")
+    reread = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="mixed.gguf")
+    for name, level in chosen.items():
+        block, role = name.split(".")[2], gguf_pass.ROLES[name.rsplit(".", 1)[-1]]
+        assert types[f"blk.{block}.{role}.weight"] == level, name
+        assert torch.equal(reread.get_submodule(name).weight,
+                           database.weight(name, database.levels.index(level))), name
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mixed.gguf", "mixed.gguf.search"]

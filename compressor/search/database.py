@@ -29,13 +29,14 @@ from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_in
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from compressor import budget, grids
+from compressor import budget, gguf_quants, grids
 from compressor.errors import CompressorError
 from compressor.files import atomic_write
+from compressor.gguf_quants import BlockHeader, GgufGrid, GgufType
 from compressor.grids import IntGrid, from_signed
 from compressor.model import block_linears, decoder_blocks
 from compressor.pack import pack_linear
-from compressor.passes import LinearState, QuantizedWeight, Step, apply_steps, get_pass
+from compressor.passes import GgufWeight, LinearState, QuantizedWeight, Step, apply_steps, get_pass
 from compressor.pipeline import BlockHooks, Plan, compress_model, statistics_needed
 from compressor.plan import compressible_linears
 
@@ -89,10 +90,25 @@ def sparsity_levels(step: float = 0.1, highest: float = 0.9, widths: list[int] |
     return levels + [Level("dense", ())]
 
 
+def gguf_levels(types: list[str]) -> list[Level]:
+    """GPTQ onto each GGUF block type (compressor.passes.gguf), in the order given (cheapest first);
+    a linear whose rows do not fit a type gets llama.cpp's fallback, at its real cost."""
+    levels = [Level(t, (Step("gguf", {"type": t}),)) for t in types]
+    for level in levels:
+        get_pass("gguf").validate(level.steps[0].args)
+    return levels
+
+
 def _state_tensors(level: str, state: LinearState) -> dict[str, torch.Tensor]:
     prefix = f"{level}/{state.name}."
     tensors = {}
-    if state.quant is not None:
+    if isinstance(state.quant, GgufWeight):  # codes and the block header, as the pass left them
+        header = state.quant.header
+        tensors[prefix + "codes"] = state.quant.codes.contiguous()
+        for field in ("d", "dmin", "scale", "min"):
+            if getattr(header, field) is not None:
+                tensors[prefix + f"header_{field}"] = getattr(header, field).contiguous()
+    elif state.quant is not None:
         packed = pack_linear(state.quant)
         tensors[prefix + "weight_packed"] = packed["weight_packed"]
         tensors[prefix + "weight_scale"] = packed["weight_scale"]
@@ -113,7 +129,10 @@ def _state_meta(state: LinearState, dense_bits: int) -> dict:
         "metrics": {k: v for k, v in state.metrics.items() if isinstance(v, (int, float, str))},
         "costs": budget.linear_costs(out_features, in_features, grid, dense_bits, kept),
     }
-    if grid is not None:
+    if isinstance(state.quant, GgufWeight):
+        meta["gguf_type"] = grid.qtype.value
+        meta["act_order"] = state.quant.act_order
+    elif grid is not None:
         meta["grid"] = dataclasses.asdict(grid)
         meta["act_order"] = state.quant.act_order
     return meta
@@ -287,7 +306,15 @@ class LevelDatabase:
         mask = self._tensor(module, name, "mask")
         state = LinearState(name=module, weight=None, dtype=self.dtype, mask=mask,
                             methods=list(meta["methods"]), metrics=dict(meta["metrics"]))
-        if "grid" in meta:
+        if "gguf_type" in meta:
+            qtype = GgufType.parse(meta["gguf_type"])
+            header = BlockHeader(qtype, **{field: self._tensor(module, name, f"header_{field}")
+                                           for field in ("d", "dmin", "scale", "min")})
+            codes = self._tensor(module, name, "codes")
+            state.quant = GgufWeight(grid=GgufGrid(qtype), codes=codes, header=header,
+                                     act_order=meta["act_order"])
+            state.weight = gguf_quants.values(codes, header)
+        elif "grid" in meta:
             grid = IntGrid(**meta["grid"])
             packed = self._tensor(module, name, "weight_packed")
             shape = torch.Size([out_features, in_features])

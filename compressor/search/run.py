@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -32,7 +33,13 @@ from compressor.pack import check_output, module_tensors
 from compressor.pipeline import compress_model, native_bf16, resolve_device
 from compressor.plan import build_plan
 from compressor.search import evopress, importance, ip
-from compressor.search.database import LevelDatabase, build_database, quant_levels, sparsity_levels
+from compressor.search.database import (
+    LevelDatabase,
+    build_database,
+    gguf_levels,
+    quant_levels,
+    sparsity_levels,
+)
 from compressor.search.fitness import DenseTargets, KLFitness
 from compressor.writer import CheckpointWriter
 
@@ -47,8 +54,9 @@ class SearchJob:
     """What to search: plain data, saved with the state so a resume needs no arguments."""
 
     budget: str  # "3.5bpw", "0.5sparsity", ...
-    levels: str = "quant"  # quant (GPTQ bit widths) or sparsity (SparseGPT sparsity levels)
+    levels: str = "quant"  # quant (GPTQ bit widths), gguf (GPTQ onto GGUF types) or sparsity (SparseGPT)
     bits: list[int] = field(default_factory=lambda: [2, 3, 4, 5, 6])
+    gguf_types: list[str] = field(default_factory=lambda: list(importance.GGUF_LADDER))
     group_size: int = 128
     symmetric: bool = False
     sparsity_step: float = 0.1
@@ -81,13 +89,13 @@ class SearchJob:
 
     def validate(self) -> Budget:
         target = budget.parse_budget(self.budget)
-        if self.levels not in ("quant", "sparsity"):
-            raise CompressorError(f"unknown --levels {self.levels!r}; choose quant or sparsity")
+        if self.levels not in ("quant", "gguf", "sparsity"):
+            raise CompressorError(f"unknown --levels {self.levels!r}; choose quant, gguf or sparsity")
         if self.granularity not in GRANULARITIES:
             raise CompressorError(f"unknown granularity {self.granularity!r}; choose fused or module")
         if (target.kind == "sparsity") != (self.levels == "sparsity"):
             raise CompressorError(f"a {target.kind} budget needs --levels "
-                                  f"{'sparsity' if target.kind == 'sparsity' else 'quant'}")
+                                  f"{'sparsity' if target.kind == 'sparsity' else 'quant or gguf'}")
         if self.database_reference not in ("dense", *importance.SCORES):
             raise CompressorError(f"unknown --database-reference {self.database_reference!r}; choose "
                                   f"{', '.join(importance.SCORES)} or dense")
@@ -110,6 +118,11 @@ class SearchJob:
         return target
 
     def level_list(self, widths: list[int] | None = None):
+        if self.levels == "gguf":
+            if unknown := set(self.gguf_types) - set(importance.GGUF_LADDER):
+                raise CompressorError(f"unknown GGUF level(s) {', '.join(sorted(unknown))}; choose from "
+                                      f"{', '.join(importance.GGUF_LADDER)}")
+            return gguf_levels(sorted(self.gguf_types, key=importance.GGUF_LADDER.index))
         if self.levels == "quant":
             if not self.bits or any(not 2 <= b <= 8 for b in self.bits):
                 raise CompressorError(f"--bits-levels must be integers from 2 to 8, got {self.bits}")
@@ -194,6 +207,14 @@ def run_search(
     else:
         state = None
     target = job.validate()
+    gguf_file = None
+    if output.suffix == ".gguf":  # the checkpoint is written beside it, exported, then removed
+        if job.levels != "gguf":
+            raise CompressorError("a .gguf output holds GGUF types: search them with --format gguf")
+        if output.exists() and not overwrite:
+            raise CompressorError(f"output file exists: {output} (pass --overwrite to replace it)")
+        gguf_file, output = output, output.with_name(f".{output.name}.checkpoint")
+        overwrite = True
     check_output(output, overwrite)
     torch_device = resolve_device(device)
     data_dir = data.resolve_data_dir(calibration.data_dir)
@@ -295,7 +316,7 @@ def run_search(
                     linear = model.get_submodule(name)
                     linear.weight.data = record.weight.to(linear.weight.dtype)
             write_block.done(index, block, block_records, None)
-        return finish_checkpoint(
+        result = finish_checkpoint(
             writer, model, tokenizer, source, recipe, records, calibration,
             lambda: module_tensors(model, "", {}, exclude=prefix + "."), seconds, start,
             {"search": summary, "device": str(torch_device)},
@@ -303,6 +324,15 @@ def run_search(
     except BaseException:
         writer.discard()
         raise
+    if gguf_file is None:
+        return result
+    from compressor.gguf_export import export_gguf
+    from compressor.gguf_export import summary as export_summary
+
+    stage(f"exporting {gguf_file}")
+    exported = export_summary(export_gguf(output, gguf_file, overwrite=True))
+    shutil.rmtree(output)
+    return JobResult(output=str(gguf_file), manifest={**result.manifest, "gguf": exported})
 
 
 def _evolve(job, model, scorer, targets, database, units, space, fitness, state, save, stage, progress):
@@ -358,8 +388,9 @@ def reference_plan(model, job: SearchJob, target: Budget, ids: torch.Tensor):
     """The importance heuristic's plan at the budget (what `compress quantize --allocate` or
     `compress sparsify --allocate` would apply), run while building the database."""
     try:
-        if job.levels == "quant":
-            step = {"method": "gptq", "bits": 4, "group_size": job.group_size, "symmetric": job.symmetric}
+        if job.levels in ("quant", "gguf"):
+            step = ({"method": "gguf", "type": "q4_k"} if job.levels == "gguf" else
+                    {"method": "gptq", "bits": 4, "group_size": job.group_size, "symmetric": job.symmetric})
             passes, _ = importance.allocate_recipe(model, step, target, job.database_reference, ids)
         else:
             step = {"method": "sparsegpt", "sparsity": target.value}
