@@ -155,6 +155,15 @@ class BlockHeader:
     scale: torch.Tensor | None = None  # int16 [rows, subs]: the multiplier of d (signed for Q3_K/Q6_K)
     min: torch.Tensor | None = None  # int16 [rows, subs]: the multiplier of dmin
 
+    def split(self, rows: list[int]) -> list[BlockHeader]:
+        """One header per consecutive run of `rows` rows (the linears of a stacked solve)."""
+        parts = {name: None if value is None else value.split(rows)
+                 for name, value in (("d", self.d), ("dmin", self.dmin), ("scale", self.scale),
+                                     ("min", self.min))}
+        return [BlockHeader(self.qtype, **{name: None if value is None else value[i]
+                                           for name, value in parts.items()})
+                for i in range(len(rows))]
+
     def step_offset(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(step, offset) float32 [rows, sub-blocks]: value = step * code + offset."""
         spec = SPECS[self.qtype]
@@ -418,7 +427,7 @@ def decode(data: np.ndarray, qtype: GgufType | str, cols: int) -> torch.Tensor:
 # --- a closed-form refit of the float header once the codes are fixed ------------------------------
 
 def refit(w: torch.Tensor, codes: torch.Tensor, header: BlockHeader, hessian: torch.Tensor,
-          chunk: int = 32) -> BlockHeader:
+          chunk: int = 256) -> BlockHeader:
     """The header's float16 numbers (d, and m / dmin) that minimise the layer's output error
     (w - v)^T H (w - v) per row, given the codes and the K-quants' integer sub-block scales and mins.
 
@@ -429,7 +438,7 @@ def refit(w: torch.Tensor, codes: torch.Tensor, header: BlockHeader, hessian: to
     """
     spec = SPECS[header.qtype]
     rows, cols = w.shape
-    blocks = cols // spec.block
+    blocks, width = cols // spec.block, spec.block
     q = codes.float()
     multiplier = 1.0 if header.scale is None else header.scale.float().repeat_interleave(spec.sub, 1)
     bases = [multiplier * (q if spec.asymmetric else q - 2 ** (spec.bits - 1))]  # the d column
@@ -437,6 +446,7 @@ def refit(w: torch.Tensor, codes: torch.Tensor, header: BlockHeader, hessian: to
         bases.append(torch.ones_like(q) if header.min is None
                      else -header.min.float().repeat_interleave(spec.sub, 1))
     hessian = hessian.float()
+    by_block = hessian.reshape(blocks, width, cols)  # H's rows grouped by block
     target = w.float() @ hessian  # rows of (H w)
     count = len(bases) * blocks
     solved = torch.empty(rows, count)
@@ -446,10 +456,12 @@ def refit(w: torch.Tensor, codes: torch.Tensor, header: BlockHeader, hessian: to
         system = torch.empty(n, count, count)
         rhs = torch.empty(n, count)
         for i, a in enumerate(bases):
-            rhs[:, i * blocks:(i + 1) * blocks] = (a[part] * target[part]).reshape(n, blocks, -1).sum(-1)
+            a = a[part].reshape(n, blocks, width)
+            rhs[:, i * blocks:(i + 1) * blocks] = (a * target[part].reshape(n, blocks, width)).sum(-1)
+            # (a restricted to block b)^T H: one [n, width] x [width, cols] product per block
+            a_h = torch.einsum("rbi,bik->rbk", a, by_block).reshape(n, blocks, blocks, width)
             for k, b in enumerate(bases):
-                gram = a[part][:, :, None] * hessian * b[part][:, None, :]
-                gram = gram.reshape(n, blocks, spec.block, blocks, spec.block).sum((2, 4))
+                gram = (a_h * b[part].reshape(n, 1, blocks, width)).sum(-1)
                 system[:, i * blocks:(i + 1) * blocks, k * blocks:(k + 1) * blocks] = gram
         # A block whose codes carry no signal (all on zero) has an empty row: a small ridge keeps the
         # solve defined and sends its number to 0, which changes none of its values.

@@ -132,7 +132,8 @@ def compress(layer: LinearState, stats: InputStats | None, args: dict) -> None:
 
 
 def compress_many(layers: list[LinearState], stats: InputStats | None, args: dict) -> None:
-    """The linears of one input share its Hessian (and importance); each gets its own type's grid."""
+    """The linears of one input share its Hessian (and importance); those of one type are solved
+    together, their rows stacked (GPTQ treats rows independently given H: one column loop)."""
     solver = args.get("solver", "gptq")
     if solver == "gptq" and (stats is None or stats.tokens == 0):
         raise CompressorError("gguf with solver gptq needs calibration data")
@@ -142,25 +143,34 @@ def compress_many(layers: list[LinearState], stats: InputStats | None, args: dic
     for layer in layers:
         if layer.mask is not None:
             raise CompressorError(f"{layer.name}: GGUF blocks after pruning are not supported")
-        qtype = gguf_quants.fitting_type(_preset(args), layer.weight.shape[1])
-        w = layer.weight.float()
-        header = gguf_quants.fit(w, qtype, importance)
-        step, offset = header.step_offset()
-        maxq = SPECS[qtype].maxq
-        if solver == "gptq":
-            original = w
-            w, error, damp = error_feedback(w, hessian, _column_rounder(step, offset, SPECS[qtype].sub, maxq),
-                                            options)
-            layer.metrics.update(gptq_error=float(error.sum()), gptq_damp=damp)
-        codes = gguf_quants.round_to(w, step, offset, maxq)
-        if solver == "gptq" and args.get("refit", True):
+    qtype = gguf_quants.fitting_type(_preset(args), layers[0].weight.shape[1])
+    rows = [layer.weight.shape[0] for layer in layers]
+    w = torch.cat([layer.weight.float() for layer in layers])
+    header = gguf_quants.fit(w, qtype, importance)
+    step, offset = header.step_offset()
+    spec = SPECS[qtype]
+    metrics = {}
+    if solver == "gptq":
+        rounded, error, damp = error_feedback(w, hessian, _column_rounder(step, offset, spec.sub, spec.maxq),
+                                              options)
+        metrics = {"gptq_damp": damp}
+        codes = gguf_quants.round_to(rounded, step, offset, spec.maxq)
+        if args.get("refit", True):
             damped = hessian + damp * hessian.diagonal().mean() * torch.eye(len(hessian))
-            header = gguf_quants.refit(original, codes, header, damped)
-        layer.weight = gguf_quants.values(codes, header)
-        layer.quant = GgufWeight(grid=GgufGrid(qtype), codes=codes, header=header,
+            header = gguf_quants.refit(w, codes, header, damped)
+    else:
+        codes = gguf_quants.round_to(w, step, offset, spec.maxq)
+    values = gguf_quants.values(codes, header)
+    parts = [header.split(rows), codes.split(rows), values.split(rows), w.split(rows)]
+    for layer, part_header, part_codes, part_values, original in zip(layers, *parts, strict=True):
+        layer.weight = part_values
+        layer.quant = GgufWeight(grid=GgufGrid(qtype), codes=part_codes, header=part_header,
                                  act_order=solver == "gptq" and options.act_order)
         layer.methods.append(f"gguf-{qtype.value}+{solver}")
-        layer.metrics["gguf_type"] = qtype.value
+        layer.metrics.update(metrics, gguf_type=qtype.value)
+        if hessian is not None:  # the layer's output error, as GPTQ measures it
+            error = part_values - original
+            layer.metrics["gguf_output_error"] = float(((error @ hessian) * error).sum())
 
 
 def _column_rounder(step: torch.Tensor, offset: torch.Tensor, sub: int, maxq: int):
