@@ -52,6 +52,7 @@ class GgufType(str, Enum):
     Q4_K = "q4_k"
     Q5_K = "q5_k"
     Q6_K = "q6_k"
+    IQ4_NL = "iq4_nl"
 
     @classmethod
     def parse(cls, value: str | GgufType) -> GgufType:
@@ -94,11 +95,19 @@ SPECS = {
     GgufType.Q4_K: BlockSpec(QK_K, 32, 4, True, 6, 144),
     GgufType.Q5_K: BlockSpec(QK_K, 32, 5, True, 6, 176),
     GgufType.Q6_K: BlockSpec(QK_K, 16, 6, False, 8, 210),
+    GgufType.IQ4_NL: BlockSpec(32, 32, 4, False, 0, 18),
 }
 
-# llama.cpp's replacement when a row is not a multiple of 256 (llama-quant.cpp, tensor_type_fallback)
-FALLBACK = {GgufType.Q2_K: GgufType.Q4_0, GgufType.Q3_K: GgufType.Q4_0, GgufType.Q4_K: GgufType.Q5_0,
+# IQ4_NL's codes index a fixed non-uniform table (value = d * table[code]), denser near zero than
+# Q4_0's even steps at the same 4.5 bits per weight (ggml-common.h, kvalues_iq4nl).
+TABLES = {GgufType.IQ4_NL: (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)}
+
+# The replacement when a row is not a multiple of 256: llama.cpp's (llama-quant.cpp,
+# tensor_type_fallback), except that Q2_K and Q3_K fall back to IQ4_NL, as llama.cpp's did before
+# it switched to Q4_0: the same 4.5 bits per weight on a finer grid.
+FALLBACK = {GgufType.Q2_K: GgufType.IQ4_NL, GgufType.Q3_K: GgufType.IQ4_NL, GgufType.Q4_K: GgufType.Q5_0,
             GgufType.Q5_K: GgufType.Q5_1, GgufType.Q6_K: GgufType.Q8_0}
+LLAMA_CPP_FALLBACK = {**FALLBACK, GgufType.Q2_K: GgufType.Q4_0, GgufType.Q3_K: GgufType.Q4_0}
 
 
 @dataclass(frozen=True)
@@ -133,12 +142,13 @@ def bits_per_weight(qtype: GgufType) -> float:
     return spec.nbytes * 8 / spec.block
 
 
-def fitting_type(qtype: GgufType, in_features: int) -> GgufType:
-    """The type a row of `in_features` weights gets: `qtype`, or llama.cpp's fallback for it."""
+def fitting_type(qtype: GgufType, in_features: int, fallbacks: dict | None = None) -> GgufType:
+    """The type a row of `in_features` weights gets: `qtype`, or its fallback (FALLBACK, or
+    LLAMA_CPP_FALLBACK for llama.cpp's own choice)."""
     qtype = GgufType.parse(qtype)
     if in_features % SPECS[qtype].block == 0:
         return qtype
-    fallback = FALLBACK.get(qtype)
+    fallback = (fallbacks or FALLBACK).get(qtype)
     if fallback is None or in_features % SPECS[fallback].block:
         raise CompressorError(f"rows of {in_features} weights fit no GGUF block type (multiples of 32)")
     return fallback
@@ -165,12 +175,15 @@ class BlockHeader:
                 for i in range(len(rows))]
 
     def step_offset(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(step, offset) float32 [rows, sub-blocks]: value = step * code + offset."""
+        """(step, offset) float32 [rows, sub-blocks]: value = step * code + offset (for a table type,
+        value = step * table[code], offset 0)."""
         spec = SPECS[self.qtype]
         per_block = spec.block // spec.sub
         d = self.d.float().repeat_interleave(per_block, dim=1)
         step = d if self.scale is None else d * self.scale.float()
-        if spec.asymmetric:
+        if self.qtype in TABLES:
+            offset = torch.zeros_like(step)
+        elif spec.asymmetric:
             if self.scale is None:
                 offset = self.dmin.float()  # legacy: m itself
             else:
@@ -203,6 +216,31 @@ def _fit_symmetric(x: torch.Tensor, weight: torch.Tensor, nmax: int) -> torch.Te
         best_score = torch.where(better, score, best_score)
         best = torch.where(better, sum_lx / sum_l2.clamp_min(1e-30), best)
     return torch.where(extreme.squeeze(-1) == 0, torch.zeros_like(best), best)
+
+
+def _nearest(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """Index of the table value nearest to each x (the table sorted ascending)."""
+    middles = (table[1:] + table[:-1]) / 2
+    return torch.bucketize(x.contiguous(), middles.to(x.device))
+
+
+def _fit_table(x: torch.Tensor, weight: torch.Tensor, table: torch.Tensor, tries: int = 7) -> torch.Tensor:
+    """Scale per sub-block, value = scale * table[q]: llama.cpp's quantize_row_iq4_nl_impl (candidate
+    scales around extreme / table[0], each refitted by weighted least squares)."""
+    table = table.to(x.device)
+    extreme = x.gather(-1, x.abs().argmax(-1, keepdim=True)).squeeze(-1)
+    safe = torch.where(extreme == 0, torch.ones_like(extreme), extreme)
+    best_score = torch.full(x.shape[:-1], -1.0, device=x.device)
+    best = torch.zeros(x.shape[:-1], device=x.device)
+    for inverse in [-table[0] / safe, *((i + table[0]) / safe for i in range(-tries, tries + 1))]:
+        q = table[_nearest(inverse[..., None] * x, table)]
+        sum_qx = (weight * q * x).sum(-1)
+        sum_q2 = (weight * q * q).sum(-1)
+        score = torch.where(sum_q2 > 0, sum_qx * sum_qx / sum_q2.clamp_min(1e-30), torch.zeros_like(sum_q2))
+        better = score > best_score
+        best_score = torch.where(better, score, best_score)
+        best = torch.where(better, sum_qx / sum_q2.clamp_min(1e-30), best)
+    return torch.where(extreme == 0, torch.zeros_like(best), best)
 
 
 def _fit_asymmetric(x: torch.Tensor, weight: torch.Tensor, nmax: int, rmin: float = -1.0,
@@ -267,6 +305,9 @@ def fit(w: torch.Tensor, qtype: GgufType | str, importance: torch.Tensor | None 
     x = blocks.reshape(rows, cols // spec.sub, spec.sub)
     weight = weight.reshape(rows, cols // spec.sub, spec.sub)
     half = 2 ** (spec.bits - 1)
+    if qtype in TABLES:
+        table = torch.tensor(TABLES[qtype], dtype=torch.float32)
+        return BlockHeader(qtype, _half(_fit_table(x, weight, table)))
     if spec.scale_bits == 0:  # legacy: the fitted scale (and min) are the block's fp16 header
         if spec.asymmetric:
             scale, mn = _fit_asymmetric(x, weight, spec.maxq, rmin=-0.9, rdelta=0.05, nstep=36)
@@ -297,29 +338,59 @@ def fit(w: torch.Tensor, qtype: GgufType | str, importance: torch.Tensor | None 
     return BlockHeader(qtype, _half(d.squeeze(-1)), scale=q_s.reshape(rows, -1).to(torch.int16))
 
 
-def round_to(w: torch.Tensor, step: torch.Tensor, offset: torch.Tensor, maxq: int) -> torch.Tensor:
-    """Codes of w[rows, cols] on the per-sub-block grids (step, offset) [rows, cols / sub]."""
+def _code_values(qtype: GgufType, codes: torch.Tensor) -> torch.Tensor:
+    """What each code multiplies the step by: the code itself, or its table value."""
+    if qtype in TABLES:
+        return torch.tensor(TABLES[qtype], dtype=torch.float32, device=codes.device)[codes.long()]
+    return codes.float()
+
+
+def column_rounder(header: BlockHeader):
+    """round(col, x) -> x (one column of weights, [rows]) on its sub-block's grid, as floats: what
+    GPTQ's error feedback (passes.gptq.error_feedback) rounds with."""
+    spec = SPECS[header.qtype]
+    step, offset = header.step_offset()
+    step_t, offset_t = step.T.contiguous(), offset.T.contiguous()  # one row per sub-block
+    table = torch.tensor(TABLES[header.qtype], dtype=torch.float32) if header.qtype in TABLES else None
+
+    def round_column(col: int, upcoming: torch.Tensor) -> torch.Tensor:
+        s, o = step_t[col // spec.sub], offset_t[col // spec.sub]
+        scaled = (upcoming[0] - o) / torch.where(s == 0, 1.0, s)
+        if table is not None:
+            return s * table.to(s.device)[_nearest(scaled, table)]
+        q = torch.where(s == 0, 0.0, torch.round(scaled)).clamp(0, spec.maxq)
+        return s * q + o
+
+    return round_column
+
+
+def round_to(w: torch.Tensor, header: BlockHeader) -> torch.Tensor:
+    """Codes of w[rows, cols] on the header's per-sub-block grids."""
+    step, offset = header.step_offset()
     sub = w.shape[1] // step.shape[1]
     step = step.repeat_interleave(sub, dim=1)
     offset = offset.repeat_interleave(sub, dim=1)
     zero_step = step == 0
-    q = torch.round((w.float() - offset) / torch.where(zero_step, 1.0, step))
-    return torch.where(zero_step, 0.0, q).clamp(0, maxq).to(torch.uint8)
+    scaled = (w.float() - offset) / torch.where(zero_step, 1.0, step)
+    if header.qtype in TABLES:
+        return _nearest(scaled, torch.tensor(TABLES[header.qtype], dtype=torch.float32)).to(torch.uint8)
+    q = torch.where(zero_step, 0.0, torch.round(scaled))
+    return q.clamp(0, SPECS[header.qtype].maxq).to(torch.uint8)
 
 
 def values(codes: torch.Tensor, header: BlockHeader) -> torch.Tensor:
     """The float32 weights the codes stand for (what llama.cpp computes)."""
     step, offset = header.step_offset()
     sub = codes.shape[1] // step.shape[1]
-    return step.repeat_interleave(sub, dim=1) * codes.float() + offset.repeat_interleave(sub, dim=1)
+    return (step.repeat_interleave(sub, dim=1) * _code_values(header.qtype, codes)
+            + offset.repeat_interleave(sub, dim=1))
 
 
 def quantize(w: torch.Tensor, qtype: GgufType | str, importance: torch.Tensor | None = None
              ) -> tuple[torch.Tensor, BlockHeader]:
     """Round to nearest onto the fitted grid: (codes, header)."""
     header = fit(w, qtype, importance)
-    step, offset = header.step_offset()
-    return round_to(w, step, offset, SPECS[header.qtype].maxq), header
+    return round_to(w, header), header
 
 
 # --- the bytes, as ggml lays them out (ggml-common.h) ---------------------------------------------
@@ -369,7 +440,7 @@ def encode(codes: torch.Tensor, header: BlockHeader) -> np.ndarray:
     nblocks = cols // spec.block
     q = _np(codes).astype(np.uint8).reshape(rows, nblocks, spec.block)
     d = _f16_bytes(header.d)
-    if qtype in (GgufType.Q4_0, GgufType.Q4_1, GgufType.Q5_0, GgufType.Q5_1, GgufType.Q8_0):
+    if qtype in (GgufType.Q4_0, GgufType.Q4_1, GgufType.Q5_0, GgufType.Q5_1, GgufType.Q8_0, GgufType.IQ4_NL):
         parts = [d]
         if spec.asymmetric:
             parts.append(_f16_bytes(header.dmin))
@@ -441,7 +512,9 @@ def refit(w: torch.Tensor, codes: torch.Tensor, header: BlockHeader, hessian: to
     blocks, width = cols // spec.block, spec.block
     q = codes.float()
     multiplier = 1.0 if header.scale is None else header.scale.float().repeat_interleave(spec.sub, 1)
-    bases = [multiplier * (q if spec.asymmetric else q - 2 ** (spec.bits - 1))]  # the d column
+    if header.qtype in TABLES:
+        q = _code_values(header.qtype, codes)
+    bases = [multiplier * (q if spec.asymmetric or header.qtype in TABLES else q - 2 ** (spec.bits - 1))]
     if spec.asymmetric:
         bases.append(torch.ones_like(q) if header.min is None
                      else -header.min.float().repeat_interleave(spec.sub, 1))

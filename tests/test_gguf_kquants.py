@@ -76,7 +76,8 @@ def test_importance_steers_the_fit():
 
 def test_fallback_types():
     assert gguf_quants.fitting_type("q4_k", 576) == GgufType.Q5_0
-    assert gguf_quants.fitting_type("q3_k", 576) == GgufType.Q4_0
+    assert gguf_quants.fitting_type("q3_k", 576) == GgufType.IQ4_NL  # llama.cpp's Q4_0, finer
+    assert gguf_quants.fitting_type("q3_k", 576, gguf_quants.LLAMA_CPP_FALLBACK) == GgufType.Q4_0
     assert gguf_quants.fitting_type("q6_k", 1536) == GgufType.Q6_K
     with pytest.raises(CompressorError, match="no GGUF block type"):
         gguf_quants.fitting_type("q4_0", 100)
@@ -138,11 +139,15 @@ SMOLLM2_EXPECTED = {
 
 @pytest.mark.parametrize("preset", sorted(SMOLLM2_EXPECTED))
 def test_presets_on_a_576_wide_model(preset):
+    """llama.cpp's choices with its fallbacks; ours differ only where it falls back to Q4_0."""
     widths = {"attn_q": 576, "attn_v": 576, "attn_output": 576, "ffn_down": 1536}
     for role, expected in SMOLLM2_EXPECTED[preset].items():
         for layer, qtype in (expected.items() if isinstance(expected, dict) else [(7, expected)]):
             chosen = gguf_pass.preset_type(preset, role, layer, 30, gqa=3, calibrated=True)
-            assert gguf_quants.fitting_type(chosen, widths[role]).value == qtype, (preset, role, layer)
+            llama_cpp = gguf_quants.fitting_type(chosen, widths[role], gguf_quants.LLAMA_CPP_FALLBACK)
+            assert llama_cpp.value == qtype, (preset, role, layer)
+            ours = gguf_quants.fitting_type(chosen, widths[role]).value
+            assert ours == ("iq4_nl" if qtype == "q4_0" else qtype)
 
 
 def _wide_model(folder, layers=8):
@@ -325,3 +330,45 @@ def test_search_over_gguf_types_writes_one_gguf_file(wide_dir, tmp_path, calibra
         assert torch.equal(reread.get_submodule(name).weight,
                            database.weight(name, database.levels.index(level))), name
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mixed.gguf", "mixed.gguf.search"]
+
+
+def test_fallback_to_iq4_nl_end_to_end(llama_dir, tmp_path, calibration_file):
+    """Rows of 96 and 160 weights cannot hold Q3_K: they fall back to IQ4_NL (a 16-value table per
+    block of 32), which transformers reads back as the weights the run computed."""
+    from transformers import AutoModelForCausalLM
+
+    import compressor
+
+    cal = dict(calibration=str(calibration_file), samples=4, seqlen=32, device="cpu")
+    result = compressor.quantize(str(llama_dir), tmp_path / "m.gguf", number_format="gguf:q3_k", **cal)
+    assert result.manifest["gguf"]["tensors"]["IQ4_NL"] == 14
+    from compressor.recipes import quantize_job
+
+    folder = tmp_path / "folder"
+    run_compression(ModelSource(str(llama_dir)), quantize_job(number_format="gguf:q3_k").recipe, folder,
+                    Calibration(source=str(calibration_file), samples=4, seqlen=32), "cpu")
+    ours, _ = load_model(ModelSource(str(folder)))
+    theirs = dict(AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="m.gguf").named_parameters())
+    for name, param in ours.named_parameters():
+        if ".layers." in name and name.endswith("proj.weight"):
+            assert torch.equal(theirs[name], param), name
+
+
+@pytest.mark.slow
+def test_llama_cpp_runs_iq4_nl(llama_dir, tmp_path, calibration_file):
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is installed by `make setup-llama`")
+    from transformers import AutoModelForCausalLM
+
+    import compressor
+
+    compressor.quantize(str(llama_dir), tmp_path / "m.gguf", number_format="gguf:q3_k", method="rtn")
+    assert set(_gguf_types(tmp_path / "m.gguf").values()) == {"iq4_nl", "f32", "q8_0"}
+    reread = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="m.gguf").eval()
+    ids = [1, 17, 42, 99, 150, 7, 256, 3]
+    llm = llama_cpp.Llama(str(tmp_path / "m.gguf"), n_ctx=64, logits_all=True, verbose=False)
+    llm.eval(ids)
+    theirs = torch.tensor(np.array(llm.scores[: len(ids)]))
+    with torch.no_grad():
+        expected = reread(torch.tensor([ids])).logits[0]
+    assert (theirs - expected).abs().max() < 6e-2 * expected.abs().max()
+    assert (theirs.argmax(-1) == expected.argmax(-1)).float().mean() >= 0.75

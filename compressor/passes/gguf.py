@@ -23,7 +23,7 @@ import torch
 
 from compressor import gguf_quants
 from compressor.errors import CompressorError
-from compressor.gguf_quants import SPECS, GgufGrid, GgufType
+from compressor.gguf_quants import GgufGrid, GgufType
 from compressor.passes import GgufWeight, LinearState, check_keys
 from compressor.passes.gptq import GPTQOptions, error_feedback
 from compressor.stats import InputStats
@@ -143,23 +143,25 @@ def compress_many(layers: list[LinearState], stats: InputStats | None, args: dic
     for layer in layers:
         if layer.mask is not None:
             raise CompressorError(f"{layer.name}: GGUF blocks after pruning are not supported")
+    widths = {layer.weight.shape[1] for layer in layers}
+    if len(widths) > 1:  # without calibration data the linears come block by block, not by input
+        for width in sorted(widths):
+            compress_many([layer for layer in layers if layer.weight.shape[1] == width], stats, args)
+        return
     qtype = gguf_quants.fitting_type(_preset(args), layers[0].weight.shape[1])
     rows = [layer.weight.shape[0] for layer in layers]
     w = torch.cat([layer.weight.float() for layer in layers])
     header = gguf_quants.fit(w, qtype, importance)
-    step, offset = header.step_offset()
-    spec = SPECS[qtype]
     metrics = {}
     if solver == "gptq":
-        rounded, error, damp = error_feedback(w, hessian, _column_rounder(step, offset, spec.sub, spec.maxq),
-                                              options)
+        rounded, error, damp = error_feedback(w, hessian, gguf_quants.column_rounder(header), options)
         metrics = {"gptq_damp": damp}
-        codes = gguf_quants.round_to(rounded, step, offset, spec.maxq)
+        codes = gguf_quants.round_to(rounded, header)
         if args.get("refit", True):
             damped = hessian + damp * hessian.diagonal().mean() * torch.eye(len(hessian))
             header = gguf_quants.refit(w, codes, header, damped)
     else:
-        codes = gguf_quants.round_to(w, step, offset, spec.maxq)
+        codes = gguf_quants.round_to(w, header)
     values = gguf_quants.values(codes, header)
     parts = [header.split(rows), codes.split(rows), values.split(rows), w.split(rows)]
     for layer, part_header, part_codes, part_values, original in zip(layers, *parts, strict=True):
@@ -171,16 +173,3 @@ def compress_many(layers: list[LinearState], stats: InputStats | None, args: dic
         if hessian is not None:  # the layer's output error, as GPTQ measures it
             error = part_values - original
             layer.metrics["gguf_output_error"] = float(((error @ hessian) * error).sum())
-
-
-def _column_rounder(step: torch.Tensor, offset: torch.Tensor, sub: int, maxq: int):
-    """GPTQ's rounding of one column onto its sub-block's fixed grid (value = step * code + offset)."""
-    step_t, offset_t = step.T.contiguous(), offset.T.contiguous()  # [sub-blocks, rows]: one row per column
-
-    def round_column(col: int, upcoming: torch.Tensor) -> torch.Tensor:
-        s, o = step_t[col // sub], offset_t[col // sub]
-        q = torch.round((upcoming[0] - o) / torch.where(s == 0, 1.0, s))
-        q = torch.where(s == 0, 0.0, q).clamp(0, maxq)
-        return s * q + o
-
-    return round_column
