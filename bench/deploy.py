@@ -202,6 +202,10 @@ def run_gguf(model: Path) -> str:
                 raise SystemExit(f"{gguf_type}: {done.stderr}")
             record.write_text(done.stdout)
         made = json.loads(record.read_text())
+        done_row = WORK / f"gptq-{gguf_type}.row.json"  # a finished row is kept (resumable suite)
+        if done_row.is_file() and done_row.stat().st_mtime >= path.stat().st_mtime:
+            rows.append(json.loads(done_row.read_text()))
+            continue
         evaluation = json.loads(subprocess.run(
             ["compress", "eval", str(path), "--baseline", str(model), "--windows", "8", "--json"],
             capture_output=True, text=True, check=True).stdout)
@@ -211,6 +215,7 @@ def run_gguf(model: Path) -> str:
                      "dense_ppl": evaluation["baseline_perplexity"]["ppl"],
                      "kl": evaluation["kl"]["kl"], "compress_seconds": made["seconds"]["compress"],
                      "exact": made["gguf"]["max_scale_rounding"] == 0.0})
+        done_row.write_text(json.dumps(rows[-1]))
         print(json.dumps(rows[-1]), flush=True)
     lines = ["# gguf benchmark: GPTQ onto llama.cpp's block types vs llama-quantize (SmolLM2-135M)", "",
              "`compress quantize --format gguf:TYPE` (GPTQ onto the blocks fitted with the Hessian "
@@ -232,6 +237,17 @@ def run_gguf(model: Path) -> str:
                      f"| {ref[1] if ref else '-'} |")
     if rows:
         lines.append(f"\nDense fp32 on the same 8 windows: {rows[0]['dense_ppl']:.3f} (REFERENCE: 19.134).")
+    ablation = sorted((WORK / "ablation-llama-fallback").glob("*.row.json"))
+    if ablation:
+        lines += ["", "Ablation, the same presets with llama.cpp's own fallback for Q2_K/Q3_K rows that are "
+                  "not a multiple of 256 (Q4_0 instead of IQ4_NL; the same file size), made before the "
+                  "fallback changed:", "",
+                  "| type | file MiB | wt2 ppl (8 windows) | KL | same file in llama.cpp |",
+                  "|---|---|---|---|---|"]
+        for path in ablation:
+            row = json.loads(path.read_text())
+            lines.append(f"| {row['type'].upper()} (Q4_0 fallback) | {row['mib']:.1f} | {row['ppl']:.3f} "
+                         f"| {row['kl']:.4f} | {row['llama_cpp_ppl'] or 0:.3f} |")
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "gguf.json").write_text(json.dumps(rows, indent=2) + "\n")
     text = "\n".join(lines) + "\n"
