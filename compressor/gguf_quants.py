@@ -198,41 +198,20 @@ def _sub_blocks(w: torch.Tensor, width: int) -> torch.Tensor:
     return w.reshape(rows, cols // width, width)
 
 
-def _fit_symmetric(x: torch.Tensor, weight: torch.Tensor, nmax: int) -> torch.Tensor:
-    """Signed scale per sub-block, value = scale * q with q in [-nmax, nmax - 1]: llama.cpp's
-    make_qx_quants (candidate steps around extreme / -nmax, each refitted by weighted least squares;
-    the best weighted fit wins). x, weight: [..., n]."""
-    extreme = x.gather(-1, x.abs().argmax(-1, keepdim=True))  # the signed extreme
-    safe = torch.where(extreme == 0, torch.ones_like(extreme), extreme)
-    best_score = torch.full(x.shape[:-1], -1.0, device=x.device)
-    best = torch.zeros(x.shape[:-1], device=x.device)
-    for i in range(-9, 10):
-        iscale = -(nmax + 0.1 * i) / safe
-        q = torch.clamp(torch.round(iscale * x), -nmax, nmax - 1)
-        sum_lx = (weight * x * q).sum(-1)
-        sum_l2 = (weight * q * q).sum(-1)
-        score = torch.where(sum_l2 > 0, sum_lx * sum_lx / sum_l2.clamp_min(1e-30), torch.zeros_like(sum_l2))
-        better = score > best_score
-        best_score = torch.where(better, score, best_score)
-        best = torch.where(better, sum_lx / sum_l2.clamp_min(1e-30), best)
-    return torch.where(extreme.squeeze(-1) == 0, torch.zeros_like(best), best)
-
-
 def _nearest(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     """Index of the table value nearest to each x (the table sorted ascending)."""
     middles = (table[1:] + table[:-1]) / 2
     return torch.bucketize(x.contiguous(), middles.to(x.device))
 
 
-def _fit_table(x: torch.Tensor, weight: torch.Tensor, table: torch.Tensor, tries: int = 7) -> torch.Tensor:
-    """Scale per sub-block, value = scale * table[q]: llama.cpp's quantize_row_iq4_nl_impl (candidate
-    scales around extreme / table[0], each refitted by weighted least squares)."""
+def _best_scale(x: torch.Tensor, weight: torch.Tensor, table: torch.Tensor, inverses) -> torch.Tensor:
+    """Scale per sub-block, value = scale * table[q]: for each candidate inverse scale x is rounded
+    to the nearest table value and the scale refitted by weighted least squares; the best weighted
+    fit wins (llama.cpp's make_qx_quants and quantize_row_iq4_nl_impl). x, weight: [..., n]."""
     table = table.to(x.device)
-    extreme = x.gather(-1, x.abs().argmax(-1, keepdim=True)).squeeze(-1)
-    safe = torch.where(extreme == 0, torch.ones_like(extreme), extreme)
     best_score = torch.full(x.shape[:-1], -1.0, device=x.device)
     best = torch.zeros(x.shape[:-1], device=x.device)
-    for inverse in [-table[0] / safe, *((i + table[0]) / safe for i in range(-tries, tries + 1))]:
+    for inverse in inverses:
         q = table[_nearest(inverse[..., None] * x, table)]
         sum_qx = (weight * q * x).sum(-1)
         sum_q2 = (weight * q * q).sum(-1)
@@ -240,6 +219,30 @@ def _fit_table(x: torch.Tensor, weight: torch.Tensor, table: torch.Tensor, tries
         better = score > best_score
         best_score = torch.where(better, score, best_score)
         best = torch.where(better, sum_qx / sum_q2.clamp_min(1e-30), best)
+    return best
+
+
+def _signed_extreme(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the value of largest magnitude per sub-block, the same with 1 where it is 0)."""
+    extreme = x.gather(-1, x.abs().argmax(-1, keepdim=True)).squeeze(-1)
+    return extreme, torch.where(extreme == 0, torch.ones_like(extreme), extreme)
+
+
+def _fit_symmetric(x: torch.Tensor, weight: torch.Tensor, nmax: int) -> torch.Tensor:
+    """Signed scale, value = scale * q with q in [-nmax, nmax - 1]: candidate steps around
+    extreme / -nmax (make_qx_quants)."""
+    extreme, safe = _signed_extreme(x)
+    table = torch.arange(-nmax, nmax, dtype=torch.float32)
+    best = _best_scale(x, weight, table, [-(nmax + 0.1 * i) / safe for i in range(-9, 10)])
+    return torch.where(extreme == 0, torch.zeros_like(best), best)
+
+
+def _fit_table(x: torch.Tensor, weight: torch.Tensor, table: torch.Tensor, tries: int = 7) -> torch.Tensor:
+    """Scale per sub-block, value = scale * table[q]: candidate scales around extreme / table[0]
+    (quantize_row_iq4_nl_impl)."""
+    extreme, safe = _signed_extreme(x)
+    inverses = [-table[0] / safe, *((i + table[0]) / safe for i in range(-tries, tries + 1))]
+    best = _best_scale(x, weight, table, inverses)
     return torch.where(extreme == 0, torch.zeros_like(best), best)
 
 

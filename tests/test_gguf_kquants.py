@@ -235,7 +235,6 @@ def test_llama_cpp_agrees_on_types_and_logits(wide_dir, tmp_path, calibration_fi
     """llama.cpp's own quantizer, given the same model as F32 GGUF and the same preset, picks the same
     type for every tensor; and llama.cpp runs our K-quant file with the logits transformers gets."""
     llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is installed by `make setup-llama`")
-    from transformers import AutoModelForCausalLM
 
     import compressor
     from compressor.gguf_export import export_gguf
@@ -258,15 +257,21 @@ def test_llama_cpp_agrees_on_types_and_logits(wide_dir, tmp_path, calibration_fi
             {k: v for k, v in expected.items() if k.startswith("blk.")}, preset
         assert got["token_embd.weight"] == expected["token_embd.weight"]
 
-    path = tmp_path / "ours-q4_k_m.gguf"
-    reread = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=path.name).eval()
+    _llama_cpp_follows_transformers(llama_cpp, tmp_path / "ours-q4_k_m.gguf")
+
+
+def _llama_cpp_follows_transformers(llama_cpp, path) -> None:
+    """llama.cpp's logits on the file follow those of transformers reading the same file (llama.cpp
+    rounds the activations to 8 bits for its quantized dot products: a few percent)."""
+    from transformers import AutoModelForCausalLM
+
+    reread = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name).eval()
     ids = [1, 17, 42, 99, 150, 7, 256, 3]
     llm = llama_cpp.Llama(str(path), n_ctx=64, logits_all=True, verbose=False)
     llm.eval(ids)
     theirs = torch.tensor(np.array(llm.scores[: len(ids)]))
     with torch.no_grad():
         expected = reread(torch.tensor([ids])).logits[0]
-    # llama.cpp rounds the activations to 8 bits (Q8_K) for its K-quant dot products: a few percent.
     assert (theirs - expected).abs().max() < 6e-2 * expected.abs().max()
     assert (theirs.argmax(-1) == expected.argmax(-1)).float().mean() >= 0.75
 
@@ -357,18 +362,9 @@ def test_fallback_to_iq4_nl_end_to_end(llama_dir, tmp_path, calibration_file):
 @pytest.mark.slow
 def test_llama_cpp_runs_iq4_nl(llama_dir, tmp_path, calibration_file):
     llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is installed by `make setup-llama`")
-    from transformers import AutoModelForCausalLM
 
     import compressor
 
     compressor.quantize(str(llama_dir), tmp_path / "m.gguf", number_format="gguf:q3_k", method="rtn")
     assert set(_gguf_types(tmp_path / "m.gguf").values()) == {"iq4_nl", "f32", "q8_0"}
-    reread = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="m.gguf").eval()
-    ids = [1, 17, 42, 99, 150, 7, 256, 3]
-    llm = llama_cpp.Llama(str(tmp_path / "m.gguf"), n_ctx=64, logits_all=True, verbose=False)
-    llm.eval(ids)
-    theirs = torch.tensor(np.array(llm.scores[: len(ids)]))
-    with torch.no_grad():
-        expected = reread(torch.tensor([ids])).logits[0]
-    assert (theirs - expected).abs().max() < 6e-2 * expected.abs().max()
-    assert (theirs.argmax(-1) == expected.argmax(-1)).float().mean() >= 0.75
+    _llama_cpp_follows_transformers(llama_cpp, tmp_path / "m.gguf")
