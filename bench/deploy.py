@@ -127,7 +127,8 @@ def markdown(rows: list[dict]) -> str:
 # file MiB and perplexity on the first 8 benchmark windows through transformers (dense fp32: 19.134).
 LLAMA_CPP = {"q4_0": (87.6, 21.271), "q4_k_m": (100.6, 19.690), "q3_k_m": (89.2, 20.765),
              "q2_k": (84.1, 22.688), "q8_0": (138.1, 19.163)}
-GGUF_TYPES = ("q4_k_m", "q3_k_m", "q2_k", "q4_0", "q8_0")  # those REFERENCE.md has llama-quantize rows for
+# Those REFERENCE.md has llama-quantize rows for (Q8_0 too: 138.1 MiB, 19.163; not re-run with K-quants).
+GGUF_TYPES = ("q4_k_m", "q3_k_m", "q2_k", "q4_0")
 
 
 def llama_cpp_ppl(path: Path, windows: int = 8, seqlen: int = 2048) -> float | None:

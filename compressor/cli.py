@@ -210,9 +210,10 @@ def quantize(
              "mxfp4 (E2M1, power-of-two scale per 32), fp4 (LLM-FP4: per-channel format E3M0/E2M1/E1M2 "
              "and exponent bias searched on calibration data), e2m1 (plain per-channel E2M1); or "
              "gguf:TYPE: --method (GPTQ or rtn) onto llama.cpp's blocks, written as one GGUF file "
-             "(-o NAME.gguf); TYPE is a block type (q4_0 q4_1 q5_0 q5_1 q8_0 q2_k q3_k q4_k q5_k q6_k) "
-             "or a llama.cpp preset (q2_k q3_k_s q3_k_m q3_k_l q4_k_s q4_k_m q5_k_s q5_k_m q6_k: "
-             "a type per tensor role, llama.cpp's fallbacks where rows are not a multiple of 256); or "
+             "(-o NAME.gguf); TYPE is a block type (q4_0 q4_1 q5_0 q5_1 q8_0 iq4_nl q2_k q3_k q4_k "
+             "q5_k q6_k) or a llama.cpp preset (q2_k q3_k_s q3_k_m q3_k_l q4_k_s q4_k_m q5_k_s q5_k_m q6_k: "
+             "a type per tensor role; where rows are not a multiple of 256 llama.cpp's fallbacks, but "
+             "IQ4_NL for Q2_K/Q3_K); or "
              "gguf with --allocate lim|zd --budget NBPW: per block the cheaper or dearer of two "
              "neighbouring types of q2_k q3_k q4_k q5_k q6_k q8_0."),
     act_bits: int = typer.Option(

@@ -15,6 +15,7 @@ Every type, legacy or K-quant, is one affine grid per sub-block once its header 
     Q4_K   256    32    4    d, dmin, 6-bit scale + 6-bit min per 32      d sc        -dmin m
     Q5_K   256    32    5    d, dmin, 6-bit scale + 6-bit min per 32      d sc        -dmin m
     Q6_K   256    16    6    d, int8 scale per 16                         d sc        -32 d sc
+    IQ4_NL  32    32    4    d                                 value = d * TABLE[code] (16 values)
 
 (llama.cpp's symmetric types store signed codes: ours are those plus 2^(bits-1)). Since d is a float16
 and sc a small integer, step is exact in float32 and so is every value: the weights computed here are
