@@ -55,19 +55,8 @@ class ExportResult:
     max_scale_rounding: float  # largest relative change of a scale rounded to float16
 
 
-# GGUF's legacy block types as this project's grids: (bits, symmetric), groups of 32, float16 scales;
-# the symmetric ones use every code (llama.cpp's d = extreme / -2^(bits-1)), except Q8_0 (d = absmax/127).
+# The legacy block types that hold this project's integer codes exactly: (bits, symmetric), groups of 32.
 LEGACY = {"q4_0": (4, True), "q4_1": (4, False), "q5_0": (5, True), "q5_1": (5, False), "q8_0": (8, True)}
-
-
-def legacy_grid_args(name: str) -> dict:
-    """The quantization settings (compressor.passes.grid_from_args) of a legacy GGUF type."""
-    if name not in LEGACY:
-        raise CompressorError(f"unknown GGUF type {name!r}; choose {', '.join(LEGACY)} (K-quants are not "
-                              "built yet)")
-    bits, symmetric = LEGACY[name]
-    return {"bits": bits, "group_size": BLOCK, "symmetric": symmetric, "full_range": symmetric and bits < 8,
-            "fp16_scale": True}
 
 
 def exact_type(stored: StoredLinear):

@@ -51,7 +51,8 @@ def quantize_job(bits: float = 4, group_size: int | None = None, symmetric: bool
         raise CompressorError(f"unknown --embeddings {embeddings!r}; choose keep or int8")
     if number_format.lower() == "gguf" or number_format.lower().startswith("gguf:"):
         if embeddings != "keep":
-            raise CompressorError("--format gguf: the GGUF file holds its embeddings as Q8_0 already")
+            raise CompressorError("--format gguf: the GGUF file holds its embeddings quantized already "
+                                  "(Q6_K, or Q8_0 where rows are not a multiple of 256)")
         return with_target(_gguf_job(number_format.partition(":")[2].lower(), bits, group_size, symmetric,
                                      method, act_order, mse, damp, allocate, budget, rotate, reconstruct,
                                      reconstruct_train, reconstruct_iters, full_range, awq), target)
