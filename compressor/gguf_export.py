@@ -69,38 +69,12 @@ def exact_type(stored: StoredLinear):
     return by_grid.get((stored.bits, stored.zero is None))
 
 
-def _nibbles(q: np.ndarray) -> np.ndarray:
-    """[..., 32] values < 16 -> [..., 16] bytes: element j low, element j + 16 high."""
-    return (q[..., :16] | (q[..., 16:] << 4)).astype(np.uint8)
-
-
-def _high_bits(q: np.ndarray) -> np.ndarray:
-    """[..., 32] 5-bit values -> [..., 4] bytes: bit j of a little-endian uint32 = bit 4 of element j."""
-    bits = ((q >> 4) & 1).astype(np.uint32) << np.arange(32, dtype=np.uint32)
-    return bits.sum(axis=-1, dtype=np.uint32)[..., None].view(np.uint8)
-
-
-def _half(x: torch.Tensor) -> np.ndarray:
-    return x.to(torch.float16).numpy()[..., None].view(np.uint8)
-
-
 def encode_blocks(stored: StoredLinear, qtype) -> np.ndarray:
-    """The GGUF bytes [rows, blocks * block_bytes] of codes on an exact_type grid."""
-    from gguf import GGMLQuantizationType as T
-
-    rows, columns = stored.codes.shape
-    q = stored.codes.numpy().astype(np.uint8).reshape(rows, columns // BLOCK, BLOCK)
-    d = stored.scale  # [rows, blocks]
-    parts = [_half(d)]
-    if qtype in (T.Q4_1, T.Q5_1):
-        parts.append(_half(-d * stored.zero))
-    if qtype in (T.Q5_0, T.Q5_1):
-        parts.append(_high_bits(q))
-    if qtype == T.Q8_0:
-        parts.append((q.astype(np.int16) - 128).astype(np.int8).view(np.uint8))
-    else:
-        parts.append(_nibbles(q & 0x0F))
-    return np.concatenate(parts, axis=-1).reshape(rows, -1)
+    """The GGUF bytes [rows, blocks * block_bytes] of codes on an exact_type grid: our scale is the
+    block's d and, asymmetric, m = -scale * zero (compressor.gguf_quants lays the bytes out)."""
+    dmin = None if stored.zero is None else (-stored.scale * stored.zero).to(torch.float16)
+    header = gguf_quants.BlockHeader(GgufType.parse(qtype.name), stored.scale.to(torch.float16), dmin=dmin)
+    return gguf_quants.encode(stored.codes.to(torch.uint8), header)
 
 
 def dequantized(stored: StoredLinear) -> torch.Tensor:
