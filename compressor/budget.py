@@ -45,7 +45,7 @@ def quantized_linear_bits(
     packed_zero=None: as written by default (blocks only for ragged groups)."""
     if isinstance(grid, FloatGrid):
         return float_linear_bits(out_features, in_features, grid)
-    if grid.format == "gguf":  # GGUF blocks: their bytes, headers included
+    if hasattr(grid, "stored_bits"):  # GGUF blocks (headers included), lookup tables (compressor.lutgrids)
         return grid.stored_bits(out_features, in_features)
     groups = grid.num_groups(in_features)
     bits = out_features * packed_words(in_features, grid.bits) * 32

@@ -14,7 +14,7 @@ from compressor.files import INDEX_NAME, WEIGHTS_NAME, tensor_files
 from compressor.fpgrids import FloatGrid
 from compressor.gguf_quants import GgufGrid, GgufType
 from compressor.grids import IntGrid
-from compressor.model import OWN_QUANT_METHOD
+from compressor.model import LUT_QUANT_METHOD, OWN_QUANT_METHOD
 from compressor.pack import unpack_zero_point
 from compressor.sparsity import Pattern, parse_nm
 
@@ -67,8 +67,20 @@ def inspect_checkpoint(folder: str | Path) -> dict:
         scheme_of = {target: {"type": "float", "num_bits": 4} for target in qconfig.get("targets", [])}
         format_of = {target: qconfig.get("format") for target in scheme_of}
     layers, rows, layouts = [], [], {}
+    lut = qconfig.get("quant_method") == LUT_QUANT_METHOD
     for key, (dtype, shape) in shapes.items():
-        if key.endswith(".weight_packed"):
+        if lut and key.endswith(".weight_table"):  # learned lookup tables (--format lut4 | lut3)
+            name = key.removesuffix(".weight_table")
+            out_features, in_features, grid = _lut_layout(name, shapes, original, qconfig)
+            row = (out_features, in_features, grid, 16)
+            if ".layers." in name:
+                layers.append(row)
+            layouts[name] = ({"type": "lut", "num_bits": grid.bits}, grid.format, (out_features, in_features))
+            rows.append({"module": name, "bits": grid.bits, "group_size": grid.group_size,
+                         "symmetric": grid.symmetric, "shape": [out_features, in_features],
+                         "format": grid.format, "table_rows": grid.table_rows,
+                         "bpw": budget.bits_per_weight([row])["stored"]})
+        elif key.endswith(".weight_packed") and not lut:
             name = key.removesuffix(".weight_packed")
             out_features, in_features, grid = _packed_layout(name, shape, scheme_of, original, qconfig)
             scale_bits = 8 * BYTES.get(shapes[f"{name}.weight_scale"][0], 2)
@@ -122,6 +134,23 @@ def inspect_checkpoint(folder: str | Path) -> dict:
         "weights_bytes": sum(p.stat().st_size for p in _weight_files(folder)),
     }
 
+
+
+def _lut_layout(name: str, shapes: dict, original: dict, qconfig: dict):
+    """(out, in, grid) of a lookup-table linear, its tensors' shapes checked against the grid."""
+    from compressor.lutgrids import parse_grid
+
+    if name not in qconfig.get("targets", []) or name not in original:
+        raise CompressorError(f"{name} holds a lookup table but is not listed (or weight_shape missing)")
+    grid = parse_grid({k: qconfig[k] for k in ("format", "group_size", "table_rows") if k in qconfig})
+    out_features, in_features = original[name]
+    expected = {"weight_packed": [out_features, budget.packed_words(in_features, grid.bits)],
+                "weight_scale": [out_features, grid.num_groups(in_features)],
+                "weight_table": [grid.num_tables(out_features), grid.levels]}
+    for local, shape in expected.items():
+        if shapes.get(f"{name}.{local}", (None, None))[1] != shape:
+            raise CompressorError(f"{name}.{local} does not match its {grid.format} layout {shape}")
+    return out_features, in_features, grid
 
 
 def _packed_layout(name: str, shape: list[int], scheme_of: dict, original: dict, qconfig: dict):

@@ -91,6 +91,9 @@ def calibration_windows(
         raise CompressorError(f"number of calibration samples must be at least 1, got {n_samples}")
     if seqlen < 2:
         raise CompressorError(f"calibration sequence length must be at least 2, got {seqlen}")
+    if source == "self":
+        raise CompressorError("--calibration self is text the model writes itself: it needs the model "
+                              "(compressor.job.calibration_windows, compressor.selfcal)")
     docs = load_documents(source, data_dir, split="calibration")
     rng = random.Random(seed)
     if len(docs) == 1:

@@ -116,6 +116,9 @@ def llama_cpp_reason(args: dict | None, layout: str, shape: tuple[int, int]) -> 
     """Why `compress export --to gguf` cannot write the layer code for code; None when it can."""
     if args is None or layout == "gguf":
         return None  # dense (written as float16), or GGUF blocks already
+    if args.get("type") == "lut":
+        return ("learned lookup tables: no GGUF type holds a table per row (IQ4_NL's 16 values are fixed: "
+                "--format gguf:iq4_nl)")
     if args.get("type") != "int":
         return "4-bit float layers are not exported to GGUF yet"
     bits, symmetric = int(args["num_bits"]), args.get("symmetric", True)
@@ -179,6 +182,7 @@ def check_plan(layers: Layouts, engine: Engine = Engine.VLLM) -> None:
 def plan_layouts(model, plan) -> Layouts:
     """What the writer will store for each decoder-block linear under a plan (compressor.plan): the
     grid of the last step that leaves one (a pass's `output_grid`), as compressed-tensors args."""
+    from compressor.lutgrids import LUT_FORMATS
     from compressor.pack import CT_FLOAT_FORMATS, OWN_FORMATS, weight_args
     from compressor.passes import get_pass
     from compressor.plan import compressible_linears
@@ -194,6 +198,8 @@ def plan_layouts(model, plan) -> Layouts:
             layouts[name] = (None, "dense", (out_features, in_features))
         elif grid.format == "gguf":  # written as a GGUF file (llama.cpp), not a checkpoint folder
             layouts[name] = ({"type": "gguf", "num_bits": grid.bits}, "gguf", (out_features, in_features))
+        elif grid.format in LUT_FORMATS:  # this project's own layout (compressor.lutgrids)
+            layouts[name] = ({"type": "lut", "num_bits": grid.bits}, grid.format, (out_features, in_features))
         elif grid.format in OWN_FORMATS:
             layouts[name] = ({"type": "float", "num_bits": 4}, grid.format, (out_features, in_features))
         else:

@@ -11,8 +11,15 @@ from safetensors import safe_open
 
 from compressor.errors import CompressorError
 
+CACHE_ENV = "COMPRESSOR_CACHE"
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
+
+
+def cache_dir(kind: str) -> Path:
+    """Where results worth keeping between runs go: $COMPRESSOR_CACHE, else ~/.cache/compressor."""
+    root = os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "compressor"
+    return Path(root) / kind
 
 
 def tensor_files(folder: Path) -> dict[str, Path]:

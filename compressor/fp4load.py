@@ -48,6 +48,8 @@ def dequantized_state_dict(folder: Path, qconfig: dict) -> tuple[dict[str, torch
     input quantizers (module -> (format, bias, shift)) of the linears that have one."""
     if qconfig.get("format") == "gguf":
         return gguf_state_dict(folder, qconfig), {}
+    if str(qconfig.get("format")).startswith("lut"):
+        return lut_state_dict(folder, qconfig), {}
     names = qconfig.get("row_formats")
     if names != [f.name for f in fpgrids.ROW_FORMATS]:
         raise CompressorError(f"unsupported LLM-FP4 row formats {names!r}")
@@ -92,6 +94,33 @@ def gguf_state_dict(folder: Path, qconfig: dict) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def lut_state_dict(folder: Path, qconfig: dict) -> dict[str, torch.Tensor]:
+    """The tensors of a lookup-table checkpoint (compressor.passes.lut), each linear's weight
+    scale * table[code] computed from the stored float16 numbers as the pass computed it."""
+    from compressor import lutgrids
+    from compressor.pack import unpack_lut_codes
+
+    grid = lutgrids.parse_grid({"format": qconfig.get("format"), "group_size": qconfig.get("group_size", 64),
+                                "table_rows": qconfig.get("table_rows", 1)})
+    tensors = read_state_dict(folder)
+    for module in qconfig.get("targets", []):
+        try:
+            packed = tensors.pop(f"{module}.weight_packed")
+            scale = tensors.pop(f"{module}.weight_scale")
+            table = tensors.pop(f"{module}.weight_table")
+            shape = tensors.pop(f"{module}.weight_shape").tolist()
+        except KeyError as missing:
+            raise CompressorError(f"{folder}: {module} lacks tensor {missing}")
+        rows, cols = shape
+        expected = ([rows, -(-cols * grid.bits // 32)], [rows, grid.num_groups(cols)],
+                    [grid.num_tables(rows), grid.levels])
+        if [list(packed.shape), list(scale.shape), list(table.shape)] != list(expected):
+            raise CompressorError(f"{folder}: {module} tensors do not match shape {shape} ({grid.format})")
+        codes = unpack_lut_codes(packed, grid.bits, shape)
+        tensors[f"{module}.weight"] = lutgrids.values(codes, scale, table, grid)
+    return tensors
+
+
 def install_input_quantizers(model, quantizers: dict) -> None:
     """Simulated activation quantization: a forward pre-hook rounds each listed linear's input."""
     for module, (fmt, bias, shift) in quantizers.items():
@@ -131,14 +160,14 @@ def load_llm_fp4(folder: Path, config, dtype):
 
 GUARDED_TYPE = "compressor_llm_fp4"
 NOTICE_MODULE = "llm_fp4_notice"
-NOTICE = f'''"""This checkpoint holds LLM-FP4 (or GGUF-block) weights in compressor's own layout, which
-transformers cannot dequantize (it would skip them and run random weights). Load it with compressor:
-compressor.load_model / `compress eval` / `compress generate`."""
+NOTICE = f'''"""This checkpoint holds LLM-FP4 (GGUF-block, lookup-table) weights in compressor's own
+layout, which transformers cannot dequantize (it would skip them and run random weights). Load it
+with compressor: compressor.load_model / `compress eval` / `compress generate`."""
 
 from transformers import PretrainedConfig, PreTrainedModel
 
-MESSAGE = ("this is an LLM-FP4 or GGUF-block checkpoint in compressor's own layout, which transformers "
-           "cannot read: load it with compressor (compressor.load_model, `compress eval`, "
+MESSAGE = ("this is an LLM-FP4, GGUF-block or lookup-table checkpoint in compressor's own layout, which "
+           "transformers cannot read: load it with compressor (compressor.load_model, `compress eval`, "
            "`compress generate`)")
 
 

@@ -32,11 +32,12 @@ import numpy as np
 import torch
 
 from compressor import gguf_quants
+from compressor.engines import llama_cpp_reason
 from compressor.errors import CompressorError
 from compressor.files import tensor_reader
 from compressor.fp4load import read_config
 from compressor.gguf_quants import GgufType
-from compressor.model import GGUF_QUANT_METHOD, read_json
+from compressor.model import GGUF_QUANT_METHOD, LUT_QUANT_METHOD, read_json
 from compressor.runtime import PACKED_SUFFIXES, StoredLinear, _targets, read_linear
 
 # model_type -> (llama.cpp architecture, q/k rows permuted as its converter does)
@@ -202,6 +203,9 @@ def export_gguf(folder: str | Path, output: str | Path, embeddings: str = "auto"
     arch, permute = check_gguf_architecture(raw)
     qconfig = raw.get("quantization_config") or {}
     blocks = qconfig.get("types", {}) if qconfig.get("quant_method") == GGUF_QUANT_METHOD else {}
+    if qconfig.get("quant_method") == LUT_QUANT_METHOD:
+        raise CompressorError(f"{folder}: " + llama_cpp_reason({"type": "lut"}, qconfig.get("format", "lut"),
+                                                               (0, 0)))
     if qconfig and not blocks and qconfig.get("quant_method") != "compressed-tensors":
         raise CompressorError(f"{folder}: {qconfig.get('quant_method')} layouts are not exported to GGUF")
     config = read_config(folder) if "compressor_model_type" in raw else AutoConfig.from_pretrained(folder)

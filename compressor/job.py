@@ -25,6 +25,7 @@ from compressor.pack import Target, block_layers, check_output, module_tensors, 
 from compressor.passes import Scope
 from compressor.pipeline import BlockHooks, compress_model, needs_data, resolve_device
 from compressor.plan import build_plan, compressible_linears, recipe_scopes, validate_recipe
+from compressor.selfcal import SELF, self_windows
 from compressor.stream import NamesDiffer, StreamedModel, can_stream, keep_heap_small, return_freed_memory
 from compressor.writer import CheckpointWriter, lighten, peak_rss_mb
 
@@ -130,7 +131,8 @@ def _compress(source, recipe, writer, calibration, torch_device, data_dir, stage
     def calibration_ids():
         start = time.perf_counter()
         stage(f"calibration: {calibration.samples} x {calibration.seqlen} tokens of {calibration.source}")
-        ids = calibration_windows(tokenizer, calibration, data_dir)
+        ids = calibration_windows(tokenizer, calibration, data_dir, source=source,
+                                  model=None if streamed else model, device=torch_device, on_stage=stage)
         seconds["calibration_data"] = time.perf_counter() - start
         return ids
 
@@ -189,11 +191,18 @@ def _compress(source, recipe, writer, calibration, torch_device, data_dir, stage
 
 
 def calibration_windows(tokenizer, calibration: Calibration, data_dir: Path, count: int | None = None,
-                        seqlen: int | None = None, seed_offset: int = 0) -> torch.Tensor:
-    """The calibration windows a job asked for (or `count` x `seqlen` of the same source, another seed)."""
-    return data.calibration_windows(tokenizer, calibration.source, count or calibration.samples,
-                                    seqlen or calibration.seqlen, seed=calibration.seed + seed_offset,
-                                    data_dir=data_dir)
+                        seqlen: int | None = None, seed_offset: int = 0, *, source: ModelSource | None = None,
+                        model=None, device=None, on_stage=None) -> torch.Tensor:
+    """The calibration windows a job asked for (or `count` x `seqlen` of the same source, another seed).
+
+    `--calibration self` has the dense model write them (compressor.selfcal): `model` when it is
+    loaded whole and still dense, else it is loaded from `source`."""
+    count, seqlen = count or calibration.samples, seqlen or calibration.seqlen
+    if calibration.source == SELF:
+        return self_windows(source, model, tokenizer, count, seqlen, calibration.seed + seed_offset, device,
+                            on_stage=on_stage)
+    return data.calibration_windows(tokenizer, calibration.source, count, seqlen,
+                                    seed=calibration.seed + seed_offset, data_dir=data_dir)
 
 
 def finish_checkpoint(writer: CheckpointWriter, model, tokenizer, source: ModelSource, recipe: dict,

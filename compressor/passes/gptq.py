@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from compressor import grids
+from compressor import finequant, grids
 from compressor.errors import CompressorError
 from compressor.grids import IntGrid
 from compressor.passes import QUANT_KEYS, LinearState, check_keys, grid_from_args
@@ -46,14 +46,19 @@ def needs_data(args: dict) -> bool:
 
 def validate(args: dict) -> None:
     """Fail early, before any model work, on settings this pass cannot use."""
-    check_keys("gptq", args, QUANT_KEYS | {"damp", "act_order", "blocksize"})
-    grid_from_args(args)
+    check_keys("gptq", args, QUANT_KEYS | {"damp", "act_order", "blocksize"} | finequant.AUTO_KEYS)
+    finequant.validate(args)
+    grid_from_args(finequant.stand_in(args))
     GPTQOptions.from_args(args)
 
 
 def output_grid(args: dict) -> IntGrid:
-    """The grid the weights end on (what the writer will store)."""
-    return grid_from_args(args)
+    """The grid the weights end on (what the writer will store); with group_size auto the coarsest
+    candidate stands in until the weights are seen (compressor.finequant)."""
+    return grid_from_args(finequant.stand_in(args))
+
+
+subgroup_args = finequant.subgroup_args  # group_size: auto -> a group size per matrix
 
 
 def compress(layer: LinearState, stats: InputStats | None, args: dict) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from compressor import grids
+from compressor import finequant, grids
 from compressor.passes import QUANT_KEYS, LinearState, QuantizedWeight, check_keys, grid_from_args
 from compressor.stats import InputStats
 
@@ -15,13 +15,18 @@ def needs_data(args: dict) -> bool:
 
 def validate(args: dict) -> None:
     """Fail early, before any model work, on settings this pass cannot use."""
-    check_keys("rtn", args, QUANT_KEYS)
-    grid_from_args(args)
+    check_keys("rtn", args, QUANT_KEYS | finequant.AUTO_KEYS)
+    finequant.validate(args)
+    grid_from_args(finequant.stand_in(args))
 
 
 def output_grid(args: dict):
-    """The grid the weights end on (what the writer will store)."""
-    return grid_from_args(args)
+    """The grid the weights end on (what the writer will store); with group_size auto the coarsest
+    candidate stands in until the weights are seen (compressor.finequant)."""
+    return grid_from_args(finequant.stand_in(args))
+
+
+subgroup_args = finequant.subgroup_args  # group_size: auto -> a group size per matrix
 
 
 def compress(layer: LinearState, stats: InputStats | None, args: dict) -> None:

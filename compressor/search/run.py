@@ -240,7 +240,8 @@ def run_search(
     database = LevelDatabase(database_folder) if (database_folder / "index.json").is_file() else None
     if database is None or not database.complete(len(blocks)):
         stage(f"level database: {len(levels)} levels x {len(blocks)} blocks")
-        ids = calibration_windows(tokenizer, calibration, data_dir)
+        ids = calibration_windows(tokenizer, calibration, data_dir, source=source, model=model,
+                                  device=torch_device, on_stage=stage)
         identity = {"source": asdict(source), "calibration": asdict(calibration)}
         reference = None
         if job.database_reference != "dense":
@@ -259,7 +260,7 @@ def run_search(
         torch.bfloat16 if native_bf16(torch_device) else torch.float32)
     scorer = model if dtype == model.dtype else copy.deepcopy(model).to(dtype)
     scorer.to(torch_device)
-    targets = _dense_targets(scorer, tokenizer, job, calibration, data_dir, work, torch_device,
+    targets = _dense_targets(scorer, tokenizer, source, job, calibration, data_dir, work, torch_device,
                              stage, progress)
     fitness = KLFitness(scorer, database, units, targets)
     seconds["dense_targets"] = time.perf_counter() - start
@@ -282,7 +283,8 @@ def run_search(
         # Reloaded: the fitness may have scored candidates on this very model's weights.
         del fitness, scorer
         model, tokenizer = load_model(source)
-        ids = calibration_windows(tokenizer, calibration, data_dir)
+        ids = calibration_windows(tokenizer, calibration, data_dir, source=source, model=model,
+                                  device=torch_device, on_stage=stage)
         records = compress_model(model, build_plan(model, recipe["passes"]), ids, torch_device,
                                  calibration.batch_size, progress)
         seconds["requantize"] = time.perf_counter() - start
@@ -436,7 +438,7 @@ def warm_starts(scores: list[str], model, scorer, targets: DenseTargets, units: 
     return starts
 
 
-def _dense_targets(model, tokenizer, job, calibration, data_dir, work, device, stage, progress):
+def _dense_targets(model, tokenizer, source, job, calibration, data_dir, work, device, stage, progress):
     """The fitness pool (a different seed from the database's calibration) and its dense targets."""
     path = work / "targets.pt"
     count = job.ip_windows if job.algorithm == "ip" else job.fitness_windows  # ip scores on these only
@@ -449,7 +451,10 @@ def _dense_targets(model, tokenizer, job, calibration, data_dir, work, device, s
             targets.windows, targets.values = saved["windows"], saved["values"]
             targets.indices, targets.rest, targets.device = saved["indices"], saved["rest"], device
             return targets
-    windows = calibration_windows(tokenizer, calibration, data_dir, count, job.fitness_seqlen, seed_offset=1)
+    # Self-generated text comes from the dense model as loaded (not this scoring copy): the cache holds
+    # the same windows whatever the fitness dtype.
+    windows = calibration_windows(tokenizer, calibration, data_dir, count, job.fitness_seqlen, seed_offset=1,
+                                  source=source, device=device, on_stage=stage)
     stage(f"dense model targets: {count} x {job.fitness_seqlen} tokens, top-{job.top_k}")
     targets = DenseTargets(model, windows, job.top_k, device, progress)
     torch.save({"key": json.dumps(key), "windows": targets.windows, "values": targets.values,
