@@ -89,6 +89,13 @@ SUITES: dict[str, list[tuple[str, list[str]]]] = {
         ("rtn-w4gauto-sym", _quant("rtn", 4, "auto", True)),
         ("gptq-w4gauto-sym", _quant("gptq", 4, "auto", True)),
         ("gptq-w4g64-sym-selfcal", [*_quant("gptq", 4, 64, True), "--calibration", "self"]),
+        # Learned per-row tables (issue 22: better than gptq-w4g64-asym at no more stored bits), the
+        # data-free variant, and the fixed-table relative (llama.cpp's IQ4_NL through GPTQ). NF4: fp4.md.
+        ("gptq-lut4g64", ["quantize", "--format", "lut4", "--group-size", "64"]),
+        ("gptq-lut4g128", ["quantize", "--format", "lut4", "--group-size", "128"]),
+        ("rtn-lut4g128", ["quantize", "--format", "lut4", "--method", "rtn", "--group-size", "128"]),
+        ("gptq-lut3g64", ["quantize", "--format", "lut3", "--group-size", "64"]),
+        ("gptq-iq4nl", ["run", str(HERE / "iq4nl-gptq.yaml")]),
     ],
     "sparsity": [
         (f"{method}-{pattern.replace(':', 'of')}{'-dsnot' if dsnot else ''}", _prune(method, pattern, dsnot))

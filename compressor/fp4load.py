@@ -57,13 +57,9 @@ def dequantized_state_dict(folder: Path, qconfig: dict) -> tuple[dict[str, torch
     activations = qconfig.get("input_activations")
     quantizers = {}
     for module in qconfig.get("targets", []):
-        try:
-            packed = tensors.pop(f"{module}.weight_packed")
-            row_format = tensors.pop(f"{module}.weight_format")
-            scale = tensors.pop(f"{module}.weight_scale")
-            shape = tensors.pop(f"{module}.weight_shape").tolist()
-        except KeyError as missing:
-            raise CompressorError(f"{folder}: {module} lacks tensor {missing}")
+        packed, row_format, scale, shape = _pop(tensors, folder, module, "weight_packed", "weight_format",
+                                                "weight_scale", "weight_shape")
+        shape = shape.tolist()
         codes = fpgrids.unpack_nibbles(packed)
         if list(codes.shape) != shape or row_format.shape[0] != shape[0]:
             raise CompressorError(f"{folder}: {module} packed tensors do not match shape {shape}")
@@ -76,17 +72,22 @@ def dequantized_state_dict(folder: Path, qconfig: dict) -> tuple[dict[str, torch
     return tensors, quantizers
 
 
+def _pop(tensors: dict, folder: Path, module: str, *names: str) -> list[torch.Tensor]:
+    """The module's tensors `names`, taken out of `tensors`; a missing one is one clear error."""
+    try:
+        return [tensors.pop(f"{module}.{name}") for name in names]
+    except KeyError as missing:
+        raise CompressorError(f"{folder}: {module} lacks tensor {missing}") from None
+
+
 def gguf_state_dict(folder: Path, qconfig: dict) -> dict[str, torch.Tensor]:
     """The tensors of a checkpoint of GGUF blocks (compressor.passes.gguf), each decoded by gguf-py."""
     from compressor import gguf_quants
 
     tensors = read_state_dict(folder)
     for module, qtype in (qconfig.get("types") or {}).items():
-        try:
-            data = tensors.pop(f"{module}.weight_gguf")
-            rows, cols = tensors.pop(f"{module}.weight_shape").tolist()
-        except KeyError as missing:
-            raise CompressorError(f"{folder}: {module} lacks tensor {missing}")
+        data, shape = _pop(tensors, folder, module, "weight_gguf", "weight_shape")
+        rows, cols = shape.tolist()
         spec = gguf_quants.SPECS[gguf_quants.GgufType.parse(qtype)]
         if list(data.shape) != [rows, cols // spec.block * spec.nbytes]:
             raise CompressorError(f"{folder}: {module} blocks do not match shape {[rows, cols]} ({qtype})")
@@ -104,14 +105,9 @@ def lut_state_dict(folder: Path, qconfig: dict) -> dict[str, torch.Tensor]:
                                 "table_rows": qconfig.get("table_rows", 1)})
     tensors = read_state_dict(folder)
     for module in qconfig.get("targets", []):
-        try:
-            packed = tensors.pop(f"{module}.weight_packed")
-            scale = tensors.pop(f"{module}.weight_scale")
-            table = tensors.pop(f"{module}.weight_table")
-            shape = tensors.pop(f"{module}.weight_shape").tolist()
-        except KeyError as missing:
-            raise CompressorError(f"{folder}: {module} lacks tensor {missing}")
-        rows, cols = shape
+        packed, scale, table, shape = _pop(tensors, folder, module, "weight_packed", "weight_scale",
+                                           "weight_table", "weight_shape")
+        rows, cols = shape = shape.tolist()
         expected = ([rows, -(-cols * grid.bits // 32)], [rows, grid.num_groups(cols)],
                     [grid.num_tables(rows), grid.levels])
         if [list(packed.shape), list(scale.shape), list(table.shape)] != list(expected):

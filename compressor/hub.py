@@ -239,7 +239,9 @@ def _title(base: str | None, manifest: dict) -> str:
 def _grid_text(step: dict) -> str:
     # Defaults as compressor.passes.grid_from_args applies them to a recipe step.
     bits, group = step.get("bits", 4), step.get("group_size", 128)
-    group_text = "per output channel" if group in (0, -1) else f"in groups of {group} columns"
+    group_text = ("per output channel" if group in (0, -1) else
+                  "in groups chosen per matrix from its weights (FineQuant)" if group == "auto" else
+                  f"in groups of {group} columns")
     if not step.get("symmetric", True):
         kind = "asymmetric (with zero points)"
     elif step.get("full_range"):
@@ -266,6 +268,11 @@ def _step_text(step: dict) -> str:
         if step.get("act_bits"):
             text += f", activations at {step['act_bits']} bits simulated (not stored, no kernel runs them)"
         return text
+    if method == "lut":
+        group = step.get("group_size", 64)
+        scales = "one float16 scale per row" if group in (0, -1) else f"a float16 scale per {group} columns"
+        return (f"learned lookup tables ({str(step.get('format', 'lut4')).upper()}: codes into a table of "
+                f"values learned per row, {scales}; {_METHOD_NAMES.get(step.get('solver', 'gptq'), 'GPTQ')})")
     if method == "reconstruct":
         return f"{name} (trained: {step.get('train', 'rounding')}, {step.get('iters', 50)} iterations)"
     return name

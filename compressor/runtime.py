@@ -7,8 +7,9 @@ The model skeleton is made on the meta device (parameters only; buffers such as 
 frequencies are computed as usual), each quantized linear becomes a PackedLinear built from its
 weight_packed / weight_scale / weight_zero_point / weight_g_idx tensors, and every other tensor
 (embeddings, norms, unquantized linears) is read from the safetensors files one at a time.
-Integer compressed-tensors checkpoints (pack-quantized, group / channel / block strategies) are
-supported; 4-bit float layouts are not packed here (load them with compressor.model.load_model).
+Integer compressed-tensors checkpoints (pack-quantized, group / channel / block strategies) and
+lookup-table checkpoints (--format lut4|lut3: LutLinear) are supported; 4-bit float layouts are not
+packed here (load them with compressor.model.load_model).
 On CUDA the packed linears run Triton's dequantize-matmul (when Triton is installed), and fp16 /
 bf16 linears pruned 2:4 (an unquantized sparse checkpoint, or layers a recipe left unquantized) run
 on torch's semi-structured sparse kernels.
@@ -24,13 +25,15 @@ import torch
 
 from compressor.errors import CompressorError
 from compressor.files import tensor_reader
+from compressor.fp4load import read_config
 from compressor.grids import from_signed, sign_offset
-from compressor.model import ModelSource, load_model, load_tokenizer, read_json
+from compressor.model import LUT_QUANT_METHOD, ModelSource, load_model, load_tokenizer, read_json
 from compressor.pack import unpack_zero_point
 from compressor.sparse24 import accelerate_2of4
-from compressor_kernels import Int8Embedding, PackedLinear, triton_available
+from compressor_kernels import Int8Embedding, LutLinear, PackedLinear, triton_available
 
-PACKED_SUFFIXES = ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape", "weight_g_idx")
+PACKED_SUFFIXES = ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape", "weight_g_idx",
+                   "weight_table")
 
 
 def _targets(qconfig: dict, linear_names: dict[str, torch.nn.Module]) -> dict[str, dict]:
@@ -111,6 +114,21 @@ def packed_linear(name: str, args: dict, read, bias, dtype, device: str,
                         stored.g_idx, dtype, backend).to(device)
 
 
+def lut_linear(name: str, qconfig: dict, read, bias, dtype, device: str, backend: str | None = None
+               ) -> LutLinear:
+    """One LutLinear from the checkpoint tensors of a lookup-table linear (compressor.passes.lut)."""
+    from compressor.lutgrids import parse_grid
+    from compressor.pack import unpack_lut_codes
+
+    if backend not in (None, "dequant"):
+        raise CompressorError(f"{name}: lookup tables run on the dequant path only, not {backend!r}")
+    grid = parse_grid({k: qconfig[k] for k in ("format", "group_size", "table_rows") if k in qconfig})
+    shape = read(f"{name}.weight_shape").tolist()
+    codes = unpack_lut_codes(read(f"{name}.weight_packed"), grid.bits, shape)
+    return LutLinear(codes, read(f"{name}.weight_scale"), read(f"{name}.weight_table"), grid.bits,
+                     grid.group_width(shape[1]), grid.table_rows, bias, dtype).to(device)
+
+
 EMBEDDINGS = ("keep", "int8")
 
 
@@ -133,11 +151,12 @@ def load(folder: str | Path, dtype: str | torch.dtype = "auto", device: str = "c
         raise CompressorError(f"{folder} is not a checkpoint folder (no config.json)")
     raw = read_json(folder / "config.json")
     qconfig = raw.get("quantization_config") or {}
-    if qconfig.get("quant_method") != "compressed-tensors" or not qconfig.get("config_groups"):
+    lut = qconfig.get("quant_method") == LUT_QUANT_METHOD
+    if not lut and (qconfig.get("quant_method") != "compressed-tensors" or not qconfig.get("config_groups")):
         if str(device).startswith("cuda"):
             return _load_2of4(folder, dtype, device)
         raise CompressorError(f"{folder} has no integer compressed-tensors quantization to run packed")
-    config = AutoConfig.from_pretrained(folder)
+    config = read_config(folder) if lut else AutoConfig.from_pretrained(folder)
     config.__dict__.pop("quantization_config", None)
     if dtype in (None, "auto"):
         dtype = getattr(config, "dtype", None) or torch.float32
@@ -147,12 +166,13 @@ def load(folder: str | Path, dtype: str | torch.dtype = "auto", device: str = "c
     files, read = tensor_reader(folder)
 
     linears = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
-    targets = _targets(qconfig, linears)
+    targets = {name: qconfig for name in qconfig.get("targets", [])} if lut else _targets(qconfig, linears)
     if not targets:
         raise CompressorError(f"{folder}: the quantization config targets no linear of the model")
     for name, args in targets.items():
         bias = read(f"{name}.bias", optional=True)
-        model.set_submodule(name, packed_linear(name, args, read, bias, dtype, device, backend))
+        build = lut_linear if lut else packed_linear
+        model.set_submodule(name, build(name, args, read, bias, dtype, device, backend))
     tied = getattr(config, "tie_word_embeddings", False)
     stored_embedding = _stored_embedding(model, qconfig, read, dtype, tied)
     packed_keys = {f"{name}.{suffix}" for name in [*targets, *stored_embedding]

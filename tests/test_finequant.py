@@ -150,6 +150,9 @@ def test_cli_group_size_auto_records_the_rule(llama_dir, calibration_file, tmp_p
         assert entry["group_size"] == min(members, key=lambda g: g if g > 0 else 10**9)
     assert manifest["recipe"]["passes"][0]["group_size"] == "auto"
     assert "gauto" in str(out) or json.loads(stdout)["output"] == str(out)
+    from compressor import hub
+
+    assert "chosen per matrix from its weights (FineQuant)" in hub.model_card(out)
     # Stock transformers loads what was written, each layer with the group it got.
     loaded = AutoModelForCausalLM.from_pretrained(out)
     ids = torch.tensor([[1, 5, 9, 30, 7]])

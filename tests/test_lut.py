@@ -185,3 +185,27 @@ def test_export_to_gguf_refuses_tables(llama_dir, tmp_path, capsys, monkeypatch,
     assert code == 0, stderr
     code, _, stderr = run_cli(["export", out, "--to", "gguf", "-o", tmp_path / "x.gguf"], capsys, monkeypatch)
     assert code == 2 and "lookup" in stderr and not (tmp_path / "x.gguf").exists()
+
+
+def test_runs_packed_with_lut_linear(llama_dir, tmp_path, capsys, monkeypatch, isolated_cache):
+    import compressor
+    from compressor_kernels import LutLinear
+
+    out = tmp_path / "lut"
+    code, _, stderr = run_cli(["quantize", llama_dir, "--format", "lut4", "--method", "rtn", "--group-size",
+                               "32", "-o", out], capsys, monkeypatch)
+    assert code == 0, stderr
+    packed, _ = compressor.load(out)
+    dense, _ = load_model(ModelSource(str(out)))
+    layers = [m for m in packed.modules() if isinstance(m, LutLinear)]
+    assert len(layers) == 14
+    name = "model.layers.1.mlp.down_proj"
+    assert torch.equal(packed.get_submodule(name).dense_weight(), dense.get_submodule(name).weight.data)
+    # Packed: 4-bit codes and float16 scales / tables instead of float32 weights.
+    assert packed.get_submodule(name).weight_bytes < dense.get_submodule(name).weight.numel() * 4 / 4
+    ids = torch.tensor([[3, 17, 42, 99, 7, 250]])
+    with torch.no_grad():
+        assert torch.allclose(packed(ids).logits, dense(ids).logits, atol=1e-5)
+    from compressor import hub
+
+    assert "learned lookup tables (LUT4" in hub.model_card(out)

@@ -2,9 +2,11 @@
 
 Importable as `compressor_kernels` (the folder is kernels/ in the repository; `kernels` on PyPI is an
 unrelated package). PackedLinear keeps a linear's integer codes packed and multiplies with the best
-kernel this machine has (see packed_linear.py for the choice).
+kernel this machine has (see packed_linear.py for the choice); LutLinear keeps codes into learned
+per-row tables (lut_linear.py).
 """
 
+from compressor_kernels.lut_linear import LutLinear
 from compressor_kernels.packed_linear import (
     BACKENDS,
     Int8Embedding,
@@ -13,4 +15,4 @@ from compressor_kernels.packed_linear import (
     triton_available,
 )
 
-__all__ = ["BACKENDS", "Int8Embedding", "PackedLinear", "dequantize_codes", "triton_available"]
+__all__ = ["BACKENDS", "Int8Embedding", "LutLinear", "PackedLinear", "dequantize_codes", "triton_available"]
