@@ -158,7 +158,10 @@ def _lloyd(u: torch.Tensor, weight: torch.Tensor, table: torch.Tensor, iteration
         codes = _nearest(u, table)
         total = torch.zeros_like(table).scatter_add_(1, codes, weight)
         moment = torch.zeros_like(table).scatter_add_(1, codes, weight * u)
-        table = torch.where(total > 0, moment / total.clamp_min(1e-30), table).sort(dim=1).values
+        updated = torch.where(total > 0, moment / total.clamp_min(1e-30), table).sort(dim=1).values
+        if torch.equal(updated, table):  # a fixed point: further iterations change nothing
+            break
+        table = updated
     return table
 
 

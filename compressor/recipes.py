@@ -59,6 +59,10 @@ def quantize_job(bits: float = 4, group_size: int | None = None, symmetric: bool
                                      method, act_order, mse, damp, allocate, budget, rotate, reconstruct,
                                      reconstruct_train, reconstruct_iters, full_range, awq), target)
     if number_format.lower() in LUT_FORMATS:
+        if embeddings != "keep":
+            raise CompressorError(f"--format {number_format}: the embeddings stay as they are (a "
+                                  "lookup-table checkpoint holds one layout; --embeddings int8 is not "
+                                  "combined with it yet)")
         job = _lut_job(number_format.lower(), bits, group_size, symmetric, method, act_bits, act_order, mse,
                        damp, allocate, budget, rotate, reconstruct, full_range, awq)
     else:

@@ -169,6 +169,7 @@ def test_cli_lut3_rtn_needs_no_data(llama_dir, tmp_path, capsys, monkeypatch, is
     (["--reconstruct"], "drop --reconstruct"),
     (["--bits", "3"], "drop --bits"),
     (["--group-size", "auto"], "drop --group-size auto"),
+    (["--embeddings", "int8"], "--embeddings int8 is not combined"),
 ])
 def test_cli_lut_bad_input(llama_dir, tmp_path, capsys, monkeypatch, args, message):
     out = tmp_path / "bad"
