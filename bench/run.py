@@ -94,7 +94,6 @@ SUITES: dict[str, list[tuple[str, list[str]]]] = {
         ("gptq-lut4g64", ["quantize", "--format", "lut4", "--group-size", "64"]),
         ("gptq-lut4g128", ["quantize", "--format", "lut4", "--group-size", "128"]),
         ("rtn-lut4g128", ["quantize", "--format", "lut4", "--method", "rtn", "--group-size", "128"]),
-        ("gptq-lut3g64", ["quantize", "--format", "lut3", "--group-size", "64"]),
         ("gptq-iq4nl", ["run", str(HERE / "iq4nl-gptq.yaml")]),
     ],
     "sparsity": [

@@ -173,6 +173,10 @@ def load_tokenizer(source: ModelSource):
     from transformers import AutoTokenizer
 
     kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
+    if _guarded_fp4(source):
+        # The folder's config.json names a notice module (fp4load.guard_config): give the tokenizer
+        # the real config, or AutoTokenizer would ask whether to run that module's code.
+        kwargs["config"] = read_fp4_config(Path(source.path))
     try:
         return AutoTokenizer.from_pretrained(source.path, **kwargs)
     except Exception as error:  # noqa: BLE001

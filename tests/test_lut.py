@@ -14,7 +14,7 @@ from compressor.gguf_quants import TABLES, GgufType
 from compressor.lutgrids import LutGrid
 from compressor.model import ModelSource, load_model
 from compressor.pack import unpack_lut_codes
-from tests.test_cli import run_cli
+from tests.test_cli import run_cli, run_small_eval
 
 GRID = LutGrid(bits=4, group_size=32)
 
@@ -210,3 +210,7 @@ def test_runs_packed_with_lut_linear(llama_dir, tmp_path, capsys, monkeypatch, i
     from compressor import hub
 
     assert "learned lookup tables (LUT4" in hub.model_card(out)
+    # `compress eval --json` reads the guarded folder (tokenizer included) without asking anything.
+    code, stdout, stderr = run_small_eval(out, tmp_path, capsys, monkeypatch)
+    assert code == 0, stderr
+    assert json.loads(stdout)["perplexity"]["ppl"] > 1 and "custom code" not in stdout + stderr
