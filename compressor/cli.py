@@ -275,7 +275,8 @@ def quantize(
     and write a packed checkpoint.
 
     Examples: compress quantize --bits 4 --group-size 128 MODEL -o out/w4;
-    compress quantize --format nvfp4 MODEL -o out/nvfp4
+    compress quantize --format nvfp4 MODEL -o out/nvfp4; compress quantize --format lut4 MODEL -o out/lut4;
+    compress quantize --bits 4 --group-size auto --method rtn MODEL -o out/fq (no data)
     """
     from compressor.recipes import quantize_job
 
