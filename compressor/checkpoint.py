@@ -142,7 +142,7 @@ def _lut_layout(name: str, shapes: dict, original: dict, qconfig: dict):
 
     if name not in qconfig.get("targets", []) or name not in original:
         raise CompressorError(f"{name} holds a lookup table but is not listed (or weight_shape missing)")
-    grid = parse_grid({k: qconfig[k] for k in ("format", "group_size", "table_rows") if k in qconfig})
+    grid = parse_grid(qconfig)
     out_features, in_features = original[name]
     expected = {"weight_packed": [out_features, budget.packed_words(in_features, grid.bits)],
                 "weight_scale": [out_features, grid.num_groups(in_features)],

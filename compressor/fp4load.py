@@ -101,8 +101,7 @@ def lut_state_dict(folder: Path, qconfig: dict) -> dict[str, torch.Tensor]:
     from compressor import lutgrids
     from compressor.pack import unpack_lut_codes
 
-    grid = lutgrids.parse_grid({"format": qconfig.get("format"), "group_size": qconfig.get("group_size", 64),
-                                "table_rows": qconfig.get("table_rows", 1)})
+    grid = lutgrids.parse_grid(qconfig)
     tensors = read_state_dict(folder)
     for module in qconfig.get("targets", []):
         packed, scale, table, shape = _pop(tensors, folder, module, "weight_packed", "weight_scale",

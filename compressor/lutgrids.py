@@ -26,6 +26,7 @@ import torch
 
 from compressor.errors import CompressorError
 from compressor.gguf_quants import TABLES, GgufType
+from compressor.grids import group_index
 
 LUT_FORMATS = {"lut4": 4, "lut3": 3}
 # llama.cpp's fixed non-uniform 4-bit table: one start of the k-means (so a learned table is never
@@ -71,7 +72,8 @@ class LutGrid:
 
 
 def parse_grid(args: dict) -> LutGrid:
-    """A LutGrid from recipe settings (format lut4 | lut3, group_size, table_rows), validated."""
+    """A LutGrid from recipe settings or a checkpoint's quantization_config (format lut4 | lut3,
+    group_size, table_rows; other keys ignored), validated."""
     name = str(args.get("format", "lut4")).lower()
     if name not in LUT_FORMATS:
         raise CompressorError(f"unknown lookup-table format {name!r}; choose {' or '.join(LUT_FORMATS)}")
@@ -89,8 +91,7 @@ def _half(x: torch.Tensor) -> torch.Tensor:
 
 def spread(per_group: torch.Tensor, in_features: int, grid: LutGrid) -> torch.Tensor:
     """[out, groups] -> [out, in]: each column gets its group's value (a ragged last group too)."""
-    index = torch.arange(in_features, device=per_group.device) // grid.group_width(in_features)
-    return per_group[:, index]
+    return per_group[:, group_index(in_features, grid.group_width(in_features)).to(per_group.device)]
 
 
 def fit_scales(w: torch.Tensor, grid: LutGrid) -> torch.Tensor:
@@ -209,7 +210,7 @@ def column_rounder(scale: torch.Tensor, tables: torch.Tensor, grid: LutGrid, cod
     for compressor.passes.gptq.error_feedback; the chosen codes are written to codes_t [in, out]."""
     cols = codes_t.shape[0]
     midpoints = ((tables[:, 1:] + tables[:, :-1]) / 2).contiguous()
-    group_of = (torch.arange(cols) // grid.group_width(cols)).tolist()
+    group_of = group_index(cols, grid.group_width(cols)).tolist()
     scale_t = scale.T.contiguous()
 
     def round_column(col: int, upcoming: torch.Tensor) -> torch.Tensor:

@@ -122,7 +122,7 @@ def lut_linear(name: str, qconfig: dict, read, bias, dtype, device: str, backend
 
     if backend not in (None, "dequant"):
         raise CompressorError(f"{name}: lookup tables run on the dequant path only, not {backend!r}")
-    grid = parse_grid({k: qconfig[k] for k in ("format", "group_size", "table_rows") if k in qconfig})
+    grid = parse_grid(qconfig)
     shape = read(f"{name}.weight_shape").tolist()
     codes = unpack_lut_codes(read(f"{name}.weight_packed"), grid.bits, shape)
     return LutLinear(codes, read(f"{name}.weight_scale"), read(f"{name}.weight_table"), grid.bits,

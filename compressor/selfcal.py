@@ -60,7 +60,7 @@ def generate_windows(model, tokenizer, count: int, seqlen: int, seed: int = 0,
         raise CompressorError(f"self-generated calibration needs at least 1 window of 2 tokens, got "
                               f"{count} x {seqlen}")
     device = device or next(model.parameters()).device
-    allowed = _allowed_tokens(model, tokenizer).to(device)
+    allowed = _allowed_tokens(model, tokenizer)
     windows = []
     for first in range(0, count, settings.batch):
         rows = min(settings.batch, count - first)
@@ -86,7 +86,7 @@ def _allowed_tokens(model, tokenizer) -> torch.Tensor:
 @torch.inference_mode()
 def _generate_batch(model, allowed: torch.Tensor, rows: int, seqlen: int, settings: SelfTextSettings,
                     generator: torch.Generator, device) -> torch.LongTensor:
-    choices = allowed.nonzero().squeeze(1).cpu()
+    choices, banned = allowed.nonzero().squeeze(1), ~allowed
     first = choices[torch.randint(len(choices), (rows,), generator=generator)]
     greedy = torch.randint(settings.greedy_min, settings.greedy_max + 1, (rows,), generator=generator)
     tokens = torch.empty(rows, seqlen, dtype=torch.long)
@@ -96,7 +96,7 @@ def _generate_batch(model, allowed: torch.Tensor, rows: int, seqlen: int, settin
         out = model(input_ids=step_input, cache=cache, use_cache=True)
         cache = out.cache
         logits = out.logits[:, -1].float().cpu()
-        logits[:, ~allowed.cpu()] = float("-inf")
+        logits[:, banned] = float("-inf")
         picked = _sample(logits, settings, generator)
         picked = torch.where(position <= greedy, logits.argmax(dim=1), picked)
         tokens[:, position] = picked

@@ -62,13 +62,13 @@ def compress_many(layers: list[LinearState], stats: InputStats | None, args: dic
         for layer in layers:
             compress_many([layer], stats, args)
         return
+    options = GPTQOptions.from_args(args)
     hessian = stats.hessian() if solver == "gptq" else None
     importance = hessian.diagonal().float() if hessian is not None else None
     originals = [layer.weight.float() for layer in layers]
     scales = [lutgrids.fit_scales(w, grid) for w in originals]
     tables = [lutgrids.fit_tables(w, s, grid, importance) for w, s in zip(originals, scales, strict=True)]
     if solver == "gptq":
-        options = GPTQOptions.from_args(args)
         w = torch.cat(originals)
         codes_t = torch.empty(w.shape[1], w.shape[0], dtype=torch.uint8)
         row_tables = torch.cat([lutgrids.row_tables(t, o.shape[0], grid) for t, o in zip(tables, originals,
@@ -91,7 +91,7 @@ def compress_many(layers: list[LinearState], stats: InputStats | None, args: dic
         layer.weight = lutgrids.values(codes[i], scales[i], tables[i], grid)
         layer.quant = LutWeight(grid=grid, codes=codes[i].contiguous(), scale=scales[i].to(torch.float16),
                                 table=tables[i].to(torch.float16),
-                                act_order=solver == "gptq" and GPTQOptions.from_args(args).act_order)
+                                act_order=solver == "gptq" and options.act_order)
         layer.methods.append(f"{grid.format}+{solver}")
         if hessian is not None:
             metrics["lut_output_error"] = _output_error(originals[i], layer.weight, hessian)
