@@ -10,11 +10,11 @@ from safetensors import safe_open
 
 from compressor import budget, engines, fpgrids
 from compressor.errors import CompressorError
-from compressor.files import INDEX_NAME, WEIGHTS_NAME, tensor_files
+from compressor.files import INDEX_NAME, WEIGHTS_NAME, tensor_files, tensor_reader
 from compressor.fpgrids import FloatGrid
 from compressor.gguf_quants import GgufGrid, GgufType
 from compressor.grids import IntGrid
-from compressor.model import LUT_QUANT_METHOD, OWN_QUANT_METHOD
+from compressor.model import BINARY_QUANT_METHOD, LUT_QUANT_METHOD, OWN_QUANT_METHOD
 from compressor.pack import unpack_zero_point
 from compressor.sparsity import Pattern, parse_nm
 
@@ -68,6 +68,7 @@ def inspect_checkpoint(folder: str | Path) -> dict:
         format_of = {target: qconfig.get("format") for target in scheme_of}
     layers, rows, layouts = [], [], {}
     lut = qconfig.get("quant_method") == LUT_QUANT_METHOD
+    binary = qconfig.get("quant_method") == BINARY_QUANT_METHOD
     for key, (dtype, shape) in shapes.items():
         if lut and key.endswith(".weight_table"):  # learned lookup tables (--format lut4 | lut3)
             name = key.removesuffix(".weight_table")
@@ -79,6 +80,18 @@ def inspect_checkpoint(folder: str | Path) -> dict:
             rows.append({"module": name, "bits": grid.bits, "group_size": grid.group_size,
                          "symmetric": grid.symmetric, "shape": [out_features, in_features],
                          "format": grid.format, "table_rows": grid.table_rows,
+                         "bpw": budget.bits_per_weight([row])["stored"]})
+        elif binary and key.endswith(".weight_row"):  # PTQ1.61 (--method ptq161)
+            name = key.removesuffix(".weight_row")
+            out_features, in_features, grid = _binary_layout(name, folder, original, qconfig)
+            row = (out_features, in_features, grid, 16)
+            if ".layers." in name:
+                layers.append(row)
+            layouts[name] = ({"type": "binary", "num_bits": grid.bits}, grid.format,
+                             (out_features, in_features))
+            rows.append({"module": name, "bits": grid.bits, "group_size": grid.group_size,
+                         "symmetric": grid.symmetric, "shape": [out_features, in_features],
+                         "format": grid.format, "salient_channels": grid.salient_count(in_features),
                          "bpw": budget.bits_per_weight([row])["stored"]})
         elif key.endswith(".weight_packed") and not lut:
             name = key.removesuffix(".weight_packed")
@@ -150,6 +163,25 @@ def _lut_layout(name: str, shapes: dict, original: dict, qconfig: dict):
     for local, shape in expected.items():
         if shapes.get(f"{name}.{local}", (None, None))[1] != shape:
             raise CompressorError(f"{name}.{local} does not match its {grid.format} layout {shape}")
+    return out_features, in_features, grid
+
+
+def _binary_layout(name: str, folder: Path, original: dict, qconfig: dict):
+    """(out, in, grid) of a PTQ1.61 linear, its tensors read and checked against the grid (the
+    salient count is in the mask itself)."""
+    from compressor.binarygrids import TENSORS, parse_grid
+    from compressor.pack import unpack_binary_linear
+
+    if name not in qconfig.get("targets", []) or name not in original:
+        raise CompressorError(f"{name} holds a ptq161 layout but is not listed (or weight_shape missing)")
+    grid = parse_grid(qconfig)
+    _, read = tensor_reader(folder)
+    tensors = {local: read(f"{name}.{local}", optional=True) for local in TENSORS}
+    try:
+        unpack_binary_linear(tensors, grid)
+    except (AttributeError, ValueError) as error:  # a missing tensor (None), a wrong shape
+        raise CompressorError(f"{name}: does not match its ptq161 layout: {error}") from None
+    out_features, in_features = original[name]
     return out_features, in_features, grid
 
 

@@ -142,9 +142,11 @@ ReconstructOpt = typer.Option(
          "(or surviving weights) against the dense block's output on the calibration windows.")
 ReconstructTrainOpt = typer.Option(
     "rounding", "--reconstruct-train",
-    help="What --reconstruct learns: rounding (AutoRound: rounding offsets, ranges, zero points) or "
-         "full (Block-AP: the weights themselves under fake quantization).")
-ReconstructItersOpt = typer.Option(50, "--reconstruct-iters", min=1, help="--reconstruct steps per block.")
+    help="What --reconstruct learns: rounding (AutoRound: rounding offsets, ranges, zero points), "
+         "full (Block-AP: the weights themselves under fake quantization) or scales (codes kept: "
+         "ranges and zero points only).")
+ReconstructItersOpt = typer.Option(None, "--reconstruct-iters", min=1, show_default=False,
+                                   help="--reconstruct steps per block (default 50; --method ptq161: 100).")
 TargetOpt = typer.Option(
     "any", "--target",
     help="The engine the checkpoint must suit: any (group/channel layouts, stock transformers loads "
@@ -219,7 +221,10 @@ def quantize(
     method: str = typer.Option(
         None, "--method", show_default=False,
         help="gptq (error feedback, calibrated) or rtn (round to nearest). Default gptq for int, rtn "
-             "for 4-bit floats (--method gptq runs GPTQ's loop on the float grid)."),
+             "for 4-bit floats (--method gptq runs GPTQ's loop on the float grid). Or ptq161: PTQ1.61, "
+             "about 1.7 bits per weight (20% of input channels at 4 bits, the rest binarised, GPTQ-style; "
+             "then each row's and column's scales learned per block, --reconstruct-iters steps, default "
+             "100): this project's own layout."),
     number_format: str = typer.Option(
         "int", "--format",
         help="int (integer grid, the options above), or 4-bit floats: nvfp4 (E2M1, FP8 scale per 16), "
@@ -276,7 +281,8 @@ def quantize(
 
     Examples: compress quantize --bits 4 --group-size 128 MODEL -o out/w4;
     compress quantize --format nvfp4 MODEL -o out/nvfp4; compress quantize --format lut4 MODEL -o out/lut4;
-    compress quantize --bits 4 --group-size auto --method rtn MODEL -o out/fq (no data)
+    compress quantize --bits 4 --group-size auto --method rtn MODEL -o out/fq (no data);
+    compress quantize --method ptq161 MODEL -o out/b161 (sub-2-bit)
     """
     from compressor.recipes import quantize_job
 

@@ -57,11 +57,19 @@ def _backend() -> str:
 
 
 def all_reduce_sum_(tensor: torch.Tensor) -> None:
+    _all_reduce_(tensor, "SUM")
+
+
+def all_reduce_max_(tensor: torch.Tensor) -> None:
+    _all_reduce_(tensor, "MAX")
+
+
+def _all_reduce_(tensor: torch.Tensor, op: str) -> None:
     if not active():
         return
     device = _device_of(tensor)
     moved = tensor.to(device)
-    torch.distributed.all_reduce(moved, op=torch.distributed.ReduceOp.SUM)
+    torch.distributed.all_reduce(moved, op=getattr(torch.distributed.ReduceOp, op))
     if moved is not tensor:
         tensor.copy_(moved)
 

@@ -119,6 +119,9 @@ def llama_cpp_reason(args: dict | None, layout: str, shape: tuple[int, int]) -> 
     if args.get("type") == "lut":
         return ("learned lookup tables: no GGUF type holds a table per row (IQ4_NL's 16 values are fixed: "
                 "--format gguf:iq4_nl)")
+    if args.get("type") == "binary":
+        return ("PTQ1.61's salient 4-bit channels beside binarised ones: no GGUF type holds them (TQ1_0 / "
+                "TQ2_0 are ternary with one scale per 256 weights)")
     if args.get("type") != "int":
         return "4-bit float layers are not exported to GGUF yet"
     bits, symmetric = int(args["num_bits"]), args.get("symmetric", True)
@@ -182,6 +185,7 @@ def check_plan(layers: Layouts, engine: Engine = Engine.VLLM) -> None:
 def plan_layouts(model, plan) -> Layouts:
     """What the writer will store for each decoder-block linear under a plan (compressor.plan): the
     grid of the last step that leaves one (a pass's `output_grid`), as compressed-tensors args."""
+    from compressor.binarygrids import FORMAT
     from compressor.lutgrids import LUT_FORMATS
     from compressor.pack import CT_FLOAT_FORMATS, OWN_FORMATS, weight_args
     from compressor.passes import get_pass
@@ -200,6 +204,8 @@ def plan_layouts(model, plan) -> Layouts:
             layouts[name] = ({"type": "gguf", "num_bits": grid.bits}, "gguf", (out_features, in_features))
         elif grid.format in LUT_FORMATS:  # this project's own layout (compressor.lutgrids)
             layouts[name] = ({"type": "lut", "num_bits": grid.bits}, grid.format, (out_features, in_features))
+        elif grid.format == FORMAT:  # PTQ1.61's own layout (compressor.binarygrids)
+            layouts[name] = ({"type": "binary", "num_bits": grid.bits}, FORMAT, (out_features, in_features))
         elif grid.format in OWN_FORMATS:
             layouts[name] = ({"type": "float", "num_bits": 4}, grid.format, (out_features, in_features))
         else:

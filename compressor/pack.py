@@ -28,13 +28,13 @@ import torch
 from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32, unpack_from_int32
 from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
 
-from compressor import fpgrids, gguf_quants, grids
+from compressor import binarygrids, fpgrids, gguf_quants, grids
 from compressor.errors import CompressorError
 from compressor.fpgrids import FloatGrid
 from compressor.grids import IntGrid
 from compressor.lutgrids import LUT_FORMATS, LutGrid
-from compressor.model import GGUF_QUANT_METHOD, LUT_QUANT_METHOD, OWN_QUANT_METHOD
-from compressor.passes import FloatWeight, GgufWeight, LinearState, LutWeight, QuantizedWeight
+from compressor.model import BINARY_QUANT_METHOD, GGUF_QUANT_METHOD, LUT_QUANT_METHOD, OWN_QUANT_METHOD
+from compressor.passes import BinaryWeight, FloatWeight, GgufWeight, LinearState, LutWeight, QuantizedWeight
 
 CT_FLOAT_FORMATS = {"nvfp4": "nvfp4-pack-quantized", "mxfp4": "mxfp4-pack-quantized"}
 OWN_FORMATS = ("fp4", "e2m1")  # LLM-FP4 layout: read back by compressor.model.load_model
@@ -68,6 +68,8 @@ def pack_linear(q: QuantizedWeight | FloatWeight | GgufWeight) -> dict[str, torc
         return pack_float_linear(q)
     if isinstance(q, LutWeight):
         return pack_lut_linear(q)
+    if isinstance(q, BinaryWeight):
+        return pack_binary_linear(q)
     if isinstance(q, GgufWeight):  # the GGUF bytes themselves, rows of blocks (compressor.gguf_quants)
         return {"weight_gguf": torch.from_numpy(gguf_quants.encode(q.codes, q.header)),
                 "weight_shape": torch.tensor(list(q.codes.shape), dtype=torch.int64)}
@@ -126,6 +128,38 @@ def pack_lut_linear(q: LutWeight) -> dict[str, torch.Tensor]:
 def unpack_lut_codes(packed: torch.Tensor, bits: int, shape: list[int]) -> torch.Tensor:
     """The uint8 codes [out, in] of pack_lut_linear."""
     return grids.from_signed(unpack_from_int32(packed, bits, torch.Size(shape)), bits)
+
+
+def pack_binary_linear(q: BinaryWeight) -> dict[str, torch.Tensor]:
+    """PTQ1.61's layout (compressor.binarygrids has the tensors; fp4load.binary_state_dict reads it)."""
+    out_features = q.codes.shape[0]
+    return {"weight_mask": binarygrids.pack_bits(q.mask, 1),
+            "weight_salient": binarygrids.pack_bits(q.codes, q.grid.salient_bits),
+            "weight_signs": binarygrids.pack_bits(q.signs, 1),
+            "weight_row": q.row.to(torch.float16).contiguous(),
+            "weight_column": q.column.to(torch.float16).contiguous(),
+            "weight_shape": torch.tensor([out_features, len(q.mask)], dtype=torch.int64)}
+
+
+def unpack_binary_linear(tensors: dict[str, torch.Tensor], grid) -> tuple[torch.Tensor, ...]:
+    """(mask, salient codes, signs, row, column) of pack_binary_linear's tensors (local names),
+    their shapes checked against weight_shape; raises ValueError on a mismatch."""
+    out_features, in_features = tensors["weight_shape"].tolist()
+    mask = binarygrids.unpack_bits(tensors["weight_mask"], 1, in_features).bool()
+    k = int(mask.sum())
+    if k != grid.salient_count(in_features):
+        raise ValueError(f"{k} salient channels where the grid has {grid.salient_count(in_features)}")
+    expected = {"weight_mask": [binarygrids.words(in_features, 1)],
+                "weight_salient": [binarygrids.words(out_features * k, grid.salient_bits)],
+                "weight_signs": [binarygrids.words(out_features * (in_features - k), 1)],
+                "weight_row": [out_features, 4], "weight_column": [in_features - k]}
+    for key, shape in expected.items():
+        if list(tensors[key].shape) != shape:
+            raise ValueError(f"{key} has shape {list(tensors[key].shape)}, expected {shape}")
+    codes = binarygrids.unpack_bits(tensors["weight_salient"], grid.salient_bits, out_features * k)
+    signs = binarygrids.unpack_bits(tensors["weight_signs"], 1, out_features * (in_features - k)).bool()
+    return (mask, codes.view(out_features, k), signs.view(out_features, in_features - k),
+            tensors["weight_row"], tensors["weight_column"])
 
 
 def weight_args(grid: IntGrid | FloatGrid, in_features: int, act_order: bool, block: bool = False) -> dict:
@@ -193,7 +227,8 @@ def block_layers(records: dict[str, LinearState], target: Target | str = Target.
     if Target.parse(target) is Target.VLLM:
         return set()
     quantized = {name: state.quant for name, state in records.items() if state.quant is not None}
-    if any(q.grid.format in (*OWN_FORMATS, "gguf", *LUT_FORMATS) for q in quantized.values()):
+    if any(q.grid.format in (*OWN_FORMATS, "gguf", *LUT_FORMATS, binarygrids.FORMAT)
+           for q in quantized.values()):
         return set()
     if len(_schemes(quantized, set())) <= 1:
         return set()
@@ -211,6 +246,8 @@ def quantization_config(records: dict[str, LinearState], ignore: list[str],
         return gguf_config(quantized, sparsity)
     if any(isinstance(q.grid, LutGrid) for q in quantized.values()):
         return lut_config(quantized, sparsity)
+    if any(isinstance(q, BinaryWeight) for q in quantized.values()):
+        return binary_config(quantized, sparsity)
     own = [name for name, q in quantized.items() if q.grid.format in OWN_FORMATS]
     if own:
         return own_format_config(quantized, own, sparsity)
@@ -320,6 +357,18 @@ def lut_config(quantized: dict, sparsity: dict | None) -> dict:
     grid = grids_used.pop()
     return {"quant_method": LUT_QUANT_METHOD, "format": grid.format, "group_size": grid.group_size,
             "table_rows": grid.table_rows, "targets": sorted(quantized)}
+
+
+def binary_config(quantized: dict, sparsity: dict | None) -> dict:
+    """PTQ1.61's layout has no compressed-tensors equivalent: the checkpoint names its own method, the
+    grid and the linears that hold it (compressor.model.load_model reconstructs the weights)."""
+    grids_used = {q.grid for q in quantized.values()}
+    if sparsity or len(grids_used) > 1 or not all(isinstance(q, BinaryWeight) for q in quantized.values()):
+        raise CompressorError("a ptq161 checkpoint holds one salient fraction and salient_bits, without "
+                              "other formats or pruning")
+    grid = grids_used.pop()
+    return {"quant_method": BINARY_QUANT_METHOD, "format": grid.format, "salient": grid.salient,
+            "salient_bits": grid.salient_bits, "targets": sorted(quantized)}
 
 
 def module_tensors(module, prefix: str, records: dict[str, LinearState],

@@ -97,7 +97,7 @@ def needs_data(plan: Plan) -> bool:
 
 
 def statistics_needed(steps: list[Step]) -> set[str]:
-    """Which input statistics ("hessian", "moments", "samples") the steps of some linears ask for."""
+    """Which input statistics ("hessian", "moments", "samples", "absmax") some linears' steps ask for."""
     needed: set[str] = set()
     for step in steps:
         module = get_pass(step.method)
@@ -424,7 +424,7 @@ class Observer:
 def _new_stats(linear, steps: list[Step], device, wanted: frozenset[str] = frozenset()) -> InputStats:
     needed = statistics_needed(steps) | wanted
     return InputStats(linear.in_features, hessian="hessian" in needed, moments="moments" in needed,
-                      samples="samples" in needed, device=device)
+                      samples="samples" in needed, absmax="absmax" in needed, device=device)
 
 
 def _compress_block_recomputing(block, block_plan: Plan, inputs: BlockInputs, device,

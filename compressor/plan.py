@@ -61,8 +61,8 @@ def _step_args(raw) -> dict:
     return {k: v for k, v in raw.items() if k not in STEP_KEYS}
 
 
-# Sub-group passes whose result a block pass can learn: integer grids and sparse masks.
-LEARNABLE = {"rtn", "gptq", "magnitude", "wanda", "sparsegpt", "dsnot"}
+# Sub-group passes whose result a block pass can learn: integer grids, PTQ1.61's numbers, sparse masks.
+LEARNABLE = {"rtn", "gptq", "ptq161", "magnitude", "wanda", "sparsegpt", "dsnot"}
 
 
 def validate_recipe(passes: list[dict]) -> None:
@@ -76,7 +76,8 @@ def validate_recipe(passes: list[dict]) -> None:
                 found = ", ".join(sorted(before)) or "no pass"
                 raise CompressorError(
                     f"{raw['method']} has nothing to learn after {found}: it refines an integer "
-                    "quantization (gptq, rtn) or a sparse mask (magnitude, wanda, sparsegpt) before it")
+                    "quantization (gptq, rtn, ptq161) or a sparse mask (magnitude, wanda, sparsegpt) "
+                    "before it")
 
 
 def decoder_block_names(model) -> list[str]:

@@ -15,6 +15,8 @@ from compressor.errors import CompressorError
 from compressor.finequant import AUTO, VLLM_GROUPS
 from compressor.lutgrids import LUT_FORMATS
 
+RECONSTRUCT_ITERS = 50  # --reconstruct's steps per block (AutoRound's light recipe)
+
 
 @dataclass
 class Job:
@@ -25,7 +27,7 @@ class Job:
 
 
 def with_transforms(passes: list[dict], rotate: bool = False, reconstruct: bool = False,
-                    reconstruct_train: str = "rounding", reconstruct_iters: int = 50
+                    reconstruct_train: str = "rounding", reconstruct_iters: int | None = None
                     ) -> tuple[list[dict], str]:
     """`passes` with the rotation (a model pass) first and the block reconstruction last, and the
     tag's suffix for them."""
@@ -34,9 +36,10 @@ def with_transforms(passes: list[dict], rotate: bool = False, reconstruct: bool 
         passes = [{"method": "rotate"}, *passes]
         suffix += "-rot"
     if reconstruct:
-        passes = [*passes, {"method": "reconstruct", "train": reconstruct_train, "iters": reconstruct_iters}]
+        passes = [*passes, {"method": "reconstruct", "train": reconstruct_train,
+                            "iters": reconstruct_iters or RECONSTRUCT_ITERS}]
         suffix += "-rec"
-    elif reconstruct_train != "rounding" or reconstruct_iters != 50:
+    elif reconstruct_train != "rounding" or reconstruct_iters is not None:
         raise CompressorError("--reconstruct-train / --reconstruct-iters need --reconstruct")
     return passes, suffix
 
@@ -46,7 +49,7 @@ def quantize_job(bits: float = 4, group_size: int | None = None, symmetric: bool
                  act_order: bool = True, mse: bool = False, damp: float = 0.01,
                  allocate: str | None = None, budget: str | None = None, rotate: bool = False,
                  reconstruct: bool = False, reconstruct_train: str = "rounding",
-                 reconstruct_iters: int = 50, full_range: bool = False, awq: bool = False,
+                 reconstruct_iters: int | None = None, full_range: bool = False, awq: bool = False,
                  target: str = "any", embeddings: str = "keep") -> Job:
     """The options of `compress quantize` (see its --help) as a recipe."""
     if embeddings not in ("keep", "int8"):
@@ -58,7 +61,13 @@ def quantize_job(bits: float = 4, group_size: int | None = None, symmetric: bool
         return with_target(_gguf_job(number_format.partition(":")[2].lower(), bits, group_size, symmetric,
                                      method, act_order, mse, damp, allocate, budget, rotate, reconstruct,
                                      reconstruct_train, reconstruct_iters, full_range, awq), target)
-    if number_format.lower() in LUT_FORMATS:
+    if method == "ptq161":
+        if embeddings != "keep":
+            raise CompressorError("--method ptq161: the embeddings stay as they are (a ptq161 checkpoint "
+                                  "holds one layout; --embeddings int8 is not combined with it yet)")
+        job = _ptq161_job(bits, group_size, symmetric, number_format, act_bits, mse, allocate, budget, rotate,
+                          reconstruct_train, reconstruct_iters, full_range, awq)
+    elif number_format.lower() in LUT_FORMATS:
         if embeddings != "keep":
             raise CompressorError(f"--format {number_format}: the embeddings stay as they are (a "
                                   "lookup-table checkpoint holds one layout; --embeddings int8 is not "
@@ -143,6 +152,31 @@ def _lut_job(lut_format, bits, group_size, symmetric, method, act_bits, act_orde
     passes, suffix = with_transforms([step], rotate=rotate)
     granularity = f"g{group_size}" if group_size else "-row"
     return Job({"passes": passes}, None, f"{method}-{lut_format}{granularity}{suffix}")
+
+
+# PTQ1.61's block optimisation: steps per block (the CLI's --reconstruct-iters when given).
+PTQ161_ITERS = 100
+
+
+def _ptq161_job(bits, group_size, symmetric, number_format, act_bits, mse, allocate, budget, rotate,
+                reconstruct_train, reconstruct_iters, full_range, awq) -> Job:
+    """--method ptq161: salient channels at 4 bits, the rest binarised, GPTQ-style
+    (compressor.passes.ptq161), then every row's and column's numbers learned block by block
+    against the dense block (compressor.passes.reconstruct, train: scales)."""
+    refused = {"--bits": bits != 4, "--group-size": group_size is not None, "--asym": not symmetric,
+               "--format": number_format.lower() != "int", "--act-bits": act_bits is not None, "--mse": mse,
+               "--full-range": full_range, "--allocate/--budget": allocate or budget, "--awq": awq,
+               "--reconstruct-train": reconstruct_train not in ("rounding", "scales")}
+    given = [flag for flag, used in refused.items() if used]
+    if given:
+        raise CompressorError(f"--method ptq161 fixes its layout (20% of input channels at 4 bits per row, "
+                              f"the rest one bit): drop {', '.join(given)}")
+    if rotate:
+        raise CompressorError("--method ptq161 picks its salient channels by their activation outliers, "
+                              "which a rotation spreads over every channel: drop --rotate")
+    passes = [{"method": "ptq161"}, {"method": "reconstruct", "train": "scales", "norms": True,
+                                     "iters": reconstruct_iters or PTQ161_ITERS}]
+    return Job({"passes": passes}, None, "ptq161")
 
 
 def with_target(job: Job, target: str) -> Job:
@@ -245,7 +279,7 @@ def sparsify_job(pattern: str | None = None, sparsity: float | None = None, meth
                  dsnot: bool = False, allocate: str | None = None, spread: float = 0.1,
                  dsnot_criterion: str = "error", max_cycles: int = 50, update_threshold: float = 0.1,
                  rotate: bool = False, reconstruct: bool = False, reconstruct_train: str = "rounding",
-                 reconstruct_iters: int = 50) -> Job:
+                 reconstruct_iters: int | None = None) -> Job:
     """The options of `compress sparsify` (see its --help) as a recipe."""
     from compressor.sparsity import check_sparsity, parse_nm
 

@@ -8,7 +8,8 @@ frequencies are computed as usual), each quantized linear becomes a PackedLinear
 weight_packed / weight_scale / weight_zero_point / weight_g_idx tensors, and every other tensor
 (embeddings, norms, unquantized linears) is read from the safetensors files one at a time.
 Integer compressed-tensors checkpoints (pack-quantized, group / channel / block strategies) and
-lookup-table checkpoints (--format lut4|lut3: LutLinear) are supported; 4-bit float layouts are not
+lookup-table checkpoints (--format lut4|lut3: LutLinear) and PTQ1.61's (--method ptq161:
+BinaryLinear) are supported; 4-bit float layouts are not
 packed here (load them with compressor.model.load_model).
 On CUDA the packed linears run Triton's dequantize-matmul (when Triton is installed), and fp16 /
 bf16 linears pruned 2:4 (an unquantized sparse checkpoint, or layers a recipe left unquantized) run
@@ -27,13 +28,21 @@ from compressor.errors import CompressorError
 from compressor.files import tensor_reader
 from compressor.fp4load import read_config
 from compressor.grids import from_signed, sign_offset
-from compressor.model import LUT_QUANT_METHOD, ModelSource, load_model, load_tokenizer, read_json
+from compressor.model import (
+    BINARY_QUANT_METHOD,
+    LUT_QUANT_METHOD,
+    ModelSource,
+    load_model,
+    load_tokenizer,
+    read_json,
+)
 from compressor.pack import unpack_zero_point
 from compressor.sparse24 import accelerate_2of4
-from compressor_kernels import Int8Embedding, LutLinear, PackedLinear, triton_available
+from compressor_kernels import BinaryLinear, Int8Embedding, LutLinear, PackedLinear, triton_available
 
 PACKED_SUFFIXES = ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape", "weight_g_idx",
-                   "weight_table")
+                   "weight_table", "weight_mask", "weight_salient", "weight_signs", "weight_row",
+                   "weight_column")
 
 
 def _targets(qconfig: dict, linear_names: dict[str, torch.nn.Module]) -> dict[str, dict]:
@@ -129,6 +138,26 @@ def lut_linear(name: str, qconfig: dict, read, bias, dtype, device: str, backend
                      grid.group_width(shape[1]), grid.table_rows, bias, dtype).to(device)
 
 
+def binary_linear(name: str, qconfig: dict, read, bias, dtype, device: str, backend: str | None = None
+                  ) -> BinaryLinear:
+    """One BinaryLinear from the checkpoint tensors of a PTQ1.61 linear (compressor.passes.ptq161)."""
+    from compressor.binarygrids import TENSORS, parse_grid
+    from compressor.pack import unpack_binary_linear
+
+    if backend not in (None, "dequant"):
+        raise CompressorError(f"{name}: PTQ1.61 layers run on their own path only, not {backend!r}")
+    grid = parse_grid(qconfig)
+    stored = {local: read(f"{name}.{local}") for local in TENSORS}
+    try:
+        mask, _, _, row, column = unpack_binary_linear(stored, grid)  # checks every shape
+    except ValueError as error:
+        raise CompressorError(f"{name}: {error}") from None
+    return BinaryLinear(mask, stored["weight_salient"], stored["weight_signs"], row, column,
+                        grid.salient_bits, row.shape[0], bias, dtype).to(device)
+
+
+# Layouts of this project's own that run packed: quant_method -> the builder of one linear.
+OWN_LINEARS = {LUT_QUANT_METHOD: lut_linear, BINARY_QUANT_METHOD: binary_linear}
 EMBEDDINGS = ("keep", "int8")
 
 
@@ -151,12 +180,13 @@ def load(folder: str | Path, dtype: str | torch.dtype = "auto", device: str = "c
         raise CompressorError(f"{folder} is not a checkpoint folder (no config.json)")
     raw = read_json(folder / "config.json")
     qconfig = raw.get("quantization_config") or {}
-    lut = qconfig.get("quant_method") == LUT_QUANT_METHOD
-    if not lut and (qconfig.get("quant_method") != "compressed-tensors" or not qconfig.get("config_groups")):
+    own = OWN_LINEARS.get(qconfig.get("quant_method"))
+    integer = qconfig.get("quant_method") == "compressed-tensors" and qconfig.get("config_groups")
+    if own is None and not integer:
         if str(device).startswith("cuda"):
             return _load_2of4(folder, dtype, device)
         raise CompressorError(f"{folder} has no integer compressed-tensors quantization to run packed")
-    config = read_config(folder) if lut else AutoConfig.from_pretrained(folder)
+    config = read_config(folder) if own else AutoConfig.from_pretrained(folder)
     config.__dict__.pop("quantization_config", None)
     if dtype in (None, "auto"):
         dtype = getattr(config, "dtype", None) or torch.float32
@@ -166,12 +196,12 @@ def load(folder: str | Path, dtype: str | torch.dtype = "auto", device: str = "c
     files, read = tensor_reader(folder)
 
     linears = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
-    targets = {name: qconfig for name in qconfig.get("targets", [])} if lut else _targets(qconfig, linears)
+    targets = {name: qconfig for name in qconfig.get("targets", [])} if own else _targets(qconfig, linears)
     if not targets:
         raise CompressorError(f"{folder}: the quantization config targets no linear of the model")
     for name, args in targets.items():
         bias = read(f"{name}.bias", optional=True)
-        build = lut_linear if lut else packed_linear
+        build = own or packed_linear
         model.set_submodule(name, build(name, args, read, bias, dtype, device, backend))
     tied = getattr(config, "tie_word_embeddings", False)
     stored_embedding = _stored_embedding(model, qconfig, read, dtype, tied)

@@ -16,7 +16,7 @@ MAX_SAMPLE_ROWS = 2048
 class InputStats:
     def __init__(
         self, in_features: int, hessian: bool = True, moments: bool = False,
-        device: str | torch.device = "cpu", samples: bool = False,
+        device: str | torch.device = "cpu", samples: bool = False, absmax: bool = False,
     ):
         self.in_features = in_features
         self.tokens = 0
@@ -26,6 +26,8 @@ class InputStats:
         # Per-column sums cost a full pass over the activations: kept only when a pass asks.
         self.sum = torch.zeros(in_features, dtype=torch.float64, device=device) if moments else None
         self.sum_sq = torch.zeros(in_features, dtype=torch.float64, device=device) if moments else None
+        # The largest |x| per column (PTQ1.61 keeps the columns of the largest inputs at 4 bits).
+        self.absmax = torch.zeros(in_features, device=device) if absmax else None
         # Activation quantization needs the inputs themselves: every SAMPLE_STRIDE-th token, capped.
         self.rows: list[torch.Tensor] | None = [] if samples else None
         self.kept_rows = 0
@@ -46,6 +48,8 @@ class InputStats:
         if self.sum is not None:
             self.sum += x.sum(0, dtype=torch.float64)
             self.sum_sq += x.square().sum(0, dtype=torch.float64)
+        if self.absmax is not None:
+            torch.maximum(self.absmax, x.abs().amax(0), out=self.absmax)
         if self.rows is not None and self.kept_rows < MAX_SAMPLE_ROWS:
             kept = x[::SAMPLE_STRIDE][: MAX_SAMPLE_ROWS - self.kept_rows]
             self.rows.append(kept.clone())
@@ -66,6 +70,8 @@ class InputStats:
         for tensor in (self.xtx, self.sum, self.sum_sq):
             if tensor is not None:
                 distributed.all_reduce_sum_(tensor)
+        if self.absmax is not None:
+            distributed.all_reduce_max_(self.absmax)
         if self.rows is not None:
             device = self.rows[0].device if self.rows else "cpu"
             gathered = distributed.all_gather_objects(torch.cat(self.rows).cpu() if self.rows else None)
@@ -111,6 +117,8 @@ class InputStats:
             self.sum_sq.mul_(inverse.square())
         if self.rows:
             self.rows = [rows * inverse.to(rows.dtype) for rows in self.rows]
+        if self.absmax is not None:
+            self.absmax.mul_(inverse.to(self.absmax.dtype))
         previous = self.input_scale if self.input_scale is not None else 1.0
         self.input_scale = (scale.float() * previous).to(scale.device)
 
@@ -121,6 +129,12 @@ class InputStats:
                 return self.xtx.diagonal() / 2
             return self.xtx.diagonal() / max(self.tokens, 1)  # the diagonal tiles are complete
         return self._moments()[1].float()
+
+    def column_absmax(self) -> torch.Tensor:
+        """The largest |x_j| over every token seen, per input column."""
+        if self.absmax is None:
+            raise ValueError("per-column maxima were not accumulated (absmax=False)")
+        return self.absmax
 
     def column_mean(self) -> torch.Tensor:
         return self._moments()[0].float()

@@ -43,12 +43,12 @@ def _block0_error(dense, compressed, ids) -> float:
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
-@pytest.mark.parametrize("train", ["rounding", "full"])
+@pytest.mark.parametrize("train", ["rounding", "full", "scales"])
 def test_reconstruction_lowers_the_block_error_below_gptq(family, train):
     ids = _ids()
     dense = make_model(family)
     plain = make_model(family)
-    compress_model(plain, build_plan(plain, [GPTQ_W3]), ids, batch_size=4)
+    plain_records = compress_model(plain, build_plan(plain, [GPTQ_W3]), ids, batch_size=4)
     learned = make_model(family)
     records = compress_model(learned, build_plan(learned, [GPTQ_W3, {**RECONSTRUCT, "train": train}]), ids,
                              batch_size=4)
@@ -59,6 +59,13 @@ def test_reconstruction_lowers_the_block_error_below_gptq(family, train):
     assert learned_error <= gptq_error
     # Random tiny models at 3 bits leave plenty to learn: the error must drop, not only hold.
     assert learned_error < 0.97 * gptq_error, (learned_error, gptq_error)
+    if train == "scales":  # only the numbers beside the codes move (block 0: the same inputs as GPTQ's)
+        for name, state in records.items():
+            if ".layers.0." in name:
+                plain_quant, quant = plain_records[name].quant, state.quant
+                width = quant.grid.group_width(quant.codes.shape[1])
+                zero, plain_zero = (q.zero.repeat_interleave(width, 1) for q in (quant, plain_quant))
+                assert torch.equal(quant.codes - zero, plain_quant.codes - plain_zero)
 
 
 def test_records_hold_the_weights_the_model_computes_with():

@@ -8,7 +8,7 @@ of them:
                              their input statistics: compress(layer: LinearState, stats, args)
                              updates the layer in place (weight, quantization, mask); optionally
                              compress_many(layers, stats, args) and statistics(args) -> set[str]
-                             ({"hessian", "moments", "samples"}; default {"hessian"}). A
+                             ({"hessian", "moments", "samples", "absmax"}; default {"hessian"}). A
                              sub-group pass may rescale the input channels (AWQ): it scales
                              the weights' columns, calls stats.scale_inputs_(s) where
                              stats.foldable, and the pipeline folds 1/s into the input's
@@ -44,6 +44,7 @@ from types import ModuleType
 
 import torch
 
+from compressor.binarygrids import BinaryGrid
 from compressor.errors import CompressorError
 from compressor.fpgrids import FloatGrid
 from compressor.gguf_quants import BlockHeader, GgufGrid
@@ -103,13 +104,26 @@ class LutWeight:
 
 
 @dataclass
+class BinaryWeight:
+    """PTQ1.61: salient input channels at 4 bits per row, the rest binarised (compressor.binarygrids)."""
+
+    grid: BinaryGrid
+    mask: torch.Tensor  # bool [in], True = a salient channel
+    codes: torch.Tensor  # uint8 [out, k], the salient channels' codes, in column order
+    signs: torch.Tensor  # bool [out, in - k], True = +1
+    row: torch.Tensor  # float16 [out, 4]: scale, low, alpha, beta (binarygrids.ROW_FIELDS)
+    column: torch.Tensor  # float16 [in - k], the binary part's column factors
+    act_order: bool = False
+
+
+@dataclass
 class LinearState:
     """One linear layer as the passes see it: a float32 working copy of its weight and what was done."""
 
     name: str
     weight: torch.Tensor  # float32 [out, in]
     dtype: torch.dtype  # the model's dtype, for the final weight and the stored scales
-    quant: QuantizedWeight | FloatWeight | GgufWeight | LutWeight | None = None
+    quant: QuantizedWeight | FloatWeight | GgufWeight | LutWeight | BinaryWeight | None = None
     mask: torch.Tensor | None = None  # bool [out, in], True = kept (sparsity passes)
     original: torch.Tensor | None = None  # the weight before any pass (DSnoT regrows from it)
     methods: list[str] = field(default_factory=list)
@@ -140,7 +154,7 @@ class Scope(str, Enum):
 PASSES: dict[str, str | ModuleType] = {
     name: f"compressor.passes.{name}"
     for name in ("rotate",  # model scope
-                 "awq", "rtn", "gptq", "fp4", "gguf", "lut",  # sub-group
+                 "awq", "rtn", "gptq", "fp4", "gguf", "lut", "ptq161",  # sub-group
                  "magnitude", "wanda", "sparsegpt", "dsnot",
                  "reconstruct")  # block scope
 }

@@ -11,6 +11,10 @@ What is learned, by `train`:
               initialising pass left them (GPTQ's or RTN's), so learning starts from its result
     full      Block-AP (EfficientQAT): the weights themselves, the scales and the zero points under
               fake quantization, by Adam
+    scales    only the numbers beside the codes, codes fixed (EfficientQAT's E2E-QP, per block): a
+              range multiplier (and zero-point offset) per group of an integer grid; every row's
+              and column's numbers of PTQ1.61's layout (compressor.binarygrids), by Adam. PTQ1.61's
+              layers are learned this way whatever `train` says (their signs have no rounding)
 
 A pruned linear keeps its mask exactly; in a sparse linear that is not quantized, the surviving
 weights are learned (Adam). Rounding goes through the straight-through estimator. The forwards run
@@ -30,14 +34,14 @@ from dataclasses import dataclass
 import torch
 from torch.func import functional_call
 
-from compressor import grids
+from compressor import binarygrids, grids
 from compressor.errors import CompressorError
 from compressor.model import block_linears
-from compressor.passes import LinearState, QuantizedWeight, Scope, check_keys
+from compressor.passes import BinaryWeight, LinearState, QuantizedWeight, Scope, check_keys
 from compressor.pipeline import BlockData, batch_rows
 
 SCOPE = Scope.BLOCK
-TRAIN = ("rounding", "full")
+TRAIN = ("rounding", "full", "scales")
 TARGETS = ("dense", "compressed")
 
 
@@ -46,7 +50,8 @@ class ReconstructOptions:
     train: str = "rounding"
     iters: int = 100  # optimiser steps per block, one calibration chunk each
     lr: float | None = None  # default: 1/iters for rounding (AutoRound); Adam's relative to the
-    # weights' mean size: 1e-3 under fake quantization (full), 1e-2 for sparse float weights
+    # weights' mean size: 1e-3 under fake quantization (full), 1e-2 for sparse float weights;
+    # SCALES_LR for scales
     # The targets: the dense block on the dense model's own stream (dense), or on the compressed
     # model's stream (compressed). ("targets" in a recipe step picks modules.)
     target_stream: str = "dense"
@@ -94,6 +99,13 @@ def target_stream(args: dict) -> str:
     return ReconstructOptions.from_args(args).target_stream
 
 
+# Adam's step for learned scales (train: scales and PTQ1.61's numbers), which are all O(1) multipliers
+# or offsets in units of the row's own step: PTQ1.61 trains its factors with 5e-4 to 1e-3 over
+# 2,560 steps; a block here gets 100. On SmolLM2's first three blocks (PTQ1.61, 100 steps) 2e-2
+# left a lower block error than 5e-3 in each, 5e-2 a higher one.
+SCALES_LR = 2e-2
+
+
 def round_ste(x: torch.Tensor) -> torch.Tensor:
     """round(x) forward, identity backward."""
     return x + (torch.round(x) - x).detach()
@@ -113,6 +125,7 @@ class LearnedLinear:
         # near, and on SmolLM2's 2:4 blocks 1e-2 lowered the block error about twice as much as
         # 1e-3 in 50 steps; weights under fake quantization move less (rounding does the rest).
         self.weight_lr = 1e-2 if quant is None else 1e-3
+        self.scale_lr = SCALES_LR if train == "scales" else 1e-3  # range multipliers, zero offsets
         if quant is None:  # sparse only: learn the surviving weights
             self.params["weight"] = current.float().clone().requires_grad_()
             return
@@ -131,6 +144,9 @@ class LearnedLinear:
             self.params["offset"] = torch.zeros_like(self.latent, requires_grad=True)
             self.params["range"] = torch.ones_like(self.scale0, requires_grad=True)
             self.signed += [self.params["offset"], self.params["range"]]
+        elif train == "scales":  # the codes stay: their distance from the zero point, in steps
+            self.latent = quant.codes.float().to(dense.device) - self.zero0[:, self.index]
+            self.params["range"] = torch.ones_like(self.scale0, requires_grad=True)
         else:  # full: weights, scales and zero points (Block-AP)
             self.params["weight"] = before.float().clone().requires_grad_()
             self.params["range"] = torch.ones_like(self.scale0, requires_grad=True)
@@ -148,7 +164,9 @@ class LearnedLinear:
 
     def units(self) -> torch.Tensor:
         """The weight in grid units before rounding (codes minus zero)."""
-        scale, _ = self.scale_zero()
+        scale, zero = self.scale_zero()
+        if self.train == "scales":
+            return self.latent + (self.zero0 - zero)[:, self.index]
         if self.train == "rounding":
             ratio = self.scale0[:, self.index] / scale[:, self.index]
             return (self.latent + self.params["offset"]) * ratio
@@ -192,6 +210,55 @@ class LearnedLinear:
         return grids.dequantize(codes, scale, zero, self.grid, dtype), quant
 
 
+class LearnedBinary:
+    """PTQ1.61's numbers (compressor.binarygrids) learned, codes and signs fixed: every row's scale,
+    low, alpha and beta as offsets in units of the row's own step (scale for the salient pair,
+    alpha for the binary pair), every binary column's factor as a multiplier."""
+
+    scale_lr = SCALES_LR
+
+    def __init__(self, state: LinearState, device: torch.device):
+        quant: BinaryWeight = state.quant
+        self.state = state
+        mask = quant.mask.to(device)
+        # Dense [out, in] matrices once, so each step is elementwise (no masked indexing to
+        # differentiate): the codes where salient, +-1 where binary, 0 elsewhere.
+        self.salient = mask.float()
+        self.binary_index = (~mask).nonzero().squeeze(1)
+        self.codes = torch.zeros(len(quant.row), len(mask), device=device)
+        self.codes[:, mask] = quant.codes.float().to(device)
+        self.signs = torch.zeros_like(self.codes)
+        self.signs[:, ~mask] = quant.signs.float().to(device) * 2 - 1
+        self.row0, self.column0 = quant.row.float().to(device), quant.column.float().to(device)
+        unit = self.row0[:, [0, 0, 2, 2]].abs()
+        self.unit = torch.where(unit > 0, unit, torch.ones_like(unit))
+        self.params = {"row": torch.zeros_like(self.row0, requires_grad=True),
+                       "column": torch.ones_like(self.column0, requires_grad=True)}
+        self.signed: list[torch.Tensor] = []
+
+    def numbers(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.row0 + self.params["row"] * self.unit, self.column0 * self.params["column"]
+
+    def weight(self) -> torch.Tensor:
+        """binarygrids.values, as one elementwise expression over [out, in]."""
+        row, column = self.numbers()
+        scale, low, alpha, beta = row.unbind(1)
+        factor = torch.zeros(len(self.salient), device=column.device).index_put((self.binary_index,), column)
+        binary = (beta[:, None] * (1 - self.salient) + alpha[:, None] * self.signs) * factor
+        return self.codes * scale[:, None] + low[:, None] * self.salient + binary
+
+    def clamp_(self) -> None:
+        pass
+
+    @torch.no_grad()
+    def final(self, dtype: torch.dtype) -> tuple[torch.Tensor, BinaryWeight]:
+        row, column = (binarygrids.half(x).cpu() for x in self.numbers())
+        stored = self.state.quant
+        quant = BinaryWeight(grid=stored.grid, mask=stored.mask, codes=stored.codes, signs=stored.signs,
+                             row=row.to(torch.float16), column=column.to(torch.float16))
+        return binarygrids.values(stored.mask, stored.codes, stored.signs, row, column).to(dtype), quant
+
+
 def _autocast(device: torch.device, bf16: bool | str):
     if bf16 == "auto":
         from compressor.pipeline import native_bf16
@@ -227,16 +294,23 @@ def block_error(block, data: BlockData, params: dict[str, torch.Tensor] | None =
 
 
 def _learnable(state: LinearState) -> bool:
-    """Integer grids and sparse float weights; 4-bit float grids are left as they are."""
-    return isinstance(state.quant, QuantizedWeight) or (state.quant is None and state.mask is not None)
+    """Integer grids, PTQ1.61's numbers and sparse float weights; 4-bit float grids and tables are
+    left as they are."""
+    return (isinstance(state.quant, (QuantizedWeight, BinaryWeight))
+            or (state.quant is None and state.mask is not None))
+
+
+def _learner(state: LinearState, dense: torch.Tensor, current: torch.Tensor, options: ReconstructOptions):
+    if isinstance(state.quant, BinaryWeight):
+        return LearnedBinary(state, dense.device)
+    return LearnedLinear(state, dense, current, options.train, options.start)
 
 
 def refine(block, records: dict[str, LinearState], data: BlockData, args: dict) -> None:
     options = ReconstructOptions.from_args(args)
     linears = block_linears(block)
     learned = {
-        name: LearnedLinear(state, data.dense_weights[name].to(data.device), linears[name].weight.data,
-                            options.train, options.start)
+        name: _learner(state, data.dense_weights[name].to(data.device), linears[name].weight.data, options)
         for name, state in records.items()
         if name in linears and _learnable(state)
     }
@@ -299,7 +373,7 @@ def _train(block, learned: dict[str, LearnedLinear], norms: dict[str, torch.Tens
                 if any(p is s for s in signed):
                     continue
                 size = float(p.detach().abs().mean()) if key == "weight" else 1.0
-                base_lr = unit.weight_lr if key == "weight" else 1e-3
+                base_lr = unit.weight_lr if key == "weight" else unit.scale_lr
                 groups.append({"params": [p], "lr": (options.lr or base_lr) * size})
         adam = torch.optim.Adam(groups)
         base = [g["lr"] for g in adam.param_groups]
