@@ -25,7 +25,7 @@ from compressor import gguf_quants
 from compressor.errors import CompressorError
 from compressor.gguf_quants import GgufGrid, GgufType
 from compressor.passes import GgufWeight, LinearState, check_keys
-from compressor.passes.gptq import GPTQOptions, error_feedback
+from compressor.passes.gptq import GPTQOptions, error_feedback, output_error
 from compressor.stats import InputStats
 
 KEYS = {"type", "solver", "damp", "act_order", "blocksize", "refit"}
@@ -171,5 +171,4 @@ def compress_many(layers: list[LinearState], stats: InputStats | None, args: dic
         layer.methods.append(f"gguf-{qtype.value}+{solver}")
         layer.metrics.update(metrics, gguf_type=qtype.value)
         if hessian is not None:  # the layer's output error, as GPTQ measures it
-            error = part_values - original
-            layer.metrics["gguf_output_error"] = float(((error @ hessian) * error).sum())
+            layer.metrics["gguf_output_error"] = output_error(original, part_values, hessian)

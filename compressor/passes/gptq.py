@@ -250,6 +250,13 @@ def solve(
                       unrounded=unrounded)
 
 
+def output_error(original: torch.Tensor, value: torch.Tensor, hessian: torch.Tensor) -> float:
+    """sum_r (v_r - w_r)^T H (v_r - w_r): the layer's squared output error over the calibration,
+    the objective GPTQ-style solvers lower (reported per layer in compress.json)."""
+    error = value - original
+    return float(((error @ hessian.float()) * error).sum())
+
+
 def whole_row_grid(grid: IntGrid) -> IntGrid:
     """The same grid with one group spanning whatever slice it is given."""
     return dataclasses.replace(grid, group_size=0)

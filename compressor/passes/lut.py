@@ -21,7 +21,7 @@ from compressor import lutgrids
 from compressor.errors import CompressorError
 from compressor.lutgrids import LutGrid
 from compressor.passes import LinearState, LutWeight, check_keys
-from compressor.passes.gptq import GPTQOptions, error_feedback
+from compressor.passes.gptq import GPTQOptions, error_feedback, output_error
 from compressor.stats import InputStats
 
 KEYS = {"format", "group_size", "table_rows", "solver", "damp", "act_order", "blocksize", "refit"}
@@ -83,7 +83,7 @@ def compress_many(layers: list[LinearState], stats: InputStats | None, args: dic
         metrics = {}
         if solver == "gptq":
             kmeans_values = lutgrids.values(codes[i], scales[i], tables[i], grid)
-            before = _output_error(originals[i], kmeans_values, hessian)
+            before = output_error(originals[i], kmeans_values, hessian)
             if args.get("refit", True):
                 refitted = lutgrids.refit_tables(originals[i], codes[i], scales[i], grid, damped)
                 tables[i], codes[i] = lutgrids.sort_tables(refitted, codes[i].contiguous(), grid)
@@ -94,11 +94,6 @@ def compress_many(layers: list[LinearState], stats: InputStats | None, args: dic
                                 act_order=solver == "gptq" and options.act_order)
         layer.methods.append(f"{grid.format}+{solver}")
         if hessian is not None:
-            metrics["lut_output_error"] = _output_error(originals[i], layer.weight, hessian)
+            metrics["lut_output_error"] = output_error(originals[i], layer.weight, hessian)
         layer.metrics.update(metrics)
 
-
-def _output_error(original: torch.Tensor, value: torch.Tensor, hessian: torch.Tensor) -> float:
-    """sum_r (v_r - w_r)^T H (v_r - w_r): the layer's squared output error over the calibration."""
-    error = value - original
-    return float(((error @ hessian.float()) * error).sum())

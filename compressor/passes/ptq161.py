@@ -25,7 +25,7 @@ from compressor import binarygrids
 from compressor.binarygrids import BinaryGrid
 from compressor.errors import CompressorError
 from compressor.passes import BinaryWeight, LinearState, check_keys
-from compressor.passes.gptq import GPTQOptions, error_feedback
+from compressor.passes.gptq import GPTQOptions, error_feedback, output_error
 from compressor.stats import InputStats
 
 KEYS = {"salient", "salient_bits", "solver", "damp", "blocksize"}
@@ -80,7 +80,7 @@ def compress_many(layers: list[LinearState], stats: InputStats | None, args: dic
         codes = binarygrids.round_salient(weight[:, mask], scale, low, grid.salient_bits)
     column = torch.ones(int((~mask).sum()))
     row = torch.stack([scale, low, alpha, beta], 1)
-    before = _output_error(weight, binarygrids.values(mask, codes, signs, row, column), hessian)
+    before = output_error(weight, binarygrids.values(mask, codes, signs, row, column), hessian)
     row = refit_rows(weight, mask, codes, signs, column, hessian)
     value = binarygrids.values(mask, codes, signs, row, column)
     sizes = [layer.weight.shape[0] for layer in layers]
@@ -91,7 +91,7 @@ def compress_many(layers: list[LinearState], stats: InputStats | None, args: dic
                                    row=r.to(torch.float16), column=column.to(torch.float16))
         layer.methods.append(f"{grid.format}+{args.get('solver', 'gptq')}")
         layer.metrics.update(metrics, salient_channels=int(mask.sum()),
-                             ptq161_output_error=_output_error(w, v, hessian))
+                             ptq161_output_error=output_error(w, v, hessian))
     layers[0].metrics["ptq161_output_error_before_refit"] = before  # the sub-group's, stacked
 
 
@@ -165,7 +165,3 @@ def refit_rows(weight: torch.Tensor, mask: torch.Tensor, codes: torch.Tensor, si
         solution[:, 0] = 1.0
     return binarygrids.half(solution)
 
-
-def _output_error(original: torch.Tensor, value: torch.Tensor, hessian: torch.Tensor) -> float:
-    error = value - original
-    return float(((error @ hessian) * error).sum())
