@@ -15,6 +15,7 @@ runs of a suite go first, back to back, so their timings share the same quiet ma
     python bench/run.py scale                    # a 1.1B model streamed: peak RSS, kill + resume
     python bench/run.py deploy                   # which layouts vLLM serves (its own venv), NLL gap
     python bench/run.py gguf                     # GPTQ onto GGUF block types vs llama.cpp's quantizer
+    python bench/run.py distill                  # students trained against the dense teacher
     python bench/run.py all
 """
 
@@ -303,6 +304,90 @@ def run_suite(suite: str, only: list[str] | None, model: Path, resume: bool = Fa
     return text
 
 
+# Training-based compression (issue 20): each row distils the dense model into a student (a row of
+# the quantize / sparsity suites, made here when missing, or the dense model itself with a target
+# format) for DISTILL_MINUTES of training on C4 windows, then evaluates it as every row is.
+DISTILL_MINUTES = "30"
+DISTILL_ROWS: list[tuple[str, str | None, list[str], list[str]]] = [
+    # (row, student row or None for the dense model, the student's compress command, distill flags)
+    ("gptq-w3g64-asym-kd-params", "gptq-w3g64-asym", _quant("gptq", 3, 64, False), ["--train", "params"]),
+    ("gptq-w3g64-asym-kd-scales", "gptq-w3g64-asym", _quant("gptq", 3, 64, False), ["--train", "scales"]),
+    ("gptq-w3g64-asym-kd-lora", "gptq-w3g64-asym", _quant("gptq", 3, 64, False), ["--train", "lora"]),
+    ("gptq-w2g64-asym-kd-params", "gptq-w2g64-asym", _quant("gptq", 2, 64, False), ["--train", "params"]),
+    ("sparsegpt-2of4-kd-params", "sparsegpt-2of4", _prune("sparsegpt", "2:4", False), ["--train", "params"]),
+    ("pgf-2of4", None, [], ["--pattern", "2:4", "--schedule", "pgf"]),
+    ("ternary-b158", None, [], ["--format", "ternary"]),
+]
+
+
+def run_distill(model: Path, only: list[str] | None = None) -> str:
+    rows = []
+    previous = RESULTS / "distill.json"
+    kept = json.loads(previous.read_text())["rows"] if only and previous.is_file() else []
+    for name, student, command, flags in DISTILL_ROWS:
+        if only and name not in only:
+            continue
+        if student is not None and not (WORK / student / "compress.json").is_file():
+            (WORK / f"{student}.made.json").write_text(json.dumps(compress_row(model, student, command)))
+        source = WORK / student if student else model
+        made = compress("distill", str(source), "--teacher", str(model), *flags, "--minutes",
+                        DISTILL_MINUTES, "--data", "c4", "--seed", "0", "--device", "cpu",
+                        "-o", str(WORK / name), "--overwrite")
+        after = eval_row(model, name, {**made, "seconds": {"compress": made["distill"]["seconds"]}})
+        before = _measured_row(student) or eval_row(
+            model, student, json.loads((WORK / f"{student}.made.json").read_text())) if student else None
+        run = made["distill"]
+        rows.append({**after, "before": before, "steps": run["steps"], "tokens": run["tokens"],
+                     "train_seconds": run["seconds"], "tokens_per_second": run["tokens_per_second"],
+                     "heldout_curve": [(c["tokens"], c["heldout_ppl"]) for c in run["curve"]
+                                       if c.get("heldout_ppl")],
+                     "precision": run["precision"]})
+        start = before["ppl"] if before else after["dense_ppl"]
+        print(f"{name}: ppl {after['ppl']:.3f} (before {start:.3f})", flush=True)
+    fresh = {row["name"]: row for row in rows}
+    rows = [fresh.pop(row["name"], row) for row in kept] + list(fresh.values())
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    previous.write_text(json.dumps({"rows": rows}, indent=2))
+    text = distill_markdown(rows)
+    (RESULTS / "distill.md").write_text(text)
+    return text
+
+
+def _measured_row(name: str) -> dict | None:
+    """A row some suite already measured under the same protocol (the students' one-shot figures)."""
+    for path in sorted(RESULTS.glob("*.json")):
+        rows = json.loads(path.read_text()).get("rows") if path.name != "distill.json" else None
+        for row in rows if isinstance(rows, list) else []:
+            if isinstance(row, dict) and row.get("name") == name and "ppl" in row:
+                return row
+    return None
+
+
+def distill_markdown(rows: list[dict]) -> str:
+    lines = ["# distill benchmark: SmolLM2-135M-Instruct (fp32 teacher), this machine", "",
+             f"`compress distill STUDENT --teacher dense --minutes {DISTILL_MINUTES} --data c4` (batch "
+             "4 x 512 tokens, KL at T=1, AdamW + cosine), then the quantize suite's evaluation (WikiText-2 "
+             "test, 32 x 2048; KL on 16 x 512 held-out tokens). Command: `python bench/run.py distill`. "
+             "Before = the student as compressed one-shot (the dense model for pgf / ternary rows).", "",
+             "| run | ppl before | ppl after | KL before | KL after | top-1 after | bpw | tokens | train s "
+             "| tokens/s | peak RSS MiB | precision |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        before = row["before"]
+        ppl_before = f"{before['ppl']:.3f}" if before else f"{row['dense_ppl']:.3f} (dense)"
+        kl_before = f"{before['kl']:.4f}" if before else "0"
+        lines.append(f"| {row['name']} | {ppl_before} | {row['ppl']:.3f} | {kl_before} | {row['kl']:.4f} "
+                     f"| {100 * row['top1']:.1f}% | {row['bpw']:.3f} | {row['tokens']} "
+                     f"| {row['train_seconds']:.0f} "
+                     f"| {row['tokens_per_second']:.0f} | {row['peak_rss_mb']:.0f} | {row['precision']} |")
+    lines += ["", "Held-out perplexity (C4's last 10% of documents, 8 x 512 tokens) as training goes, "
+              "tokens: ppl:", ""]
+    for row in rows:
+        curve = ", ".join(f"{tokens}: {ppl:.2f}" for tokens, ppl in row["heldout_curve"])
+        lines.append(f"- {row['name']}: {curve}")
+    return "\n".join(lines) + "\n"
+
+
 # Packed inference (`compress bench-infer`): checkpoints of the quantize / search suites, made here
 # when missing. W4 g64 runs torch's int4 kernel (also with int8 token embeddings / tied head);
 # W3 g128 asymmetric the per-layer dequant fallback.
@@ -450,7 +535,7 @@ def write_scale(result: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    extra = ["infer", "tasks", "scale", "deploy", "gguf"]
+    extra = ["infer", "tasks", "scale", "deploy", "gguf", "distill"]
     parser.add_argument("suite", choices=[*SUITES, *extra, "all"], nargs="?", default="all")
     parser.add_argument("--only", nargs="*", help="row names to run")
     parser.add_argument("--resume", action="store_true", help="reuse rows compressed by an earlier run")
@@ -467,6 +552,8 @@ def main() -> None:
             print(run_infer(model))
         elif suite == "tasks":
             print(run_tasks(model, args.only))
+        elif suite == "distill":
+            print(run_distill(model, args.only))
         else:
             print(run_suite(suite, args.only, model, args.resume))
 

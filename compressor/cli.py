@@ -349,6 +349,106 @@ def sparsify(
 
 
 @app.command()
+def distill(
+    student: str = typer.Argument(
+        None, show_default=False,
+        help="A checkpoint of this project (GPTQ / RTN integer grids, or pruned), or a dense model with "
+             "--format ternary / --pattern N:M. With --resume: the output folder of the interrupted run."),
+    teacher: str = typer.Option(None, "--teacher", help="The dense teacher. " + MODEL_HELP),
+    train: str = typer.Option(
+        "params", "--train",
+        help="params: latent weights re-rounded onto the student's grid every step (masks fixed); "
+             "scales: only step sizes and zero points (E2E-QP); lora: adapters from the quantization "
+             "error, merged and rounded back onto the student's grid at the end."),
+    rank: int = typer.Option(16, "--rank", min=1, help="--train lora: the adapters' rank."),
+    number_format: str = typer.Option(
+        None, "--format", help="ternary: BitNet b1.58 QAT from a dense student (2-bit packed checkpoint)."),
+    quantizer: str = typer.Option("absmean", "--quantizer", help="Ternary scale: absmean or median of |W|."),
+    per_channel: bool = typer.Option(False, "--per-channel",
+                                     help="Ternary: a scale per row, not per tensor."),
+    act_bits: int = typer.Option(8, "--act-bits", help="Ternary: activations absmax per token while "
+                                                        "training, 8 (BitNet) or 0 (off)."),
+    pattern: str = typer.Option(None, "--pattern", help="N:M sparse training (e.g. 2:4) of a dense or "
+                                                        "N:M-pruned student."),
+    schedule: str = typer.Option(
+        "pgf", "--schedule",
+        help="--pattern: pgf (progressive gradient flow: pruned weights fade out), srste or fixed."),
+    decay: str = typer.Option("linear", "--decay", help="pgf: how the pruned weights fade, linear or exp."),
+    data: str = typer.Option(
+        "c4", "--data",
+        help="Training text: c4, wikitext2 (its validation split), self (the teacher writes it) or a "
+             ".txt / .jsonl file. Its last 10% is held out and watched; WikiText-2 test is never read."),
+    seqlen: int = typer.Option(512, "--seqlen", min=2, help="Tokens per training window."),
+    batch: int = typer.Option(4, "--batch", min=1, help="Windows per step."),
+    steps: int = typer.Option(None, "--steps", min=1, help="Optimiser steps (default 200)."),
+    minutes: float = typer.Option(None, "--minutes", min=0.01,
+                                  help="Train for about this long instead (steps from a timing probe)."),
+    tokens: int = typer.Option(None, "--tokens", min=1, help="Train on this many tokens instead."),
+    lr: float = typer.Option(None, "--lr", min=0.0, help="Multiplies every default learning rate (1.0)."),
+    warmup: float = typer.Option(0.05, "--warmup", help="Fraction of the steps with a linear warm-up."),
+    temperature: float = typer.Option(1.0, "--temperature", help="KD temperature (loss scaled by T^2)."),
+    lm_weight: float = typer.Option(0.0, "--lm-weight", help="Add this x the next-token loss to the KL."),
+    norms: bool = typer.Option(True, "--norms/--no-norms", help="Also train the norm gains (kept in float)."),
+    eval_every: int = typer.Option(50, "--eval-every", min=1, help="Held-out perplexity every N steps."),
+    save_every: int = typer.Option(25, "--save-every", min=1, help="Resumable state every N steps."),
+    checkpointing: bool = typer.Option(False, "--checkpointing",
+                                       help="Gradient checkpointing: less memory, ~30% more time."),
+    seed: int = SeedOpt,
+    data_dir: str = DataDirOpt,
+    device: str = DeviceOpt,
+    output: Path = OutputOpt,
+    overwrite: bool = OverwriteOpt,
+    resume: bool = typer.Option(False, "--resume", help="Continue the interrupted run whose output folder "
+                                                        "is STUDENT; same bytes as an uninterrupted run."),
+    as_json: bool = JsonOpt,
+):
+    """Train a compressed student against the dense teacher (KL on next-token distributions); the
+    output keeps the student's format and loads like any checkpoint of this project.
+
+    Example: compress distill out/w3 --teacher MODEL --minutes 30 -o out/w3-kd
+    """
+    from compressor.distill import DistillOptions, distill
+    from compressor.pipeline import resolve_device
+
+    if resume:
+        if student is None:
+            raise CompressorError("--resume needs the output folder of the interrupted run")
+        output = Path(student)
+    elif output is None:
+        raise CompressorError("distill needs --output / -o")
+    options = DistillOptions(train=train, rank=rank, number_format=number_format, quantizer=quantizer,
+                             per_channel=per_channel, act_bits=act_bits, pattern=pattern, schedule=schedule,
+                             decay=decay, data=data, seqlen=seqlen, batch=batch, steps=steps, minutes=minutes,
+                             tokens=tokens, lr=lr, warmup=warmup, temperature=temperature,
+                             lm_weight=lm_weight, norms=norms, eval_every=eval_every, save_every=save_every,
+                             checkpointing=checkpointing, seed=seed)
+    with progress_bar(not as_json) as (stage, advance):
+        def on_step(step, total, figures):
+            stage(f"distilling: loss {figures['loss']:.4f}, {figures['tokens_per_second']:.0f} tokens/s")
+            advance(step, total)
+
+        try:
+            result = distill(student, teacher, output, options, device=str(resolve_device(device)),
+                             data_dir=data_dir, overwrite=overwrite, resume=resume, on_stage=stage,
+                             on_step=on_step)
+        except KeyboardInterrupt:
+            err.print(f"interrupted; run `compress distill {output} --resume` to continue from the last "
+                      "saved step")
+            raise
+    _emit({"output": result.output, **result.manifest}, as_json, _print_distill)
+
+
+def _print_distill(summary: dict) -> None:
+    run = summary["distill"]
+    out.print(f"[green]wrote[/green] {summary['output']} ({summary['bpw']['stored']:.3f} stored bits/weight)")
+    out.print(f"  {run['steps']} steps, {run['tokens']} tokens in {run['seconds']:.0f} s "
+              f"({run['tokens_per_second']:.0f} tokens/s, {run['precision']}); peak RSS "
+              f"{summary['peak_rss_mb']:.0f} MiB")
+    out.print(f"  held-out perplexity {run['heldout_ppl_before']:.3f} -> {run['heldout_ppl_after']:.3f}")
+    out.print(f"  next: compress eval {summary['output']}")
+
+
+@app.command()
 def run(
     recipe_path: Path = typer.Argument(..., metavar="RECIPE", help="Recipe YAML (see recipes/)."),
     model: str = typer.Argument(None, help=MODEL_HELP, show_default=False),

@@ -126,6 +126,42 @@ def heldout_ids(
     return _ids_tensor(tokenizer, "\n\n".join(docs))
 
 
+def training_windows(
+    tokenizer, source: str, n_samples: int, seqlen: int, seed: int = 0, data_dir: Path | None = None,
+    heldout: int = 8,
+) -> tuple[torch.LongTensor, torch.LongTensor]:
+    """Windows to train on and `heldout` windows to watch training with, from disjoint text.
+
+    A multi-document source keeps its last 10% of documents for the held-out windows (the part
+    heldout_ids measures KL on); a single document (wikitext2: its *validation* split) its last 10%
+    of tokens. Training draws `n_samples` random windows from the rest, seeded as
+    calibration_windows draws. The test split (the perplexity text) is never read.
+    """
+    if n_samples < 1 or seqlen < 2:
+        raise CompressorError(f"training needs at least one window of 2 tokens, got {n_samples} x {seqlen}")
+    docs = load_documents(source, data_dir, split="validation" if source == "wikitext2" else "calibration")
+    rng = random.Random(seed)
+    if len(docs) == 1:
+        ids = _encode(tokenizer, docs[0])
+        cut = len(ids) - max(seqlen, round(len(ids) * _HELDOUT_FRACTION))
+        if cut < seqlen:
+            raise CompressorError(f"data source {source!r} has {len(ids)} tokens: too few for training "
+                                  f"windows of {seqlen} and held-out text beside them")
+        train = [ids[s: s + seqlen] for s in (rng.randint(0, cut - seqlen) for _ in range(n_samples))]
+        tail = ids[cut:]
+        held = [tail[i: i + seqlen] for i in range(0, len(tail) - seqlen + 1, seqlen)][:heldout]
+    else:
+        keep = max(1, round(len(docs) * _HELDOUT_FRACTION))
+        if len(docs) - keep < 1:
+            raise CompressorError(f"data source {source!r} has too few documents to hold some out")
+        train = _windows_from_documents(tokenizer, docs[:-keep], source, n_samples, seqlen, rng)
+        tail = _encode(tokenizer, "\n\n".join(docs[-keep:]))
+        held = [tail[i: i + seqlen] for i in range(0, len(tail) - seqlen + 1, seqlen)][:heldout]
+    if not held:
+        raise CompressorError(f"data source {source!r}: its held-out part is shorter than {seqlen} tokens")
+    return torch.tensor(train, dtype=torch.long), torch.tensor(held, dtype=torch.long)
+
+
 # --- loading -----------------------------------------------------------------------------------
 
 

@@ -36,7 +36,8 @@ def collect_runs(folder: Path) -> list[dict]:
         # the report was written elsewhere (--report).
         manifests = [path.parent / "compress.json", Path(str(result.get("model", ""))) / "compress.json"]
         manifest = next((m for m in manifests if m.is_file()), None)
-        runs.append({"name": path.parent.name, "eval": result, "bits_per_block": _bits_per_block(manifest)})
+        runs.append({"name": path.parent.name, "eval": result, "bits_per_block": _bits_per_block(manifest),
+                     "training": _training_curve(manifest)})
     if not runs:
         raise CompressorError(f"no eval.json found in {folder} or its subfolders; run `compress eval` first")
     return runs
@@ -96,6 +97,40 @@ def render_runs_markdown(runs: list[dict]) -> str:
 
 
 # -- SVG plots ----------------------------------------------------------------------------------
+
+
+def _training_curve(manifest_path: Path | None) -> list[tuple[int, float]] | None:
+    """(tokens, held-out perplexity) as a `compress distill` run trained, from its compress.json."""
+    if manifest_path is None:
+        return None
+    run = json.loads(manifest_path.read_text()).get("distill") or {}
+    curve = [(c["tokens"], c["heldout_ppl"]) for c in run.get("curve", []) if c.get("heldout_ppl")]
+    return curve or None
+
+
+def training_svg(runs: list[dict], width: int = 560, height: int = 300) -> str | None:
+    """Held-out perplexity against training tokens, one line per distilled run."""
+    lines = [(run["name"], run["training"]) for run in runs if run.get("training")]
+    if not lines:
+        return None
+    tokens = [t for _, curve in lines for t, _ in curve]
+    logs = [math.log10(p) for _, curve in lines for _, p in curve]
+    x = _scale(0, max(tokens), 60, width - 20)
+    y = _scale(min(logs) - 0.02, max(logs) + 0.02, height - 40, 30)
+    parts = _axes(width, height, "Distillation: held-out perplexity", "training tokens",
+                  "held-out perplexity (log)")
+    parts += _y_ticks(min(logs) - 0.02, max(logs) + 0.02, y, lambda v: f"{10**v:.3g}")
+    parts += _x_ticks([max(tokens) * i / 4 for i in range(5)], x, lambda v: f"{v / 1e3:.0f}k", height - 40)
+    for number, (name, curve) in enumerate(lines):
+        color = COLORS[number % len(COLORS)]
+        path = " ".join(f"{x(t):.1f},{y(math.log10(p)):.1f}" for t, p in curve)
+        parts.append(f'<polyline class="curve" points="{path}" fill="none" stroke="{color}" stroke-width="2">'
+                     f"<title>{html.escape(name)}: {curve[0][1]:.2f} -> {curve[-1][1]:.2f}</title>"
+                     "</polyline>")
+        last_x, last_y = x(curve[-1][0]), y(math.log10(curve[-1][1]))
+        parts.append(f'<text x="{last_x - 4:.1f}" y="{last_y - 6:.1f}" font-size="11" text-anchor="end">'
+                     f"{html.escape(name)}</text>")
+    return "\n".join(parts + ["</svg>"])
 
 
 def _axes(width: int, height: int, title: str, x_label: str, y_label: str, left: int = 60) -> list[str]:
@@ -249,7 +284,8 @@ def _markdown_table_html(markdown: str) -> str:
 
 
 def render_runs_html(runs: list[dict]) -> str:
-    plots = [svg for svg in (ppl_vs_bpw_svg(runs), bits_per_block_svg(runs), recovery_svg(runs)) if svg]
+    plots = [svg for svg in (ppl_vs_bpw_svg(runs), bits_per_block_svg(runs), recovery_svg(runs),
+                             training_svg(runs)) if svg]
     style = (
         "body{font-family:sans-serif;margin:2em;color:#222} table{border-collapse:collapse}"
         "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right} th{background:#f3f3f3}"
