@@ -316,11 +316,11 @@ DISTILL_ROWS: list[tuple[str, str | None, list[str], list[str]]] = [
     ("gptq-w2g64-asym-kd-params", "gptq-w2g64-asym", _quant("gptq", 2, 64, False), ["--train", "params"]),
     ("sparsegpt-2of4-kd-params", "sparsegpt-2of4", _prune("sparsegpt", "2:4", False), ["--train", "params"]),
     ("pgf-2of4", None, [], ["--pattern", "2:4", "--schedule", "pgf"]),
-    ("ternary-b158", None, [], ["--format", "ternary"]),
+    ("ternary-b158", None, [], ["--format", "ternary", "--minutes", "20"]),
 ]
 
 
-def run_distill(model: Path, only: list[str] | None = None) -> str:
+def run_distill(model: Path, only: list[str] | None = None, resume: bool = False) -> str:
     rows = []
     previous = RESULTS / "distill.json"
     kept = json.loads(previous.read_text())["rows"] if only and previous.is_file() else []
@@ -330,9 +330,11 @@ def run_distill(model: Path, only: list[str] | None = None) -> str:
         if student is not None and not (WORK / student / "compress.json").is_file():
             (WORK / f"{student}.made.json").write_text(json.dumps(compress_row(model, student, command)))
         source = WORK / student if student else model
-        made = compress("distill", str(source), "--teacher", str(model), *flags, "--minutes",
-                        DISTILL_MINUTES, "--data", "c4", "--seed", "0", "--device", "cpu",
-                        "-o", str(WORK / name), "--overwrite")
+        done = WORK / name / "compress.json"
+        length = [] if "--minutes" in flags else ["--minutes", DISTILL_MINUTES]
+        made = json.loads(done.read_text()) if resume and done.is_file() else compress(
+            "distill", str(source), "--teacher", str(model), *flags, *length, "--data", "c4", "--seed", "0",
+            "--device", "cpu", "-o", str(WORK / name), "--overwrite")
         after = eval_row(model, name, {**made, "seconds": {"compress": made["distill"]["seconds"]}})
         before = _measured_row(student) or eval_row(
             model, student, json.loads((WORK / f"{student}.made.json").read_text())) if student else None
@@ -356,7 +358,8 @@ def run_distill(model: Path, only: list[str] | None = None) -> str:
 def _measured_row(name: str) -> dict | None:
     """A row some suite already measured under the same protocol (the students' one-shot figures)."""
     for path in sorted(RESULTS.glob("*.json")):
-        rows = json.loads(path.read_text()).get("rows") if path.name != "distill.json" else None
+        found = json.loads(path.read_text()) if path.name != "distill.json" else None
+        rows = found.get("rows") if isinstance(found, dict) else None
         for row in rows if isinstance(rows, list) else []:
             if isinstance(row, dict) and row.get("name") == name and "ppl" in row:
                 return row
@@ -365,7 +368,8 @@ def _measured_row(name: str) -> dict | None:
 
 def distill_markdown(rows: list[dict]) -> str:
     lines = ["# distill benchmark: SmolLM2-135M-Instruct (fp32 teacher), this machine", "",
-             f"`compress distill STUDENT --teacher dense --minutes {DISTILL_MINUTES} --data c4` (batch "
+             f"`compress distill STUDENT --teacher dense --minutes {DISTILL_MINUTES} --data c4` (20 for "
+             "the ternary row; batch "
              "4 x 512 tokens, KL at T=1, AdamW + cosine), then the quantize suite's evaluation (WikiText-2 "
              "test, 32 x 2048; KL on 16 x 512 held-out tokens). Command: `python bench/run.py distill`. "
              "Before = the student as compressed one-shot (the dense model for pgf / ternary rows).", "",
@@ -553,7 +557,7 @@ def main() -> None:
         elif suite == "tasks":
             print(run_tasks(model, args.only))
         elif suite == "distill":
-            print(run_distill(model, args.only))
+            print(run_distill(model, args.only, args.resume))
         else:
             print(run_suite(suite, args.only, model, args.resume))
 
