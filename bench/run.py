@@ -136,6 +136,9 @@ SUITES: dict[str, list[tuple[str, list[str]]]] = {
     ] + [(f"sparsegpt-{pattern.replace(':', 'of')}-rec",
           [*_prune("sparsegpt", pattern, False), "--reconstruct"])
          for pattern in ("2:4", "0.5")
+    ] + [(f"gptq-{label}-rot-rec-init", ["run", str(HERE / recipe)])
+         for label, recipe in (("w4g64-sym", "w4-rotate-gptq-reconstruct-init.yaml"),
+                               ("w2g64-asym", "w2-asym-rotate-gptq-reconstruct-init.yaml"))
     ] + [("gptq-w4g64-sym-rot-rec-compressed-targets",
           ["run", str(HERE / "w4-rotate-gptq-reconstruct-compressed-targets.yaml")]),
          ("gptq-w4g64-full-rot-awq-rec-lr005",

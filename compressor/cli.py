@@ -361,6 +361,11 @@ def distill(
              "scales: only step sizes and zero points (E2E-QP); lora: adapters from the quantization "
              "error, merged and rounded back onto the student's grid at the end."),
     rank: int = typer.Option(16, "--rank", min=1, help="--train lora: the adapters' rank."),
+    keep_adapter: bool = typer.Option(
+        False, "--keep-adapter",
+        help="--train lora: keep the adapters apart as a PEFT adapter (adapter_config.json, "
+             "adapter_model.safetensors) beside the unchanged student, instead of merging them into "
+             "its grid. Norm gains are not trained."),
     number_format: str = typer.Option(
         None, "--format", help="ternary: BitNet b1.58 QAT from a dense student (2-bit packed checkpoint)."),
     quantizer: str = typer.Option("absmean", "--quantizer", help="Ternary scale: absmean or median of |W|."),
@@ -388,6 +393,11 @@ def distill(
     warmup: float = typer.Option(0.05, "--warmup", help="Fraction of the steps with a linear warm-up."),
     temperature: float = typer.Option(1.0, "--temperature", help="KD temperature (loss scaled by T^2)."),
     lm_weight: float = typer.Option(0.0, "--lm-weight", help="Add this x the next-token loss to the KL."),
+    teacher_top_k: int = typer.Option(
+        0, "--teacher-top-k", min=0,
+        help="0: a live teacher, its whole distribution. K: its top K tokens per position plus one bin "
+             "for the rest, computed once per window and cached on disk ($COMPRESSOR_CACHE), so later "
+             "runs on the same text skip the teacher's forwards."),
     norms: bool = typer.Option(True, "--norms/--no-norms", help="Also train the norm gains (kept in float)."),
     eval_every: int = typer.Option(50, "--eval-every", min=1, help="Held-out perplexity every N steps."),
     save_every: int = typer.Option(25, "--save-every", min=1, help="Resumable state every N steps."),
@@ -416,12 +426,12 @@ def distill(
         output = Path(student)
     elif output is None:
         raise CompressorError("distill needs --output / -o")
-    options = DistillOptions(train=train, rank=rank, number_format=number_format, quantizer=quantizer,
-                             per_channel=per_channel, act_bits=act_bits, pattern=pattern, schedule=schedule,
-                             decay=decay, data=data, seqlen=seqlen, batch=batch, steps=steps, minutes=minutes,
-                             tokens=tokens, lr=lr, warmup=warmup, temperature=temperature,
-                             lm_weight=lm_weight, norms=norms, eval_every=eval_every, save_every=save_every,
-                             checkpointing=checkpointing, seed=seed)
+    options = DistillOptions(
+        train=train, rank=rank, keep_adapter=keep_adapter, number_format=number_format, quantizer=quantizer,
+        per_channel=per_channel, act_bits=act_bits, pattern=pattern, schedule=schedule, decay=decay,
+        data=data, seqlen=seqlen, batch=batch, steps=steps, minutes=minutes, tokens=tokens, lr=lr,
+        warmup=warmup, temperature=temperature, lm_weight=lm_weight, top_k=teacher_top_k, norms=norms,
+        eval_every=eval_every, save_every=save_every, checkpointing=checkpointing, seed=seed)
     with progress_bar(not as_json) as (stage, advance):
         def on_step(step, total, figures):
             stage(f"distilling: loss {figures['loss']:.4f}, {figures['tokens_per_second']:.0f} tokens/s")

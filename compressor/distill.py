@@ -37,6 +37,7 @@ from compressor.model import ModelSource, block_linears, decoder_blocks, resolve
 from compressor.passes import LinearState
 from compressor.sparsity import Pattern, pattern_from_args
 from compressor.stream import keep_freed_memory
+from compressor.teacher import TeacherCache, top_k_distillation_loss
 from compressor.writer import MANIFEST, peak_rss_mb, staging_folder
 
 TRAIN = ("params", "scales", "lora")
@@ -55,6 +56,7 @@ LEARNING_RATES = {"units": 1e-2, "range": 3e-3, "zero": 3e-3, "weight": 2e-3, "n
 class DistillOptions:
     train: str = "params"  # params | scales | lora (ternary and N:M students: params)
     rank: int = 16  # lora
+    keep_adapter: bool = False  # lora: write the adapters as a PEFT adapter beside the unchanged student
     number_format: str | None = None  # ternary: BitNet b1.58 from a dense student
     quantizer: str = "absmean"  # ternary scale: absmean | median of |W|
     per_channel: bool = False  # ternary: a scale per row instead of per tensor
@@ -73,6 +75,7 @@ class DistillOptions:
     warmup: float = 0.05  # fraction of the steps
     temperature: float = 1.0
     lm_weight: float = 0.0
+    top_k: int = 0  # 0: the live teacher's whole distribution; k: its top k, cached (compressor.teacher)
     norms: bool = True  # also train the norm gains (stored in float)
     eval_every: int = 50
     heldout: int = 8  # held-out windows watched during training
@@ -95,6 +98,8 @@ class DistillOptions:
         if (self.number_format or self.pattern) and self.train != "params":
             kind = "ternary" if self.number_format else "N:M"
             raise CompressorError(f"distill: a {kind} student trains its latent weights: --train params")
+        if self.keep_adapter and self.train != "lora":
+            raise CompressorError("distill: --keep-adapter keeps LoRA adapters: it needs --train lora")
         if self.quantizer not in students.QUANTIZERS:
             raise CompressorError(f"distill: --quantizer must be absmean or median, got {self.quantizer!r}")
         if self.schedule not in students.SCHEDULES:
@@ -111,6 +116,9 @@ class DistillOptions:
         positive("minutes", self.minutes, (int, float))
         positive("lr", self.lr, (int, float))
         positive("temperature", self.temperature, (int, float))
+        if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or self.top_k < 0:
+            raise CompressorError(
+                f"distill: --teacher-top-k must be 0 or a positive integer, got {self.top_k!r}")
         if not 0 <= self.warmup < 1 or self.lm_weight < 0:
             raise CompressorError("distill: --warmup must be in [0, 1) and --lm-weight >= 0")
         if self.pattern is not None:
@@ -158,7 +166,8 @@ def _trainable(student: students.Student, teacher, options: DistillOptions
                                             options.decay)
         else:
             teacher_weight = teacher.get_submodule(name).weight if options.train == "lora" else None
-            unit = students.make_unit(state, options.train, teacher_weight, options.rank, generator)
+            unit = students.make_unit(state, options.train, teacher_weight, options.rank, generator,
+                                      options.keep_adapter)
         act_bits = options.act_bits if options.number_format else None
         modules[name] = students.StudentLinear(unit, linear.bias, act_bits)
         model.set_submodule(name, modules[name])
@@ -199,16 +208,20 @@ def learning_rate_factor(step: int, total: int, warmup: float) -> float:
 
 
 # -- the loss ---------------------------------------------------------------------------------------
-def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+def distillation_loss(student_logits: torch.Tensor, teacher: torch.Tensor | tuple[torch.Tensor, torch.Tensor],
                       targets: torch.Tensor | None, temperature: float = 1.0, lm_weight: float = 0.0,
                       reduction: str = "mean") -> torch.Tensor:
     """T^2 x KL(teacher || student) per token at temperature T, plus lm_weight x the next-token
-    loss against `targets` (the next token's id per position, -100 where there is none)."""
+    loss against `targets` (the next token's id per position, -100 where there is none). `teacher`
+    is the teacher's logits, or its top-k (log-probabilities, ids) from compressor.teacher."""
     t = temperature
-    student_log = F.log_softmax(student_logits.float() / t, dim=-1)
-    teacher_log = F.log_softmax(teacher_logits.float() / t, dim=-1)
-    per_token = (teacher_log.exp() * (teacher_log - student_log)).sum(-1) * t * t
-    loss = per_token.sum() if reduction == "sum" else per_token.mean()
+    if isinstance(teacher, tuple):
+        loss = top_k_distillation_loss(student_logits, *teacher, temperature=t, reduction=reduction)
+    else:
+        student_log = F.log_softmax(student_logits.float() / t, dim=-1)
+        teacher_log = F.log_softmax(teacher.float() / t, dim=-1)
+        per_token = (teacher_log.exp() * (teacher_log - student_log)).sum(-1) * t * t
+        loss = per_token.sum() if reduction == "sum" else per_token.mean()
     if lm_weight:
         lm = F.cross_entropy(student_logits.flatten(0, -2).float(), targets.flatten(), ignore_index=-100,
                              reduction=reduction)
@@ -222,16 +235,21 @@ LOSS_CHUNK = 512
 
 
 def distillation_step(model, teacher, ids: torch.Tensor, temperature: float = 1.0, lm_weight: float = 0.0,
-                      autocast=None) -> float:
+                      autocast=None, cache: TeacherCache | None = None) -> float:
     """One forward and backward of the KD loss (gradients accumulate in the trained tensors' .grad);
     returns the loss. The decoders run whole; the shared-shape head and the loss run chunk by chunk
-    on detached hidden states, and their gradient flows back into the student's decoder at once."""
+    on detached hidden states, and their gradient flows back into the student's decoder at once.
+    With a `cache` the teacher's top-k targets come from it (the teacher runs only for windows it
+    has not stored yet)."""
     import contextlib
 
     autocast = autocast or contextlib.nullcontext
     head, teacher_head = model.get_output_embeddings(), teacher.get_output_embeddings()
-    with torch.no_grad(), autocast():
-        teacher_hidden = teacher.base_model(ids, use_cache=False).last_hidden_state.flatten(0, 1)
+    if cache is None:
+        with torch.no_grad(), autocast():
+            teacher_hidden = teacher.base_model(ids, use_cache=False).last_hidden_state.flatten(0, 1)
+    else:
+        top_values, top_ids = cache.targets(teacher, ids, LOSS_CHUNK, autocast)
     with autocast():
         hidden = model.base_model(ids, use_cache=False).last_hidden_state
     flat = hidden.detach().flatten(0, 1)
@@ -241,11 +259,14 @@ def distillation_step(model, teacher, ids: torch.Tensor, temperature: float = 1.
     for start in range(0, len(flat), LOSS_CHUNK):
         part = slice(start, start + LOSS_CHUNK)
         h = flat[part].clone().requires_grad_()
-        with torch.no_grad(), autocast():
-            teacher_logits = teacher_head(teacher_hidden[part])
+        if cache is None:
+            with torch.no_grad(), autocast():
+                wanted = teacher_head(teacher_hidden[part])
+        else:
+            wanted = (top_values[part], top_ids[part])
         with torch.enable_grad(), autocast():
             logits = head(h)
-        loss = distillation_loss(logits, teacher_logits, targets[part], temperature, lm_weight,
+        loss = distillation_loss(logits, wanted, targets[part], temperature, lm_weight,
                                  reduction="sum") / len(flat)
         (grad[part],) = torch.autograd.grad(loss, h)
         total += loss.item()
@@ -339,7 +360,8 @@ def distill(student_path: str | Path | None, teacher_path: str | Path | None, ou
     for param in [*student.model.parameters(), *teacher.parameters()]:
         param.requires_grad_(False)
     modules = _trainable(student, teacher, options)
-    norms = _norm_gains(student.model) if options.norms else {}
+    # A kept adapter leaves the student's checkpoint as it was: its norm gains too.
+    norms = _norm_gains(student.model) if options.norms and not options.keep_adapter else {}
     for gain in norms.values():
         gain.requires_grad_(True)
     if options.checkpointing:
@@ -363,10 +385,16 @@ def distill(student_path: str | Path | None, teacher_path: str | Path | None, ou
                                   "heldout_ppl": progress["heldout_before"]})
     run = dict(student=str(student_path) if student_path else None, teacher=str(teacher_path) if teacher_path
                else None, device=device, data_dir=str(data_dir) if data_dir else None)
+    cache = None
+    if options.top_k:
+        from compressor.model import source_fingerprint
+
+        cache = TeacherCache(source_fingerprint(teacher_source), options.top_k, options.temperature)
+        stage(f"teacher: top {options.top_k} tokens per position, cached in {cache.folder}")
     _train(student.model, teacher, modules, norms, optimizer, options, total, train_windows, heldout,
-           progress, staging, run, torch_device, stage, on_step)
+           progress, staging, run, torch_device, stage, on_step, cache)
     return _write(student, modules, options, total, progress, output, staging, overwrite or resume, dtype,
-                  teacher_source, student_source)
+                  teacher_source, student_source, cache)
 
 
 def _total_steps(options: DistillOptions, model, teacher, device) -> int:
@@ -421,7 +449,7 @@ def _save_state(path: Path, modules: dict, norms: dict, optimizer, options, tota
 
 
 def _train(model, teacher, modules, norms, optimizer, options, total, windows, heldout, progress, staging,
-           run, device, stage, on_step) -> None:
+           run, device, stage, on_step, cache: TeacherCache | None = None) -> None:
     from compressor.passes.reconstruct import _autocast
 
     sparse = [m.unit for m in modules.values() if isinstance(m.unit, students.SparseTrainUnit)]
@@ -435,7 +463,7 @@ def _train(model, teacher, modules, norms, optimizer, options, total, windows, h
         ids = windows[step * options.batch:(step + 1) * options.batch].to(device)
         with torch.enable_grad():
             loss = distillation_step(model, teacher, ids, options.temperature, options.lm_weight,
-                                     lambda: _autocast(device, options.bf16))
+                                     lambda: _autocast(device, options.bf16), cache)
         if not math.isfinite(loss):
             raise CompressorError(f"distill: the loss became NaN/Inf at step {step}; try a lower --lr")
         factor = learning_rate_factor(step, total, options.warmup)
@@ -462,7 +490,7 @@ def _train(model, teacher, modules, norms, optimizer, options, total, windows, h
 
 
 def _write(student, modules, options, total, progress, output, staging, overwrite, dtype, teacher_source,
-           student_source) -> DistillResult:
+           student_source, cache: TeacherCache | None = None) -> DistillResult:
     """Each unit's final weight and codes into the records, the plain linears back in the model, and
     the checkpoint written as every run writes one (staged, then renamed)."""
     from compressor.job import RECIPE_FILE, build_manifest
@@ -494,6 +522,8 @@ def _write(student, modules, options, total, progress, output, staging, overwrit
     for path in staging.iterdir():  # the saved state: not part of the checkpoint
         path.unlink() if path.is_file() else shutil.rmtree(path)
     weight_bytes = save_checkpoint(model, student.tokenizer, records, staging, ignore)
+    if options.keep_adapter:
+        _write_peft_adapter(modules, options.rank, staging, output)
     source = ModelSource(**student.manifest["source"]) if student.manifest else student_source
     recipe = student.manifest["recipe"] if student.manifest else {"passes": []}
     manifest = build_manifest(model, source, recipe, records, None)
@@ -507,11 +537,13 @@ def _write(student, modules, options, total, progress, output, staging, overwrit
         "tokens_per_second": round(trained_tokens / max(progress["seconds"], 1e-9), 1),
         "heldout_ppl_before": progress["heldout_before"], "heldout_ppl_after": curve[-1].get("heldout_ppl"),
         "curve": curve, "precision": "bfloat16 autocast" if _bf16(options, model_device) else "float32",
+        "teacher_targets": (f"top {options.top_k} cached ({cache.hits} windows found, {cache.misses} made "
+                            "this session)" if cache else "live, whole distribution"),
     }
     if student.manifest and (Path(student_source.path) / RECIPE_FILE).is_file():
         shutil.copy(Path(student_source.path) / RECIPE_FILE, staging / RECIPE_FILE)
     manifest["size"] = {"weights_bytes": weight_bytes,
-                        "folder_bytes": sum(f.stat().st_size for f in staging.iterdir() if f.is_file())}
+                        "folder_bytes": sum(f.stat().st_size for f in staging.rglob("*") if f.is_file())}
     manifest["seconds"] = {"distill": round(progress["seconds"], 3)}
     manifest["peak_rss_mb"] = round(peak_rss_mb(), 1)
     manifest["checksum"] = folder_checksum(staging)
@@ -522,6 +554,41 @@ def _write(student, modules, options, total, progress, output, staging, overwrit
         shutil.rmtree(output)
     staging.rename(output)
     return DistillResult(output=str(output), manifest=manifest)
+
+
+# A subfolder: transformers loads a folder holding adapter_config.json as base + adapter, so the
+# student's own folder stays a plain checkpoint that every loader reads as it was.
+ADAPTER_DIR, ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter", "adapter_config.json", "adapter_model.safetensors"
+
+
+def _write_peft_adapter(modules: dict, rank: int, staging: Path, output: Path) -> None:
+    """The LoRA factors as a PEFT adapter in OUTPUT/adapter (what `PeftModel.from_pretrained(model,
+    OUTPUT/adapter)` reads): lora_A [r, in] and lora_B [out, r] per linear, alpha / r = 1 as they
+    were trained."""
+    from safetensors.torch import save_file
+
+    tensors, ranks = {}, set()
+    for name, module in modules.items():
+        a, b = module.trained["lora_a"].detach(), module.trained["lora_b"].detach()
+        tensors[f"base_model.model.{name}.lora_A.weight"] = a.float().contiguous().cpu()
+        tensors[f"base_model.model.{name}.lora_B.weight"] = b.float().contiguous().cpu()
+        ranks.add(a.shape[0])
+    # Every linear has the same rank unless a matrix is smaller than --rank (then PEFT's rank_pattern).
+    r = max(ranks)
+    pattern = {name: m.trained["lora_a"].shape[0] for name, m in modules.items()
+               if m.trained["lora_a"].shape[0] != r}
+    config = {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": r,
+        "alpha_pattern": {name: rank for name, rank in pattern.items()}, "rank_pattern": pattern,
+        "target_modules": sorted(modules), "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False,
+        "use_rslora": False, "init_lora_weights": True, "inference_mode": True, "modules_to_save": None,
+        # The unchanged student is this folder's own checkpoint.
+        "base_model_name_or_path": str(output.resolve()),
+    }
+    folder = staging / ADAPTER_DIR
+    folder.mkdir()
+    save_file(tensors, str(folder / ADAPTER_WEIGHTS))
+    (folder / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
 
 
 def _bf16(options: DistillOptions, device: torch.device) -> bool:

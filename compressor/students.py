@@ -229,11 +229,14 @@ class LoraUnit:
     """Adapters beside the fixed student weight: the latent weight is base + B @ A, and on a
     quantized student it goes through the grid (the student's own scales and zero points,
     straight-through) on every forward, so merging and rounding at the end writes exactly what
-    was trained. Masked where pruned."""
+    was trained. Masked where pruned.
+
+    With `keep` the adapters stay apart (a PEFT adapter beside the unchanged student): the weight
+    is base + B @ A unrounded and unmasked, as PEFT computes it at run time."""
 
     def __init__(self, state: LinearState, base: torch.Tensor, teacher: torch.Tensor, rank: int,
-                 generator: torch.Generator):
-        self.state, self.base = state, base.detach().float()
+                 generator: torch.Generator, keep: bool = False):
+        self.state, self.base, self.keep = state, base.detach().float(), keep
         self.mask, self.quant = state.mask, state.quant
         out_features, in_features = base.shape
         rank = min(rank, out_features, in_features)
@@ -264,6 +267,8 @@ class LoraUnit:
         return torch.clamp(rounded + self.quant.zero[:, self.index], 0, self.quant.grid.maxq)
 
     def weight(self) -> torch.Tensor:
+        if self.keep:
+            return self.merged()
         if self.quant is None:
             w = self.merged()
         else:
@@ -276,7 +281,10 @@ class LoraUnit:
 
     @torch.no_grad()
     def final(self, dtype: torch.dtype) -> tuple[torch.Tensor, QuantizedWeight | None]:
+        """The weight and codes to store: the student's own with `keep`, else the merged ones."""
         quant = self.quant
+        if self.keep:
+            return self.base.to(dtype), quant
         if quant is None:
             return self.weight().to(dtype), None
         codes = self.codes(ste=False)
@@ -349,10 +357,11 @@ class GridUnit:
 
 
 def make_unit(state: LinearState, train: str, teacher: torch.Tensor | None = None, rank: int = 16,
-              generator: torch.Generator | None = None):
+              generator: torch.Generator | None = None, keep_adapter: bool = False):
     """The unit that trains a record's linear as `train` (params | scales | lora) says."""
     if train == "lora":
-        return LoraUnit(state, state.weight, teacher, rank, generator or torch.Generator().manual_seed(0))
+        return LoraUnit(state, state.weight, teacher, rank, generator or torch.Generator().manual_seed(0),
+                        keep_adapter)
     if state.quant is None:
         if train == "scales":
             raise CompressorError(f"{state.name}: --train scales needs quantized layers; this one is "

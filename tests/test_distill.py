@@ -15,6 +15,7 @@ from compressor.grids import IntGrid
 from compressor.model import load_model, resolve_source
 from compressor.passes import LinearState, QuantizedWeight
 from compressor.sparsity import Pattern, mask_holds
+from compressor.teacher import top_k_distillation_loss
 from tests.conftest import data_dir
 from tests.test_cli import run_cli
 
@@ -134,6 +135,30 @@ def test_kd_loss_is_the_kl_divergence():
     assert learning_rate_factor(99, 100, 0.1) < 0.01
 
 
+def test_top_k_loss_is_the_kl_of_the_top_k_and_tail_bins():
+    torch.manual_seed(0)
+    s, t = torch.randn(6, 9), torch.randn(6, 9)
+    for temperature in (1.0, 2.0):
+        # k = the whole vocabulary: the plain KL divergence.
+        values, ids = top_k_targets_of(t, 9, temperature)
+        assert torch.allclose(top_k_distillation_loss(s, values, ids, temperature),
+                              distillation_loss(s, t, None, temperature=temperature), atol=1e-6)
+        # k = 3: the KL between (3 + 1)-bin distributions, written out by hand.
+        values, ids = top_k_targets_of(t, 3, temperature)
+        p, q = torch.softmax(t / temperature, -1), torch.softmax(s / temperature, -1)
+        p_top, q_top = p.gather(-1, ids.long()), q.gather(-1, ids.long())
+        p_bins = torch.cat([p_top, 1 - p_top.sum(-1, keepdim=True)], -1)
+        q_bins = torch.cat([q_top, 1 - q_top.sum(-1, keepdim=True)], -1)
+        expected = (p_bins * (p_bins / q_bins).log()).sum(-1).mean() * temperature**2
+        assert torch.allclose(top_k_distillation_loss(s, values, ids, temperature), expected, atol=1e-6)
+    assert float(top_k_distillation_loss(t, *top_k_targets_of(t, 3, 1.0))) < 1e-6
+
+
+def top_k_targets_of(logits, k, temperature):
+    top = torch.log_softmax(logits / temperature, -1).topk(k, dim=-1)
+    return top.values, top.indices.to(torch.int32)
+
+
 # -- whole runs on a tiny model ------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def w3_student(llama_dir, calibration_file, tmp_path_factory):
@@ -190,6 +215,46 @@ def test_distilled_student_keeps_its_grid_and_lowers_the_loss(w3_student, llama_
         assert torch.allclose(_student_logits(out, ids), ours(ids).logits, atol=1e-4)
 
 
+def test_kept_adapter_loads_in_peft_beside_the_unchanged_student(w3_student, llama_dir, calibration_file,
+                                                                  tokenizer, tmp_path):
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "kd-adapter"
+    options = DistillOptions(train="lora", keep_adapter=True, rank=4, steps=12, data=str(calibration_file),
+                             lr=3.0, **SMALL)
+    distill(w3_student, llama_dir, out, options)
+    # The student's checkpoint is unchanged, code for code and scale for scale.
+    kept = students.load_student(resolve_source(str(out)), False).records
+    original = students.load_student(resolve_source(str(w3_student)), False).records
+    assert kept.keys() == original.keys()
+    for name, state in kept.items():
+        assert torch.equal(state.quant.codes, original[name].quant.codes)
+        assert torch.equal(state.quant.scale, original[name].quant.scale)
+    # PEFT reads the adapter onto the student transformers loads: its logits are the student's
+    # weights plus B @ A, computed here by hand from the stored factors.
+    ids = torch.randint(0, 300, (1, 16), generator=torch.Generator().manual_seed(1))
+    base = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    peft_model = PeftModel.from_pretrained(base, out / "adapter").eval()
+    factors = load_file(str(out / "adapter" / "adapter_model.safetensors"))
+    by_hand, _ = load_model(resolve_source(str(out)))
+    with torch.no_grad():
+        for name in kept:
+            a = factors[f"base_model.model.{name}.lora_A.weight"]
+            b = factors[f"base_model.model.{name}.lora_B.weight"]
+            assert a.shape[0] == 4 and b.abs().sum() > 0  # trained
+            by_hand.get_submodule(name).weight.add_(b @ a)
+        assert torch.allclose(peft_model(ids).logits, by_hand(ids).logits, atol=1e-4)
+    # and the adapter brings the student closer to its teacher
+    windows = data.calibration_windows(tokenizer, str(calibration_file), 4, 32, seed=5)
+    dense, _ = load_model(resolve_source(str(llama_dir)))
+    with torch.no_grad():
+        teacher_logits = dense(windows).logits
+        with_adapter = float(distillation_loss(peft_model(windows).logits, teacher_logits, None))
+    assert with_adapter < 0.95 * _kl_to_teacher(w3_student, llama_dir, windows)
+
+
 def test_resume_ends_with_the_bytes_of_an_uninterrupted_run(w3_student, llama_dir, calibration_file,
                                                             tmp_path):
     options = DistillOptions(steps=6, data=str(calibration_file), **SMALL)
@@ -205,6 +270,29 @@ def test_resume_ends_with_the_bytes_of_an_uninterrupted_run(w3_student, llama_di
     resumed = distill(None, None, tmp_path / "cut", resume=True)
     assert resumed.manifest["checksum"]["sha256"] == whole.manifest["checksum"]["sha256"]
     assert resumed.manifest["distill"]["curve"] == whole.manifest["distill"]["curve"]
+
+
+def test_cached_teacher_targets_give_the_bytes_of_the_first_run(w3_student, llama_dir, calibration_file,
+                                                                tmp_path, isolated_cache, monkeypatch):
+    """The first run computes the teacher's top-k per window and stores it; the second finds every
+    window, runs no teacher forward, and writes the same checkpoint."""
+    options = DistillOptions(steps=4, data=str(calibration_file), top_k=16, **SMALL)
+    first = distill(w3_student, llama_dir, tmp_path / "first", options)
+    stored = list((isolated_cache / "teacher-top-k").rglob("*.safetensors"))
+    assert len(stored) == 4 * 2
+    assert "0 windows found, 8 made" in first.manifest["distill"]["teacher_targets"]
+    from compressor import teacher as teacher_module
+
+    calls = []
+    original = teacher_module.top_k_targets
+    monkeypatch.setattr(teacher_module, "top_k_targets", lambda *args: calls.append(1) or original(*args))
+    second = distill(w3_student, llama_dir, tmp_path / "second", options)
+    assert calls == [] and "8 windows found, 0 made" in second.manifest["distill"]["teacher_targets"]
+    assert second.manifest["checksum"]["sha256"] == first.manifest["checksum"]["sha256"]
+    # and the top-k loss trains: the student moved from where it started
+    assert first.manifest["checksum"]["sha256"] != distill(
+        w3_student, llama_dir, tmp_path / "none", DistillOptions(steps=1, lr=1e-9, data=str(calibration_file),
+                                                                  **SMALL)).manifest["checksum"]["sha256"]
 
 
 def test_ternary_from_dense_writes_a_two_bit_checkpoint(llama_dir, calibration_file, tmp_path):

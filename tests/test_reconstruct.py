@@ -81,9 +81,9 @@ def test_records_hold_the_weights_the_model_computes_with():
         assert state.unrounded is None  # dropped once learned: no extra copy kept
 
 
-def test_learned_quantizer_starts_exactly_at_gptq():
+def test_learned_quantizer_starts_exactly_at_gptq_or_at_rtn():
     """With untouched parameters, the learned quantizer reproduces GPTQ's codes from its error-fed
-    weights (so learning starts from GPTQ's result, not from round-to-nearest)."""
+    weights with start: init, and round-to-nearest with start: dense."""
     torch.manual_seed(0)
     weight = torch.randn(24, 80) * 0.1
     x = torch.randn(256, 80)
@@ -93,10 +93,13 @@ def test_learned_quantizer_starts_exactly_at_gptq():
     assert not torch.equal(codes, grids.quantize(weight, result.scale, result.zero, grid))  # GPTQ moved them
     state = LinearState(name="w", weight=None, dtype=torch.float32, unrounded=result.unrounded,
                         quant=QuantizedWeight(grid, codes, result.scale, result.zero))
-    unit = LearnedLinear(state, weight, result.weight, "rounding")
+    unit = LearnedLinear(state, weight, result.weight, "rounding", start="init")
     final, quant = unit.final(torch.float32)
     assert torch.equal(quant.codes, codes)
     assert torch.equal(final, result.weight)
+    # The default, AutoRound's: round-to-nearest of the dense weight on the same scales.
+    final, quant = LearnedLinear(state, weight, result.weight, "rounding").final(torch.float32)
+    assert torch.equal(quant.codes, grids.quantize(weight, result.scale, result.zero, grid))
 
 
 def test_sparse_masks_hold_and_survivors_are_learned():
@@ -224,6 +227,8 @@ def test_nothing_to_learn_is_refused():
         validate_recipe([GPTQ_W3, {"method": "reconstruct", "train": "everything"}])
     with pytest.raises(CompressorError, match="unknown setting"):
         validate_recipe([GPTQ_W3, {"method": "reconstruct", "epochs": 3}])
+    with pytest.raises(CompressorError, match="start must be one of dense, init"):
+        validate_recipe([GPTQ_W3, {"method": "reconstruct", "start": "gptq"}])
 
 
 @pytest.mark.parametrize("args, message", [

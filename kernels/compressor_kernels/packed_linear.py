@@ -45,6 +45,29 @@ INT4_GROUPS = (32, 64, 128, 256)
 PREFILL_ROWS = 32
 
 
+def int4_layout_codes(packed: torch.Tensor, out_features: int, in_features: int) -> torch.Tensor:
+    """Codes [out, in] from torch's CPU int4 layout as its AVX-512 build packs them: rows in blocks of
+    32; byte [block, column, j] holds row 32*block + j in its low nibble, 32*block + 16 + j in its high."""
+    blocks = packed.reshape(out_features // 32, in_features, 16)
+    codes = torch.cat([blocks & 15, blocks >> 4], dim=-1)  # [block, column, 32 rows]
+    return codes.permute(0, 2, 1).reshape(out_features, in_features)
+
+
+_LAYOUT_KNOWN: list[bool] = []
+
+
+def int4_layout_known() -> bool:
+    """Whether this machine's torch packs int4 codes as int4_layout_codes reads them (checked once on
+    a 64 x 64 layer). Where not (CPUs without AVX-512 pack another way), prefill runs the kernel
+    itself instead of reading the codes back: slower, never wrong."""
+    if not _LAYOUT_KNOWN:
+        codes = torch.randint(0, 16, (64, 64), generator=torch.Generator().manual_seed(0), dtype=torch.int32)
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 2)
+        _LAYOUT_KNOWN.append(packed.dtype == torch.uint8 and packed.numel() == 64 * 32
+                             and torch.equal(int4_layout_codes(packed, 64, 64).to(torch.int32), codes))
+    return _LAYOUT_KNOWN[0]
+
+
 def prefill_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dense prefill's dtype: the model's, except bfloat16 on a CPU that only emulates it
     (no AMX / AVX512-BF16: there a float32 GEMM is several times faster; measured on AMD EPYC)."""
@@ -168,13 +191,11 @@ class PackedLinear(torch.nn.Module):
 
     def _int4_codes(self) -> torch.Tensor | None:
         """The unsigned codes [out, in] read back from the int4 kernel's CPU layout, or None where
-        that layout is not the one below. Rows come in blocks of 32; byte [block, column, j] holds
-        row 32*block + j in its low nibble and row 32*block + 16 + j in its high one."""
-        if self.out_features % 32 or self.packed.dtype != torch.uint8:
+        that layout is not the one `int4_layout_codes` reads (it depends on the CPU: torch packs
+        for its AVX-512 kernel one way and for others another)."""
+        if self.out_features % 32 or self.packed.dtype != torch.uint8 or not int4_layout_known():
             return None
-        blocks = self.packed.reshape(self.out_features // 32, self.in_features, 16)
-        codes = torch.cat([blocks & 15, blocks >> 4], dim=-1)  # [block, column, 32 rows]
-        return codes.permute(0, 2, 1).reshape(self.out_features, self.in_features)
+        return int4_layout_codes(self.packed, self.out_features, self.in_features)
 
     def _int4_dense(self, out: torch.Tensor) -> torch.Tensor:
         """The aten-int4 layer's weight in `out`: (code - 8) * scale + offset per kernel group."""
@@ -185,6 +206,9 @@ class PackedLinear(torch.nn.Module):
         offset = self.scales_and_zeros[..., 1].T.repeat_interleave(self.kernel_group, dim=1)
         return out.copy_(codes).sub_(8).mul_(scale).add_(offset)
 
+    def _int4_codes_readable(self) -> bool:
+        return self.out_features % 32 == 0 and self.packed.dtype == torch.uint8 and int4_layout_known()
+
     def _int4(self, x2d: torch.Tensor) -> torch.Tensor:
         return torch.ops.aten._weight_int4pack_mm_for_cpu(x2d, self.packed, self.kernel_group,
                                                           self.scales_and_zeros)
@@ -192,7 +216,7 @@ class PackedLinear(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2d = x.reshape(-1, self.in_features)
-        if self.backend == "aten-int4" and x2d.shape[0] >= PREFILL_ROWS:
+        if self.backend == "aten-int4" and x2d.shape[0] >= PREFILL_ROWS and self._int4_codes_readable():
             dtype = prefill_dtype(self.scales_and_zeros.dtype)
             buffer = _Workspace.get((self.out_features, self.in_features), dtype, x.device)
             y = torch.nn.functional.linear(x2d.to(dtype), self._int4_dense(buffer))
