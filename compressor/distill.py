@@ -286,13 +286,16 @@ def heldout_perplexity(model, windows: torch.Tensor, batch: int, device) -> floa
 
 
 # -- the run ------------------------------------------------------------------------------------------
-def _check_teacher(student: students.Student, teacher, teacher_tokenizer) -> None:
+def _check_teacher(student: students.Student, teacher, teacher_tokenizer, top_k: int = 0) -> None:
     mine, theirs = student.tokenizer.get_vocab(), teacher_tokenizer.get_vocab()
     rows = student.model.get_output_embeddings().weight.shape[0]
     teacher_rows = teacher.get_output_embeddings().weight.shape[0]
     if mine != theirs or rows != teacher_rows:
         raise CompressorError(f"the teacher's tokenizer or vocabulary differs from the student's "
                               f"({len(theirs)} vs {len(mine)} tokens, {teacher_rows} vs {rows} output rows)")
+    if top_k > teacher_rows:
+        raise CompressorError(f"distill: --teacher-top-k {top_k} is more than the teacher's {teacher_rows} "
+                              "output rows")
 
 
 def _windows(options: DistillOptions, total_steps: int, teacher_source: ModelSource, teacher, tokenizer,
@@ -353,7 +356,7 @@ def distill(student_path: str | Path | None, teacher_path: str | Path | None, ou
         raise CompressorError(f"{student_source.label} has no compressed layers to train")
     stage(f"loading the teacher {teacher_source.label}")
     teacher, teacher_tokenizer = load_model(teacher_source)
-    _check_teacher(student, teacher, teacher_tokenizer)
+    _check_teacher(student, teacher, teacher_tokenizer, options.top_k)
     dtype = student.model.dtype
     student.model.float().to(torch_device)
     teacher.float().to(torch_device).eval()
@@ -523,7 +526,7 @@ def _write(student, modules, options, total, progress, output, staging, overwrit
         path.unlink() if path.is_file() else shutil.rmtree(path)
     weight_bytes = save_checkpoint(model, student.tokenizer, records, staging, ignore)
     if options.keep_adapter:
-        _write_peft_adapter(modules, options.rank, staging, output)
+        _write_peft_adapter(modules, staging, output)
     source = ModelSource(**student.manifest["source"]) if student.manifest else student_source
     recipe = student.manifest["recipe"] if student.manifest else {"passes": []}
     manifest = build_manifest(model, source, recipe, records, None)
@@ -561,25 +564,24 @@ def _write(student, modules, options, total, progress, output, staging, overwrit
 ADAPTER_DIR, ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter", "adapter_config.json", "adapter_model.safetensors"
 
 
-def _write_peft_adapter(modules: dict, rank: int, staging: Path, output: Path) -> None:
+def _write_peft_adapter(modules: dict, staging: Path, output: Path) -> None:
     """The LoRA factors as a PEFT adapter in OUTPUT/adapter (what `PeftModel.from_pretrained(model,
     OUTPUT/adapter)` reads): lora_A [r, in] and lora_B [out, r] per linear, alpha / r = 1 as they
     were trained."""
     from safetensors.torch import save_file
 
-    tensors, ranks = {}, set()
+    tensors = {}
     for name, module in modules.items():
-        a, b = module.trained["lora_a"].detach(), module.trained["lora_b"].detach()
-        tensors[f"base_model.model.{name}.lora_A.weight"] = a.float().contiguous().cpu()
-        tensors[f"base_model.model.{name}.lora_B.weight"] = b.float().contiguous().cpu()
-        ranks.add(a.shape[0])
+        for key, peft_key in (("lora_a", "lora_A"), ("lora_b", "lora_B")):
+            tensors[f"base_model.model.{name}.{peft_key}.weight"] = (
+                module.trained[key].detach().float().contiguous().cpu())
     # Every linear has the same rank unless a matrix is smaller than --rank (then PEFT's rank_pattern).
-    r = max(ranks)
-    pattern = {name: m.trained["lora_a"].shape[0] for name, m in modules.items()
-               if m.trained["lora_a"].shape[0] != r}
+    ranks = {name: module.trained["lora_a"].shape[0] for name, module in modules.items()}
+    r = max(ranks.values())
+    pattern = {name: rank for name, rank in ranks.items() if rank != r}
     config = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": r,
-        "alpha_pattern": {name: rank for name, rank in pattern.items()}, "rank_pattern": pattern,
+        "alpha_pattern": pattern, "rank_pattern": pattern,
         "target_modules": sorted(modules), "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False,
         "use_rslora": False, "init_lora_weights": True, "inference_mode": True, "modules_to_save": None,
         # The unchanged student is this folder's own checkpoint.

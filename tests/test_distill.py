@@ -361,6 +361,8 @@ def test_bad_inputs_exit_2_and_write_nothing(w3_student, llama_dir, calibration_
         ([w3_student, "--teacher", llama_dir, "--pattern", "2:4"], "pattern"),
         ([w3_student, "--teacher", llama_dir, "--data", tmp_path / "missing.txt"], "does not exist"),
         ([w3_student, "--teacher", llama_dir, "--train", "everything"], "--train"),
+        ([w3_student, "--teacher", llama_dir, "--keep-adapter"], "needs --train lora"),
+        ([w3_student, "--teacher", llama_dir, "--teacher-top-k", "100000"], "output rows"),
     ]
     for args, message in cases:
         out = tmp_path / "out"

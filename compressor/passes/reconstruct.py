@@ -147,11 +147,12 @@ class LearnedLinear:
         self.index = grids.group_index(dense.shape[1], grid.group_width(dense.shape[1])).to(dense.device)
         self.scale0 = quant.scale.float().to(dense.device)
         self.zero0 = quant.zero.float().to(dense.device)
-        # What the initialising pass rounded: GPTQ's error-fed weight (its codes are exactly
-        # round(before / s)), else the dense weight (RTN). Its fractions tell which weights sit near
-        # a rounding boundary, where a small learned move flips the code (as in AutoRound).
-        unrounded = state.unrounded
+        # What learning starts around (ReconstructOptions.start): the dense weight (RTN's codes), or
+        # what the initialising pass rounded, GPTQ's error-fed weight (its codes are exactly
+        # round(before / s)). Its fractions tell which weights sit near a rounding boundary, where a
+        # small learned move flips the code (as in AutoRound).
         start = start or ("dense" if train == "rounding" else "init")
+        unrounded = state.unrounded
         before = dense if unrounded is None or start == "dense" else unrounded.to(dense.device)
         if train == "rounding":
             self.latent = before.float() / self.scale0[:, self.index]

@@ -193,7 +193,7 @@ class PackedLinear(torch.nn.Module):
         """The unsigned codes [out, in] read back from the int4 kernel's CPU layout, or None where
         that layout is not the one `int4_layout_codes` reads (it depends on the CPU: torch packs
         for its AVX-512 kernel one way and for others another)."""
-        if self.out_features % 32 or self.packed.dtype != torch.uint8 or not int4_layout_known():
+        if not self._int4_codes_readable():
             return None
         return int4_layout_codes(self.packed, self.out_features, self.in_features)
 
