@@ -67,12 +67,12 @@ def test_packed_linear_matches_the_reference(bits, in_features, width, symmetric
 def test_int4_prefill_unpacks_the_kernel_layout(out_features, dtype):
     """From PREFILL_ROWS rows on, an aten-int4 layer is read back from the kernel's own layout and
     multiplied densely: the same result as the int4 kernel, the codes exactly as given."""
-    from compressor_kernels.packed_linear import PREFILL_ROWS, int4_layout_known
+    from compressor_kernels.packed_linear import PREFILL_ROWS, int4_layout_block
 
     codes, scale, zero, _ = random_layer(4, out_features, 128, 64, False)
     layer = PackedLinear(codes, scale, zero, 4, 64, dtype=dtype)
     assert layer.backend == "aten-int4"
-    if out_features % 32 == 0 and int4_layout_known():  # else prefill runs the kernel itself
+    if int4_layout_block() and out_features % int4_layout_block() == 0:  # else prefill runs the kernel itself
         assert torch.equal(layer._int4_codes(), codes)
     x = torch.randn(PREFILL_ROWS + 3, 128, dtype=dtype)
     prefill, kernel = layer(x), layer._int4(x)
