@@ -128,7 +128,9 @@ def markdown(rows: list[dict]) -> str:
 LLAMA_CPP = {"q4_0": (87.6, 21.271), "q4_k_m": (100.6, 19.690), "q3_k_m": (89.2, 20.765),
              "q2_k": (84.1, 22.688), "q8_0": (138.1, 19.163)}
 # Those REFERENCE.md has llama-quantize rows for (Q8_0 too: 138.1 MiB, 19.163; not re-run with K-quants).
-GGUF_TYPES = ("q4_k_m", "q3_k_m", "q2_k", "q4_0")
+# (type, solver of `compress quantize --method`): GPTQ onto every type; llama-quantize's own rounding
+# plus the refit (imatrix) at Q4_0, where it is the better one.
+GGUF_ROWS = (("q4_k_m", "gptq"), ("q3_k_m", "gptq"), ("q2_k", "gptq"), ("q4_0", "gptq"), ("q4_0", "imatrix"))
 
 
 def llama_cpp_ppl(path: Path, windows: int = 8, seqlen: int = 2048) -> float | None:
@@ -192,25 +194,26 @@ def run_gguf(model: Path) -> str:
     calibration = ["--calibration", "c4", "--samples", "128", "--seqlen", "512", "--seed", "0",
                    "--device", "cpu"]
     rows = []
-    for gguf_type in GGUF_TYPES:
-        path = WORK / f"gptq-{gguf_type}.gguf"
-        record = WORK / f"gptq-{gguf_type}.json"
+    for gguf_type, solver in GGUF_ROWS:
+        path = WORK / f"{solver}-{gguf_type}.gguf"
+        record = WORK / f"{solver}-{gguf_type}.json"
+        done_row = WORK / f"{solver}-{gguf_type}.row.json"  # a finished row is kept (resumable suite)
+        if done_row.is_file() and (not path.is_file() or done_row.stat().st_mtime >= path.stat().st_mtime):
+            rows.append(json.loads(done_row.read_text()))
+            continue
         if not record.is_file() or not path.is_file():
-            done = subprocess.run(["compress", "quantize", "--format", f"gguf:{gguf_type}", str(model),
-                                   *calibration, "-o", str(path), "--overwrite", "--json"],
+            done = subprocess.run(["compress", "quantize", "--format", f"gguf:{gguf_type}",
+                                   "--method", solver, str(model), *calibration, "-o", str(path),
+                                   "--overwrite", "--json"],
                                   capture_output=True, text=True)
             if done.returncode:
                 raise SystemExit(f"{gguf_type}: {done.stderr}")
             record.write_text(done.stdout)
         made = json.loads(record.read_text())
-        done_row = WORK / f"gptq-{gguf_type}.row.json"  # a finished row is kept (resumable suite)
-        if done_row.is_file() and done_row.stat().st_mtime >= path.stat().st_mtime:
-            rows.append(json.loads(done_row.read_text()))
-            continue
         evaluation = json.loads(subprocess.run(
             ["compress", "eval", str(path), "--baseline", str(model), "--windows", "8", "--json"],
             capture_output=True, text=True, check=True).stdout)
-        rows.append({"type": gguf_type, "mib": path.stat().st_size / 2**20,
+        rows.append({"type": gguf_type, "solver": solver, "mib": path.stat().st_size / 2**20,
                      "llama_cpp_ppl": llama_cpp_ppl(path), **(llama_cpp_speed(path) or {}),
                      "ppl": evaluation["perplexity"]["ppl"],
                      "dense_ppl": evaluation["baseline_perplexity"]["ppl"],
@@ -218,24 +221,35 @@ def run_gguf(model: Path) -> str:
                      "exact": made["gguf"]["max_scale_rounding"] == 0.0})
         done_row.write_text(json.dumps(rows[-1]))
         print(json.dumps(rows[-1]), flush=True)
-    lines = ["# gguf benchmark: GPTQ onto llama.cpp's block types vs llama-quantize (SmolLM2-135M)", "",
-             "`compress quantize --format gguf:TYPE` (GPTQ onto the blocks fitted with the Hessian "
-             "diagonal as importance, calibration c4 128 x 512), one GGUF file, "
-             "read back through transformers; perplexity on the first 8 windows of the benchmark protocol "
-             "(as REFERENCE.md's llama.cpp rows, llama-quantize with an importance matrix from the same "
-             "calibration windows). Command: `python bench/run.py gguf`.", "",
-             "| type | file MiB | wt2 ppl (8 windows) | vs dense | KL | same file in llama.cpp "
-             "| llama.cpp prompt / decode tok/s | compress s | llama-quantize MiB | llama-quantize ppl |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
-    for row in rows:
-        ref = LLAMA_CPP.get(row["type"])
-        lines.append(f"| {row['type'].upper()} | {row['mib']:.1f} | {row['ppl']:.3f} "
-                     f"| {row['ppl'] / row['dense_ppl']:.3f} "
-                     f"| {row['kl']:.4f} | {row['llama_cpp_ppl'] or 0:.3f} "
-                     f"| {row.get('prefill_tps', 0):.0f} / {row.get('decode_tps', 0):.0f} "
-                     f"| {row['compress_seconds']:.0f} "
-                     f"| {ref[0] if ref else '-'} "
-                     f"| {ref[1] if ref else '-'} |")
+    header = ["| type | solver | file MiB | wt2 ppl (8 windows) | vs dense | KL | same file in llama.cpp "
+              "| llama.cpp prompt / decode tok/s | compress s | llama-quantize MiB | llama-quantize ppl "
+              "| vs llama-quantize |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+
+    def table(rows: list[dict]) -> list[str]:
+        lines = []
+        for row in rows:
+            ref = LLAMA_CPP.get(row["type"])
+            versus = f"{row['ppl'] / ref[1] - 1:+.1%}" if ref else "-"
+            lines.append(f"| {row['type'].upper()} | {row.get('solver', 'gptq')} | {row['mib']:.1f} "
+                         f"| {row['ppl']:.3f} | {row['ppl'] / row['dense_ppl']:.3f} "
+                         f"| {row['kl']:.4f} | {row['llama_cpp_ppl'] or 0:.3f} "
+                         f"| {row.get('prefill_tps', 0):.0f} / {row.get('decode_tps', 0):.0f} "
+                         f"| {row['compress_seconds']:.0f} "
+                         f"| {ref[0] if ref else '-'} | {ref[1] if ref else '-'} "
+                         f"| {versus} |")
+        return lines
+
+    lines = ["# gguf benchmark: this project onto llama.cpp's block types vs llama-quantize "
+             "(SmolLM2-135M)", "",
+             "`compress quantize --format gguf:TYPE --method SOLVER` (calibration c4 128 x 512): gptq = "
+             "GPTQ onto the blocks fitted with the Hessian's diagonal as importance; imatrix = "
+             "llama-quantize's importance-weighted rounding onto the same blocks; both then refit the "
+             "blocks' float16 numbers for the least output error. One GGUF file, read back through "
+             "transformers; perplexity on the first 8 windows of the benchmark protocol (as "
+             "REFERENCE.md's llama.cpp rows, llama-quantize with an importance matrix from the same "
+             "calibration windows). "
+             "Command: `python bench/run.py gguf`.", "", *header, *table(rows)]
     if rows:
         lines.append(f"\nDense fp32 on the same 8 windows: {rows[0]['dense_ppl']:.3f} (REFERENCE: 19.134).")
     ablation = sorted((WORK / "ablation-llama-fallback").glob("*.row.json"))

@@ -163,7 +163,7 @@ CalibrationOpt = typer.Option(
     "c4", "--calibration",
     help="Calibration text: c4, wikitext2, a .txt/.jsonl file, a Hugging Face dataset id, or self: no "
          "data, the dense model writes it (LLM-QAT's sampling from --seed; cached, so a second run reuses "
-         "it; SmolLM2-135M on 2 CPU cores: ~N s for 128 x 512).",
+         "it; SmolLM2-135M on 2 CPU cores: ~10 min for 128 x 512).",
 )
 SamplesOpt = typer.Option(128, "--samples", min=1, help="Number of calibration windows.")
 SeqlenOpt = typer.Option(512, "--seqlen", min=2, help="Tokens per calibration window.")
@@ -221,7 +221,9 @@ def quantize(
     method: str = typer.Option(
         None, "--method", show_default=False,
         help="gptq (error feedback, calibrated) or rtn (round to nearest). Default gptq for int, rtn "
-             "for 4-bit floats (--method gptq runs GPTQ's loop on the float grid). Or ptq161: PTQ1.61, "
+             "for 4-bit floats (--method gptq runs GPTQ's loop on the float grid). With --format gguf:TYPE "
+             "also imatrix: llama-quantize's importance-weighted rounding, then the blocks' numbers "
+             "refitted for the least output error (better than gptq at q4_0). Or ptq161: PTQ1.61, "
              "about 1.7 bits per weight (20% of input channels at 4 bits, the rest binarised, GPTQ-style; "
              "then each row's and column's scales learned per block, --reconstruct-iters steps, default "
              "100): this project's own layout."),
@@ -230,7 +232,7 @@ def quantize(
         help="int (integer grid, the options above), or 4-bit floats: nvfp4 (E2M1, FP8 scale per 16), "
              "mxfp4 (E2M1, power-of-two scale per 32), fp4 (LLM-FP4: per-channel format E3M0/E2M1/E1M2 "
              "and exponent bias searched on calibration data), e2m1 (plain per-channel E2M1); or "
-             "gguf:TYPE: --method (GPTQ or rtn) onto llama.cpp's blocks, written as one GGUF file "
+             "gguf:TYPE: --method (imatrix, gptq or rtn) onto llama.cpp's blocks, written as one GGUF file "
              "(-o NAME.gguf); TYPE is a block type (q4_0 q4_1 q5_0 q5_1 q8_0 iq4_nl q2_k q3_k q4_k "
              "q5_k q6_k) or a llama.cpp preset (q2_k q3_k_s q3_k_m q3_k_l q4_k_s q4_k_m q5_k_s q5_k_m q6_k: "
              "a type per tensor role; where rows are not a multiple of 256 llama.cpp's fallbacks, but "

@@ -114,12 +114,16 @@ def _gguf_job(gguf_type, bits, group_size, symmetric, method, act_order, mse, da
         raise CompressorError("--budget needs --allocate lim|zd")
     if reconstruct:
         raise CompressorError("--format gguf: --reconstruct does not learn GGUF blocks yet")
-    method = method or "gptq"
-    if method not in ("gptq", "rtn"):
-        raise CompressorError(f"--format gguf: --method gptq or rtn, got {method!r}")
+    from compressor.passes.gguf import DEFAULT_SOLVER, SOLVERS
+
+    method = method or DEFAULT_SOLVER
+    if method not in SOLVERS:
+        raise CompressorError(f"--format gguf: --method {' or '.join(SOLVERS)}, got {method!r}")
     step = {"method": "gguf", "type": gguf_type, "solver": method}
     if method == "gptq":
-        step.update(act_order=act_order, damp=damp)
+        step["act_order"] = act_order
+    if method != "rtn":  # GPTQ's and the refit's damping of the Hessian
+        step["damp"] = damp
     # AWQ searches its scales on the nearest integer grid (4-bit, groups of 32) of the GGUF blocks.
     awq_step = [{"method": "awq", "bits": 4, "group_size": 32, "symmetric": True}] if awq else []
     passes, suffix = with_transforms([*awq_step, step], rotate=rotate)

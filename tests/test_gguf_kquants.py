@@ -106,10 +106,12 @@ def test_gptq_onto_k_blocks_beats_round_to_nearest():
     assert errors["gptq"] < 0.7 * errors["rtn"]
 
 
+@pytest.mark.parametrize("solver", ["gptq", "imatrix"])
 @pytest.mark.parametrize("qtype", ["q4_1", "q4_0", "q4_k"])
-def test_refit_lowers_the_output_error(qtype):
-    """Once GPTQ chose the codes, the closed-form refit of the blocks' float16 numbers can only lower
-    (w - v)^T H (w - v), and the bytes still decode to the layer's weights."""
+def test_refit_lowers_the_output_error(qtype, solver):
+    """Once GPTQ or the importance-weighted rounding chose the codes, the closed-form refit of the
+    blocks' float16 numbers can only lower (w - v)^T H (w - v), and the bytes still decode to the
+    layer's weights."""
     generator = torch.Generator().manual_seed(7)
     x = torch.randn(2048, 256, generator=generator) @ (torch.randn(256, 256, generator=generator) / 16)
     stats = InputStats(256)
@@ -118,11 +120,38 @@ def test_refit_lowers_the_output_error(qtype):
     errors = {}
     for refit in (False, True):
         layer = LinearState("model.layers.0.mlp.down_proj", w.clone(), torch.float32)
-        gguf_pass.compress_many([layer], stats, {"type": qtype, "refit": refit})
+        gguf_pass.compress_many([layer], stats, {"type": qtype, "refit": refit, "solver": solver})
         data = gguf_quants.encode(layer.quant.codes, layer.quant.header)
         assert torch.equal(gguf_quants.decode(data, qtype, 256), layer.weight)
         errors[refit] = (x @ (layer.weight - w).T).square().mean().item()
     assert errors[True] < errors[False]
+
+
+def test_imatrix_solver_is_llama_quantize_rounding_then_the_refit():
+    """solver imatrix: the codes are round-to-nearest on the grid fitted with the Hessian's diagonal as
+    importance (llama-quantize with an importance matrix); rtn fits without it and ignores the data;
+    the refit then moves only the float16 numbers, never the codes."""
+    generator = torch.Generator().manual_seed(9)
+    x = torch.randn(1024, 256, generator=generator) * torch.linspace(0.1, 3.0, 256)
+    stats = InputStats(256)
+    stats.add_batch(x)
+    w = _weights(rows=16, cols=256, seed=10)
+    importance = stats.hessian().diagonal().float()
+    codes, header = gguf_quants.quantize(w, "q4_0", importance)
+    plain_codes, plain_header = gguf_quants.quantize(w, "q4_0")
+    layers = {}
+    for solver, refit in (("imatrix", False), ("imatrix", True), ("rtn", True)):
+        layer = LinearState("model.layers.0.mlp.up_proj", w.clone(), torch.float32)
+        gguf_pass.compress_many([layer], stats, {"type": "q4_0", "solver": solver, "refit": refit})
+        layers[solver, refit] = layer
+    assert torch.equal(layers["imatrix", False].quant.codes, codes)
+    assert torch.equal(layers["imatrix", False].quant.header.d, header.d)
+    assert torch.equal(layers["imatrix", True].quant.codes, codes)
+    assert not torch.equal(layers["imatrix", True].quant.header.d, header.d)
+    assert torch.equal(layers["rtn", True].quant.codes, plain_codes)
+    assert torch.equal(layers["rtn", True].quant.header.d, plain_header.d)
+    assert not gguf_pass.needs_data({"type": "q4_0", "solver": "rtn"})
+    assert gguf_pass.needs_data({"type": "q4_0", "solver": "imatrix"})
 
 
 # llama.cpp's Q4_K_M / Q3_K_M / Q2_K on SmolLM2-135M (30 layers, 576 wide, 3 query heads per KV

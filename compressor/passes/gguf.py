@@ -1,18 +1,30 @@
-"""GPTQ (or round-to-nearest) onto llama.cpp's GGUF block types, legacy and K-quants
-(compressor.gguf_quants), with llama.cpp's per-tensor presets (Q4_K_M and friends).
+"""GPTQ, llama.cpp's importance-matrix rounding, or round-to-nearest onto llama.cpp's GGUF block types,
+legacy and K-quants (compressor.gguf_quants), with llama.cpp's per-tensor presets (Q4_K_M and friends).
 
 Each linear's block header is fitted once on its original weights with llama.cpp's importance-weighted
-search (importance = the diagonal of the layer's input Hessian, i.e. what an importance matrix holds),
-then GPTQ rounds column by column onto those fixed per-sub-block grids, pushing each column's error
-onto the columns not yet rounded (act-order by default; the grids are static, so the stored blocks
-keep the original column order). `solver: rtn` rounds to nearest on the same fitted grid.
+search (importance = the diagonal of the layer's input Hessian, i.e. what an importance matrix holds).
+Then, by `solver`:
+
+    gptq      GPTQ rounds column by column onto those fixed per-sub-block grids, pushing each
+              column's error onto the columns not yet rounded (act-order by default; the grids are
+              static, so the stored blocks keep the original column order)
+    imatrix   round to nearest on the fitted grid, as llama-quantize does with an importance matrix
+    rtn       round to nearest on a grid fitted without data (llama-quantize without a matrix)
+
+and, with calibration data (gptq, imatrix) and `refit` (default true), the blocks' float16 numbers
+are refitted in closed form for the least output error given the codes (gguf_quants.refit).
+
+Measured on SmolLM2-135M (first 8 benchmark windows, dense 19.13; bench/results/gguf.md): at Q4_0
+gptq 21.67, imatrix without the refit 21.23, imatrix with it 20.67 (llama-quantize with an importance
+matrix 21.27): GPTQ's error feedback lowers the calibration error but not held-out perplexity on
+these weights, which were stored as Q4_1 blocks of 32 to begin with. At the K presets GPTQ is the
+better one (Q3_K_M 20.02 against 20.20, Q2_K 21.59 against 21.78), so it stays the default.
 
 Settings: type (a GGUF type such as q4_k, or a preset such as q4_k_m: then each linear gets the type
-llama.cpp's preset gives a tensor of its role and depth), solver (gptq | rtn), damp, act_order,
-blocksize, refit (gptq: once the codes are chosen, refit the blocks' float16 numbers in closed form
-for the least output error, gguf_quants.refit; default true). A row whose length is not a multiple
-of the type's block falls back as llama.cpp does (Q4_K -> Q5_0, ...): module_args resolves both
-before any work, so the plan shows the final types.
+llama.cpp's preset gives a tensor of its role and depth), solver (imatrix | gptq | rtn), damp (of the
+Hessian, for GPTQ and the refit), act_order and blocksize (gptq), refit. A row whose length is not a
+multiple of the type's block falls back as llama.cpp does (Q4_K -> Q5_0, ...): module_args resolves
+both before any work, so the plan shows the final types.
 """
 
 from __future__ import annotations
@@ -29,7 +41,8 @@ from compressor.passes.gptq import GPTQOptions, error_feedback, output_error
 from compressor.stats import InputStats
 
 KEYS = {"type", "solver", "damp", "act_order", "blocksize", "refit"}
-SOLVERS = ("gptq", "rtn")
+SOLVERS = ("gptq", "imatrix", "rtn")
+DEFAULT_SOLVER = "gptq"
 
 # llama.cpp's presets: the type most tensors get (llama_ftype_get_default_type)
 PRESETS = {"q2_k": GgufType.Q2_K, "q3_k_s": GgufType.Q3_K, "q3_k_m": GgufType.Q3_K,
@@ -52,13 +65,13 @@ def _preset(args: dict) -> str:
 def validate(args: dict) -> None:
     check_keys("gguf", args, KEYS)
     _preset(args)
-    if args.get("solver", "gptq") not in SOLVERS:
+    if args.get("solver", DEFAULT_SOLVER) not in SOLVERS:
         raise CompressorError(f"gguf: solver must be one of {', '.join(SOLVERS)}, got {args.get('solver')!r}")
     GPTQOptions.from_args(args)
 
 
 def needs_data(args: dict) -> bool:
-    return args.get("solver", "gptq") == "gptq"
+    return args.get("solver", DEFAULT_SOLVER) != "rtn"
 
 
 def output_grid(args: dict) -> GgufGrid:
@@ -121,7 +134,7 @@ def module_args(args: dict, name: str, model) -> dict:
     config = getattr(model.config, "text_config", model.config)
     heads = getattr(config, "num_attention_heads", 1)
     gqa = heads // (getattr(config, "num_key_value_heads", None) or heads)
-    calibrated = args.get("solver", "gptq") == "gptq"
+    calibrated = needs_data(args)
     qtype = preset_type(preset, role, int(found.group(1)) if found else 0, len(blocks), gqa, calibrated)
     in_features = model.get_submodule(name).weight.shape[1]
     return {**args, "type": gguf_quants.fitting_type(qtype, in_features).value}
@@ -134,10 +147,11 @@ def compress(layer: LinearState, stats: InputStats | None, args: dict) -> None:
 def compress_many(layers: list[LinearState], stats: InputStats | None, args: dict) -> None:
     """The linears of one input share its Hessian (and importance); those of one type are solved
     together, their rows stacked (GPTQ treats rows independently given H: one column loop)."""
-    solver = args.get("solver", "gptq")
-    if solver == "gptq" and (stats is None or stats.tokens == 0):
-        raise CompressorError("gguf with solver gptq needs calibration data")
-    hessian = stats.hessian() if stats is not None and stats.tokens else None
+    solver = args.get("solver", DEFAULT_SOLVER)
+    if solver != "rtn" and (stats is None or stats.tokens == 0):
+        raise CompressorError(f"gguf with solver {solver} needs calibration data")
+    # rtn is llama-quantize without an importance matrix: it ignores any data it is given.
+    hessian = stats.hessian() if solver != "rtn" and stats is not None and stats.tokens else None
     importance = hessian.diagonal().float().clone() if hessian is not None else None
     options = GPTQOptions.from_args(args)
     for layer in layers:
@@ -153,15 +167,16 @@ def compress_many(layers: list[LinearState], stats: InputStats | None, args: dic
     w = torch.cat([layer.weight.float() for layer in layers])
     header = gguf_quants.fit(w, qtype, importance)
     metrics = {}
+    damp = options.damp
     if solver == "gptq":
         rounded, error, damp = error_feedback(w, hessian, gguf_quants.column_rounder(header), options)
         metrics = {"gptq_damp": damp}
         codes = gguf_quants.round_to(rounded, header)
-        if args.get("refit", True):
-            damped = hessian + damp * hessian.diagonal().mean() * torch.eye(len(hessian))
-            header = gguf_quants.refit(w, codes, header, damped)
     else:
         codes = gguf_quants.round_to(w, header)
+    if hessian is not None and args.get("refit", True):
+        damped = hessian + damp * hessian.diagonal().mean() * torch.eye(len(hessian))
+        header = gguf_quants.refit(w, codes, header, damped)
     values = gguf_quants.values(codes, header)
     parts = [header.split(rows), codes.split(rows), values.split(rows), w.split(rows)]
     for layer, part_header, part_codes, part_values, original in zip(layers, *parts, strict=True):
