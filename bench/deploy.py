@@ -128,9 +128,11 @@ def markdown(rows: list[dict]) -> str:
 LLAMA_CPP = {"q4_0": (87.6, 21.271), "q4_k_m": (100.6, 19.690), "q3_k_m": (89.2, 20.765),
              "q2_k": (84.1, 22.688), "q8_0": (138.1, 19.163)}
 # Those REFERENCE.md has llama-quantize rows for (Q8_0 too: 138.1 MiB, 19.163; not re-run with K-quants).
-# (type, solver of `compress quantize --method`): GPTQ onto every type; llama-quantize's own rounding
-# plus the refit (imatrix) at Q4_0, where it is the better one.
-GGUF_ROWS = (("q4_k_m", "gptq"), ("q3_k_m", "gptq"), ("q2_k", "gptq"), ("q4_0", "gptq"), ("q4_0", "imatrix"))
+# (type, solver of `compress quantize --method`, extra options): GPTQ onto every type; llama-quantize's
+# own rounding plus the refit (imatrix) at Q4_0, where it is the better one; AWQ first at Q3_K_M and
+# Q2_K (the same file size: its scales fold into the norms).
+GGUF_ROWS = (("q4_k_m", "gptq", ()), ("q3_k_m", "gptq", ()), ("q2_k", "gptq", ()), ("q4_0", "gptq", ()),
+             ("q4_0", "imatrix", ()), ("q3_k_m", "gptq", ("--awq",)), ("q2_k", "gptq", ("--awq",)))
 
 
 def llama_cpp_ppl(path: Path, windows: int = 8, seqlen: int = 2048) -> float | None:
@@ -194,16 +196,17 @@ def run_gguf(model: Path) -> str:
     calibration = ["--calibration", "c4", "--samples", "128", "--seqlen", "512", "--seed", "0",
                    "--device", "cpu"]
     rows = []
-    for gguf_type, solver in GGUF_ROWS:
-        path = WORK / f"{solver}-{gguf_type}.gguf"
-        record = WORK / f"{solver}-{gguf_type}.json"
-        done_row = WORK / f"{solver}-{gguf_type}.row.json"  # a finished row is kept (resumable suite)
+    for gguf_type, solver, options in GGUF_ROWS:
+        name = "-".join([solver, *(option.lstrip("-") for option in options), gguf_type])
+        path = WORK / f"{name}.gguf"
+        record = WORK / f"{name}.json"
+        done_row = WORK / f"{name}.row.json"  # a finished row is kept (resumable suite)
         if done_row.is_file() and (not path.is_file() or done_row.stat().st_mtime >= path.stat().st_mtime):
             rows.append(json.loads(done_row.read_text()))
             continue
         if not record.is_file() or not path.is_file():
             done = subprocess.run(["compress", "quantize", "--format", f"gguf:{gguf_type}",
-                                   "--method", solver, str(model), *calibration, "-o", str(path),
+                                   "--method", solver, *options, str(model), *calibration, "-o", str(path),
                                    "--overwrite", "--json"],
                                   capture_output=True, text=True)
             if done.returncode:
@@ -213,7 +216,8 @@ def run_gguf(model: Path) -> str:
         evaluation = json.loads(subprocess.run(
             ["compress", "eval", str(path), "--baseline", str(model), "--windows", "8", "--json"],
             capture_output=True, text=True, check=True).stdout)
-        rows.append({"type": gguf_type, "solver": solver, "mib": path.stat().st_size / 2**20,
+        rows.append({"type": gguf_type, "solver": " ".join([solver, *options]),
+                     "mib": path.stat().st_size / 2**20,
                      "llama_cpp_ppl": llama_cpp_ppl(path), **(llama_cpp_speed(path) or {}),
                      "ppl": evaluation["perplexity"]["ppl"],
                      "dense_ppl": evaluation["baseline_perplexity"]["ppl"],

@@ -348,14 +348,24 @@ def _compress_linears(linears: dict, names: list[str], block_plan: Plan, stats,
                           keep_unrounded=keep_unrounded)
         for name in names
     }
+    # Leading input-scaling steps (AWQ) that every linear of the input shares run on all of them at
+    # once, before their own steps part ways (a GGUF preset gives attn_v another type than q and k).
+    shared = 0
+    first = block_plan[names[0]]
+    while (shared < len(first) and first[shared].method in INPUT_SCALING
+           and all(len(block_plan[n]) > shared and repr(block_plan[n][shared]) == repr(first[shared])
+                   for n in names)):
+        shared += 1
+    if shared:
+        apply_steps(list(states.values()), first[:shared], stats)
     buckets: dict[str, list[str]] = {}
     for name in names:
-        buckets.setdefault(repr(block_plan[name]), []).append(name)
-    if len(buckets) > 1 and any(s.method in INPUT_SCALING for n in names for s in block_plan[n]):
+        buckets.setdefault(repr(block_plan[name][shared:]), []).append(name)
+    if len(buckets) > 1 and any(s.method in INPUT_SCALING for n in names for s in block_plan[n][shared:]):
         raise CompressorError(f"{' and '.join(INPUT_SCALING)} rescale a shared input: linears that read "
                               f"one input ({', '.join(names)}) need the same steps")
     for bucket in buckets.values():
-        apply_steps([states[n] for n in bucket], block_plan[bucket[0]], stats)
+        apply_steps([states[n] for n in bucket], block_plan[bucket[0]][shared:], stats)
     for name, state in states.items():
         _store(linears[name], state)
         # Ranks of a distributed run propagate rank 0's weights, bit for bit.

@@ -397,3 +397,34 @@ def test_llama_cpp_runs_iq4_nl(llama_dir, tmp_path, calibration_file):
     compressor.quantize(str(llama_dir), tmp_path / "m.gguf", number_format="gguf:q3_k", method="rtn")
     assert set(_gguf_types(tmp_path / "m.gguf").values()) == {"iq4_nl", "f32", "q8_0"}
     _llama_cpp_follows_transformers(llama_cpp, tmp_path / "m.gguf")
+
+
+def test_quantize_method_imatrix_end_to_end(llama_dir, tmp_path, calibration_file):
+    """`--method imatrix` reaches the gguf pass (its recipe, its layers' methods), writes a file
+    transformers reads, and an unknown method is refused in one line before any work."""
+    import compressor
+
+    cal = dict(calibration=str(calibration_file), samples=4, seqlen=32, device="cpu")
+    result = compressor.quantize(str(llama_dir), tmp_path / "m.gguf", number_format="gguf:q4_0",
+                                 method="imatrix", **cal)
+    step = result.manifest["recipe"]["passes"][-1]
+    assert (step["method"], step["solver"]) == ("gguf", "imatrix")
+    assert (tmp_path / "m.gguf").stat().st_size > 0
+    with pytest.raises(CompressorError, match="--method gptq or imatrix or rtn"):
+        compressor.quantize(str(llama_dir), tmp_path / "x.gguf", number_format="gguf:q4_0", method="awq",
+                            **cal)
+    assert not (tmp_path / "x.gguf").exists()
+
+
+def test_awq_before_a_preset_whose_types_differ_within_one_input(llama_dir, tmp_path, calibration_file):
+    """Q3_K_M gives attn_v another type than attn_q / attn_k, which read the same input: AWQ's scaling
+    runs on the three together, then each takes its own type (before, the run was refused)."""
+    import compressor
+
+    cal = dict(calibration=str(calibration_file), samples=4, seqlen=32, device="cpu")
+    result = compressor.quantize(str(llama_dir), tmp_path / "m.gguf", number_format="gguf:q3_k_m", awq=True,
+                                 **cal)
+    assert [step["method"] for step in result.manifest["recipe"]["passes"]] == ["awq", "gguf"]
+    types = _gguf_types(tmp_path / "m.gguf")
+    assert types["blk.0.attn_v.weight"] != types["blk.0.attn_q.weight"]
+    assert types["blk.0.attn_q.weight"] == types["blk.0.attn_k.weight"]

@@ -21,7 +21,7 @@ these weights, which were stored as Q4_1 blocks of 32 to begin with. At the K pr
 better one (Q3_K_M 20.02 against 20.20, Q2_K 21.59 against 21.78), so it stays the default.
 
 Settings: type (a GGUF type such as q4_k, or a preset such as q4_k_m: then each linear gets the type
-llama.cpp's preset gives a tensor of its role and depth), solver (imatrix | gptq | rtn), damp (of the
+llama.cpp's preset gives a tensor of its role and depth), solver (gptq | imatrix | rtn), damp (of the
 Hessian, for GPTQ and the refit), act_order and blocksize (gptq), refit. A row whose length is not a
 multiple of the type's block falls back as llama.cpp does (Q4_K -> Q5_0, ...): module_args resolves
 both before any work, so the plan shows the final types.
