@@ -9,6 +9,7 @@ compares it with transformers (this project's environment, float32) on the same 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -189,6 +190,19 @@ def llama_cpp_speed(path: Path, prompt: int = 512, decode: int = 64) -> dict | N
     return {"prefill_tps": prefill, "decode_tps": decode / (time.perf_counter() - started)}
 
 
+def cpu_name() -> str:
+    """The CPU's model name and widest vector extension: llama.cpp's speeds depend on both."""
+    import platform
+
+    flags, name = "", platform.processor()
+    with contextlib.suppress(OSError):
+        info = Path("/proc/cpuinfo").read_text()
+        name = next((line.split(":", 1)[1].strip() for line in info.splitlines()
+                     if line.startswith("model name")), name)
+        flags = next((line for line in info.splitlines() if line.startswith("flags")), "")
+    return f"{name}, {'AVX-512' if ' avx512f' in flags else 'AVX2'}"
+
+
 def run_gguf(model: Path) -> str:
     """GPTQ onto each GGUF type or preset (compress quantize --format gguf:TYPE), one GGUF file each,
     evaluated through transformers on the first 8 windows of the benchmark protocol."""
@@ -216,7 +230,7 @@ def run_gguf(model: Path) -> str:
         evaluation = json.loads(subprocess.run(
             ["compress", "eval", str(path), "--baseline", str(model), "--windows", "8", "--json"],
             capture_output=True, text=True, check=True).stdout)
-        rows.append({"type": gguf_type, "solver": " ".join([solver, *options]),
+        rows.append({"type": gguf_type, "solver": " ".join([solver, *options]), "cpu": cpu_name(),
                      "mib": path.stat().st_size / 2**20,
                      "llama_cpp_ppl": llama_cpp_ppl(path), **(llama_cpp_speed(path) or {}),
                      "ppl": evaluation["perplexity"]["ppl"],
@@ -227,8 +241,8 @@ def run_gguf(model: Path) -> str:
         print(json.dumps(rows[-1]), flush=True)
     header = ["| type | solver | file MiB | wt2 ppl (8 windows) | vs dense | KL | same file in llama.cpp "
               "| llama.cpp prompt / decode tok/s | compress s | llama-quantize MiB | llama-quantize ppl "
-              "| vs llama-quantize |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "| vs llama-quantize | CPU |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
 
     def table(rows: list[dict]) -> list[str]:
         lines = []
@@ -241,7 +255,7 @@ def run_gguf(model: Path) -> str:
                          f"| {row.get('prefill_tps', 0):.0f} / {row.get('decode_tps', 0):.0f} "
                          f"| {row['compress_seconds']:.0f} "
                          f"| {ref[0] if ref else '-'} | {ref[1] if ref else '-'} "
-                         f"| {versus} |")
+                         f"| {versus} | {row.get('cpu', '-')} |")
         return lines
 
     lines = ["# gguf benchmark: this project onto llama.cpp's block types vs llama-quantize "
