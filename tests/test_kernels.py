@@ -82,6 +82,26 @@ def test_int4_prefill_unpacks_the_kernel_layout(out_features, dtype):
     assert torch.allclose(prefill.float(), expected, rtol=tolerance, atol=tolerance)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int8_prefill_in_chunks_matches_the_int8_kernel(dtype, monkeypatch):
+    """From PREFILL_ROWS rows on, an aten-int8 layer is dequantized a few output rows at a time and
+    multiplied densely: the int8 kernel's result and the reference's, across chunk boundaries."""
+    from compressor_kernels import packed_linear
+    from compressor_kernels.packed_linear import PREFILL_ROWS
+
+    monkeypatch.setattr(packed_linear, "INT8_PREFILL_ROWS", 20)  # 48 rows: chunks of 20, 20, 8
+    codes, scale, zero, _ = random_layer(8, 48, 128, 128, True, seed=4)
+    layer = PackedLinear(codes, scale, zero, 8, 128, dtype=dtype)
+    assert layer.backend == "aten-int8"
+    x = torch.randn(PREFILL_ROWS + 5, 128, dtype=dtype)
+    prefill = layer(x).float()
+    kernel = torch.ops.aten._weight_int8pack_mm(x, layer.packed, layer.scales).float()
+    expected = reference(x.float(), codes, scale, zero, 8, 128, None)
+    tolerance = 1e-6 if dtype == torch.float32 else 5e-3  # bfloat16: rounding and summation order
+    assert (prefill - kernel).norm() < tolerance * kernel.norm()
+    assert (prefill - expected).norm() < tolerance * expected.norm()
+
+
 def test_every_backend_agrees_with_the_dequant_fallback_and_in_bfloat16():
     for bits, width, zero_ok in ((4, 32, True), (8, 128, False)):
         codes, scale, zero, _ = random_layer(bits, 32, 128, width, symmetric=not zero_ok, seed=3)
