@@ -62,7 +62,7 @@ def resolve_source(model: str | None) -> ModelSource:
     if not model:
         return default_source()
     path = Path(model).expanduser()
-    if path.suffix == ".gguf":
+    if path.suffix == ".gguf" and not path.is_dir():  # a checkpoint folder may be named *.gguf
         if not path.is_file():
             raise CompressorError(f"model file not found: {model}")
         return ModelSource(str(path.parent), path.name)

@@ -233,3 +233,19 @@ def test_help_lists_every_command(capsys, monkeypatch):
     for option in ("--bits", "--group-size", "--sym", "--method", "--act-order", "--calibration",
                    "--samples", "--seqlen", "--seed", "--device", "--output", "--json", "--overwrite"):
         assert option in stdout
+
+
+def test_resolve_source_reads_a_folder_named_like_a_gguf_file(tmp_path, llama_dir):
+    """`compress run recipe MODEL -o x.gguf` with a pass that writes a folder names it x.gguf: later
+    commands read it as the folder it is; a missing x.gguf is still one clear line."""
+    import shutil
+
+    from compressor.errors import CompressorError
+    from compressor.model import resolve_source
+
+    folder = tmp_path / "run.gguf"
+    shutil.copytree(llama_dir, folder)
+    source = resolve_source(str(folder))
+    assert source.path == str(folder) and not source.gguf_file
+    with pytest.raises(CompressorError, match="model file not found"):
+        resolve_source(str(tmp_path / "missing.gguf"))
