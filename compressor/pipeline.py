@@ -350,14 +350,9 @@ def _compress_linears(linears: dict, names: list[str], block_plan: Plan, stats,
     }
     # Leading input-scaling steps (AWQ) that every linear of the input shares run on all of them at
     # once, before their own steps part ways (a GGUF preset gives attn_v another type than q and k).
-    shared = 0
-    first = block_plan[names[0]]
-    while (shared < len(first) and first[shared].method in INPUT_SCALING
-           and all(len(block_plan[n]) > shared and repr(block_plan[n][shared]) == repr(first[shared])
-                   for n in names)):
-        shared += 1
+    shared = _shared_scaling_steps([block_plan[n] for n in names])
     if shared:
-        apply_steps(list(states.values()), first[:shared], stats)
+        apply_steps(list(states.values()), block_plan[names[0]][:shared], stats)
     buckets: dict[str, list[str]] = {}
     for name in names:
         buckets.setdefault(repr(block_plan[name][shared:]), []).append(name)
@@ -371,6 +366,16 @@ def _compress_linears(linears: dict, names: list[str], block_plan: Plan, stats,
         # Ranks of a distributed run propagate rank 0's weights, bit for bit.
         distributed.broadcast_(linears[name].weight.data)
     return states
+
+
+def _shared_scaling_steps(plans: list) -> int:
+    """How many leading steps are input-scaling steps that all of `plans` hold, identically."""
+    shared = 0
+    for steps in zip(*plans, strict=False):  # up to the shortest plan
+        if steps[0].method not in INPUT_SCALING or len({repr(step) for step in steps}) > 1:
+            break
+        shared += 1
+    return shared
 
 
 def _store(linear: torch.nn.Linear, state: LinearState) -> None:

@@ -148,10 +148,10 @@ def compress_many(layers: list[LinearState], stats: InputStats | None, args: dic
     """The linears of one input share its Hessian (and importance); those of one type are solved
     together, their rows stacked (GPTQ treats rows independently given H: one column loop)."""
     solver = args.get("solver", DEFAULT_SOLVER)
-    if solver != "rtn" and (stats is None or stats.tokens == 0):
+    calibrated = needs_data(args)  # rtn is llama-quantize without a matrix: it ignores any data given
+    if calibrated and (stats is None or stats.tokens == 0):
         raise CompressorError(f"gguf with solver {solver} needs calibration data")
-    # rtn is llama-quantize without an importance matrix: it ignores any data it is given.
-    hessian = stats.hessian() if solver != "rtn" and stats is not None and stats.tokens else None
+    hessian = stats.hessian() if calibrated else None
     importance = hessian.diagonal().float().clone() if hessian is not None else None
     options = GPTQOptions.from_args(args)
     for layer in layers:
@@ -174,7 +174,7 @@ def compress_many(layers: list[LinearState], stats: InputStats | None, args: dic
         codes = gguf_quants.round_to(rounded, header)
     else:
         codes = gguf_quants.round_to(w, header)
-    if hessian is not None and args.get("refit", True):
+    if calibrated and args.get("refit", True):
         damped = hessian + damp * hessian.diagonal().mean() * torch.eye(len(hessian))
         header = gguf_quants.refit(w, codes, header, damped)
     values = gguf_quants.values(codes, header)
