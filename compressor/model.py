@@ -123,11 +123,12 @@ def load_model(source: ModelSource, dtype: str | torch.dtype = "auto"):
         raise CompressorError(f"cannot read model config from {source.label}: {_first_line(error)}")
     qconfig = getattr(config, "quantization_config", None) or {}
     qconfig = qconfig if isinstance(qconfig, dict) else qconfig.to_dict()
-    if qconfig.get("quant_method") == "compressed-tensors" and qconfig.get("config_groups"):
+    if qconfig.get("quant_method") == "compressed-tensors":
         # One route for every layout: dequantize while loading, each layer with its own scheme
         # (compressor.upstream.scheme_per_layer). The compressed route would decompress FP4 in
         # bfloat16 (which a float32 model cannot multiply), has no room for packed zero points and
-        # no weight to tie a quantized embedding's head to.
+        # no weight to tie a quantized embedding's head to. A sparse-only checkpoint goes the same
+        # way: otherwise its quantizer stays attached and refuses `.float()` (distill, training).
         from transformers.utils.quantization_config import CompressedTensorsConfig
 
         kwargs["quantization_config"] = CompressedTensorsConfig(dequantize=True)

@@ -28,6 +28,8 @@ import re
 
 def _scheme_of(config, module: str):
     """The config group whose targets (names or 're:' patterns) match `module`, or None."""
+    if config is None:  # a sparse-only checkpoint: no quantization, no scheme
+        return None
     for group in config.config_groups.values():
         for target in group.targets:
             if (re.match(target[3:], module) if target.startswith("re:") else target == module):

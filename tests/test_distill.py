@@ -326,6 +326,29 @@ def test_nm_sparse_training_ends_on_the_exact_pattern(llama_dir, calibration_fil
         assert mask_holds(weight != 0, Pattern(0.5, 2, 4)) or (weight == 0).float().mean() > 0.5
 
 
+def test_pruned_student_trains_its_survivors_and_keeps_its_mask(llama_dir, calibration_file, tokenizer,
+                                                                 tmp_path):
+    """A sparse-only checkpoint (SparseGPT 2:4, weights dense on disk) is a student like a quantized one:
+    transformers loads it through its compressed-tensors quantizer, which must not stay attached."""
+    import compressor
+
+    pruned = tmp_path / "s24"
+    compressor.sparsify(str(llama_dir), output=pruned, pattern="2:4", method="sparsegpt",
+                        calibration=str(calibration_file), samples=4, seqlen=32)
+    out = tmp_path / "s24-kd"
+    distill(pruned, llama_dir, out, DistillOptions(steps=8, data=str(calibration_file), lr=3.0, **SMALL))
+    before, _ = load_model(resolve_source(str(pruned)))
+    after, _ = load_model(resolve_source(str(out)))
+    moved = 0
+    for name in json.loads((pruned / "compress.json").read_text())["modules"]:
+        old, new = before.get_submodule(name).weight, after.get_submodule(name).weight
+        assert torch.equal(new == 0, old == 0)  # the mask exactly, no pruned weight revived
+        moved += int((new != old).sum())
+    assert moved > 0
+    ids = data.calibration_windows(tokenizer, str(calibration_file), 4, 32, seed=5)
+    assert _kl_to_teacher(out, llama_dir, ids) < _kl_to_teacher(pruned, llama_dir, ids)
+
+
 def test_training_windows_never_overlap_the_evaluation_text(tokenizer):
     folder = data_dir()
     if folder is None:
