@@ -35,6 +35,7 @@ from compressor.errors import CompressorError
 from compressor.files import atomic_write
 from compressor.model import ModelSource, block_linears, decoder_blocks, resolve_source
 from compressor.passes import LinearState
+from compressor.passes.reconstruct import _autocast  # bf16 where the device has native bf16
 from compressor.sparsity import Pattern, pattern_from_args
 from compressor.stream import keep_freed_memory
 from compressor.teacher import TeacherCache, top_k_distillation_loss
@@ -411,8 +412,6 @@ def _total_steps(options: DistillOptions, model, teacher, device) -> int:
     # A timing probe: two training steps' worth of forward and backward on random tokens, in the
     # precision the training runs in (bf16 autocast is ~2.5x faster here: a float32 probe left half
     # of --minutes unused), then as many steps as fit the budget (held-out evaluations counted in).
-    from compressor.passes.reconstruct import _autocast
-
     vocab = model.get_output_embeddings().weight.shape[0]
     ids = torch.randint(vocab, (options.batch, options.seqlen), generator=torch.Generator().manual_seed(0))
     ids = ids.to(device)
@@ -456,8 +455,6 @@ def _save_state(path: Path, modules: dict, norms: dict, optimizer, options, tota
 
 def _train(model, teacher, modules, norms, optimizer, options, total, windows, heldout, progress, staging,
            run, device, stage, on_step, cache: TeacherCache | None = None) -> None:
-    from compressor.passes.reconstruct import _autocast
-
     sparse = [m.unit for m in modules.values() if isinstance(m.unit, students.SparseTrainUnit)]
     tokens_per_step = options.batch * options.seqlen
     stage("distilling")
