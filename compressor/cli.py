@@ -375,6 +375,9 @@ def distill(
                                      help="Ternary: a scale per row, not per tensor."),
     act_bits: int = typer.Option(8, "--act-bits", help="Ternary: activations absmax per token while "
                                                         "training, 8 (BitNet) or 0 (off)."),
+    ramp: float = typer.Option(
+        0.0, "--ramp", help="Ternary: phase the grid in over this fraction of the steps (the forward "
+                            "sees w + lam (Q(w) - w), lam 0 -> 1); 0 quantizes from the first step."),
     pattern: str = typer.Option(None, "--pattern", help="N:M sparse training (e.g. 2:4) of a dense or "
                                                         "N:M-pruned student."),
     schedule: str = typer.Option(
@@ -430,9 +433,9 @@ def distill(
         raise CompressorError("distill needs --output / -o")
     options = DistillOptions(
         train=train, rank=rank, keep_adapter=keep_adapter, number_format=number_format, quantizer=quantizer,
-        per_channel=per_channel, act_bits=act_bits, pattern=pattern, schedule=schedule, decay=decay,
-        data=data, seqlen=seqlen, batch=batch, steps=steps, minutes=minutes, tokens=tokens, lr=lr,
-        warmup=warmup, temperature=temperature, lm_weight=lm_weight, top_k=teacher_top_k, norms=norms,
+        per_channel=per_channel, act_bits=act_bits, ramp=ramp, pattern=pattern, schedule=schedule,
+        decay=decay, data=data, seqlen=seqlen, batch=batch, steps=steps, minutes=minutes, tokens=tokens,
+        lr=lr, warmup=warmup, temperature=temperature, lm_weight=lm_weight, top_k=teacher_top_k, norms=norms,
         eval_every=eval_every, save_every=save_every, checkpointing=checkpointing, seed=seed)
     with progress_bar(not as_json) as (stage, advance):
         def on_step(step, total, figures):

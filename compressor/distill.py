@@ -62,6 +62,7 @@ class DistillOptions:
     quantizer: str = "absmean"  # ternary scale: absmean | median of |W|
     per_channel: bool = False  # ternary: a scale per row instead of per tensor
     act_bits: int = 8  # ternary: activations absmax per token while training (0 = off)
+    ramp: float = 0.0  # ternary: fraction of the steps over which the grid is phased in (0 = at once)
     pattern: str | None = None  # N:M sparse training
     schedule: str = "pgf"  # pgf | srste | fixed
     decay: str = "linear"  # pgf's factor on pruned weights: linear | exp
@@ -120,6 +121,8 @@ class DistillOptions:
         if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or self.top_k < 0:
             raise CompressorError(
                 f"distill: --teacher-top-k must be 0 or a positive integer, got {self.top_k!r}")
+        if not 0 <= self.ramp < 1 or (self.ramp and not self.number_format):
+            raise CompressorError("distill: --ramp is a fraction in [0, 1) of a --format ternary run")
         if not 0 <= self.warmup < 1 or self.lm_weight < 0:
             raise CompressorError("distill: --warmup must be in [0, 1) and --lm-weight >= 0")
         if self.pattern is not None:
@@ -161,7 +164,7 @@ def _trainable(student: students.Student, teacher, options: DistillOptions
     for name, state in records.items():
         linear = model.get_submodule(name)
         if options.number_format:
-            unit = students.TernaryUnit(state.weight, options.quantizer, options.per_channel)
+            unit = students.TernaryUnit(state.weight, options.quantizer, options.per_channel, options.ramp)
         elif options.pattern:
             unit = students.SparseTrainUnit(state.weight, options.nm_pattern(), options.schedule, state.mask,
                                             options.decay)
@@ -456,6 +459,7 @@ def _save_state(path: Path, modules: dict, norms: dict, optimizer, options, tota
 def _train(model, teacher, modules, norms, optimizer, options, total, windows, heldout, progress, staging,
            run, device, stage, on_step, cache: TeacherCache | None = None) -> None:
     sparse = [m.unit for m in modules.values() if isinstance(m.unit, students.SparseTrainUnit)]
+    ternary = [m.unit for m in modules.values() if isinstance(m.unit, students.TernaryUnit)]
     tokens_per_step = options.batch * options.seqlen
     stage("distilling")
     for step in range(progress["step"], total):
@@ -463,6 +467,8 @@ def _train(model, teacher, modules, norms, optimizer, options, total, windows, h
         if sparse and step % options.mask_every == 0:
             for unit in sparse:
                 unit.update(step / total)
+        for unit in ternary:  # the ramp's mix, a function of the step alone (so resume repeats it)
+            unit.update(step / total)
         ids = windows[step * options.batch:(step + 1) * options.batch].to(device)
         with torch.enable_grad():
             loss = distillation_step(model, teacher, ids, options.temperature, options.lm_weight,

@@ -15,7 +15,10 @@ the checkpoint will hold:
              student's grid (its scales) at the end
     ternary  BitNet b1.58: latent float weights, {-1, 0, 1} x absmean (or median) of |W| per tensor
              or per row; activations 8-bit absmax per token while training; written as a 2-bit
-             symmetric per-channel integer checkpoint (codes 1, 2, 3) that transformers loads
+             symmetric per-channel integer checkpoint (codes 1, 2, 3) that transformers loads.
+             Optionally phased in (`ramp`): the forward sees w + lam * (Q(w) - w), lam rising
+             linearly from 0 to 1 over the first part of training, so a pretrained model is not
+             thrown into ternary all at once (the warm-up of HF's 1.58-bit fine-tuning study)
     N:M      progressive gradient flow (pgf: the pruned weights enter the forward scaled by a
              factor that decays to 0, masks re-chosen by magnitude until then), SR-STE (sparse
              forward, dense gradient, pruned weights decayed) or a fixed mask
@@ -117,20 +120,28 @@ def round_ste(x: torch.Tensor) -> torch.Tensor:
     return x + (torch.round(x) - x).detach()
 
 
-def quantize_activations(x: torch.Tensor, bits: int) -> torch.Tensor:
-    """Symmetric absmax per token (BitNet b1.58), straight-through."""
+def quantize_activations(x: torch.Tensor, bits: int, mix: float = 1.0) -> torch.Tensor:
+    """Symmetric absmax per token (BitNet b1.58), straight-through; `mix` < 1 moves x only that
+    fraction of the way to its quantized value (the ternary ramp)."""
     top = 2 ** (bits - 1) - 1
     step = x.detach().abs().amax(dim=-1, keepdim=True).clamp(min=1e-5) / top
-    return x + (torch.clamp(torch.round(x / step), -top - 1, top) * step - x).detach()
+    return x + mix * (torch.clamp(torch.round(x / step), -top - 1, top) * step - x).detach()
 
 
 class TernaryUnit:
-    """BitNet b1.58: w = s * clamp(round(W / s), -1, 1), s = absmean (or median) of |W|, all STE."""
+    """BitNet b1.58: w = s * clamp(round(W / s), -1, 1), s = absmean (or median) of |W|, all STE.
+    With `ramp` > 0 the quantization is phased in over that fraction of training (`mix`)."""
 
-    def __init__(self, weight: torch.Tensor, quantizer: str = "absmean", per_channel: bool = False):
-        self.quantizer, self.per_channel = quantizer, per_channel
+    def __init__(self, weight: torch.Tensor, quantizer: str = "absmean", per_channel: bool = False,
+                 ramp: float = 0.0):
+        self.quantizer, self.per_channel, self.ramp = quantizer, per_channel, ramp
         self.params = {"weight": weight.detach().float().clone()}
         self.mask = None
+        self.mix = 0.0 if ramp > 0 else 1.0
+
+    def update(self, progress: float) -> None:
+        """At `progress` (0..1) of training: how far the forward has moved onto the ternary grid."""
+        self.mix = min(1.0, progress / self.ramp) if self.ramp > 0 else 1.0
 
     def scale(self, w: torch.Tensor) -> torch.Tensor:
         a = w.detach().abs()
@@ -145,7 +156,7 @@ class TernaryUnit:
 
     def weight(self) -> torch.Tensor:
         w = self.params["weight"]
-        return w + (self.codes(w) * self.scale(w) - w).detach()
+        return w + self.mix * (self.codes(w) * self.scale(w) - w).detach()
 
     def clamp_(self) -> None:
         pass
@@ -384,6 +395,6 @@ class StudentLinear(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.act_bits:
-            x = quantize_activations(x, self.act_bits)
+            x = quantize_activations(x, self.act_bits, getattr(self.unit, "mix", 1.0))
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return F.linear(x, self.unit.weight().to(x.dtype), bias)

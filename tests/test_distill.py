@@ -38,6 +38,26 @@ def test_ternary_forward_and_straight_through_gradient():
     assert torch.allclose(median.scale(w)[:, 0], w.abs().median(dim=1).values)
 
 
+def test_ternary_ramp_phases_the_grid_in_with_an_identity_gradient():
+    torch.manual_seed(0)
+    w = torch.randn(6, 8)
+    ternary = torch.clamp(torch.round(w / w.abs().mean()), -1, 1) * w.abs().mean()
+    unit = students.TernaryUnit(w, "absmean", ramp=0.5)
+    assert torch.equal(unit.weight().detach(), w)  # before the first step: still the dense weight
+    unit.update(0.2)
+    latent = unit.params["weight"].requires_grad_()
+    out = unit.weight()
+    assert torch.allclose(out.detach(), w + 0.4 * (ternary - w), atol=1e-6)
+    upstream = torch.randn_like(w)
+    (grad,) = torch.autograd.grad((out * upstream).sum(), latent)
+    assert torch.allclose(grad, upstream)
+    unit.update(0.5)
+    assert torch.allclose(unit.weight().detach(), ternary, atol=1e-6)  # on the grid from `ramp` on
+    x = torch.tensor([[0.5, -1.0, 0.3]])
+    half = students.quantize_activations(x, 4, mix=0.5)
+    assert torch.allclose(half, (x + students.quantize_activations(x, 4)) / 2)
+
+
 def test_integer_grid_straight_through_gradients_match_the_analytic_ones():
     """w = s0 r (clamp(round(u) + z0) - z): dL/du = s0 r dL/dw inside the grid (0 where clamped), and
     dL/dr = sum over the group of s0 (q - z) dL/dw: the codes' own, not 0 as LSQ's is on the grid."""
@@ -297,7 +317,7 @@ def test_cached_teacher_targets_give_the_bytes_of_the_first_run(w3_student, llam
 
 def test_ternary_from_dense_writes_a_two_bit_checkpoint(llama_dir, calibration_file, tmp_path):
     out = tmp_path / "b158"
-    result = distill(llama_dir, llama_dir, out, DistillOptions(number_format="ternary", steps=4,
+    result = distill(llama_dir, llama_dir, out, DistillOptions(number_format="ternary", steps=4, ramp=0.5,
                                                                data=str(calibration_file), **SMALL))
     qconfig = json.loads((out / "config.json").read_text())["quantization_config"]
     (group,) = qconfig["config_groups"].values()
@@ -386,6 +406,7 @@ def test_bad_inputs_exit_2_and_write_nothing(w3_student, llama_dir, calibration_
         ([w3_student, "--teacher", llama_dir, "--train", "everything"], "--train"),
         ([w3_student, "--teacher", llama_dir, "--keep-adapter"], "needs --train lora"),
         ([w3_student, "--teacher", llama_dir, "--teacher-top-k", "100000"], "output rows"),
+        ([w3_student, "--teacher", llama_dir, "--ramp", "0.5"], "--ramp"),
     ]
     for args, message in cases:
         out = tmp_path / "out"
