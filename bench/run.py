@@ -314,12 +314,15 @@ DISTILL_MINUTES = "30"
 DISTILL_ROWS: list[tuple[str, str | None, list[str], list[str]]] = [
     # (row, student row or None for the dense model, the student's compress command, distill flags)
     ("gptq-w3g64-asym-kd-params", "gptq-w3g64-asym", _quant("gptq", 3, 64, False), ["--train", "params"]),
-    ("gptq-w3g64-asym-kd-scales", "gptq-w3g64-asym", _quant("gptq", 3, 64, False), ["--train", "scales"]),
+    ("gptq-w3g64-asym-kd-scales", "gptq-w3g64-asym", _quant("gptq", 3, 64, False),
+     ["--train", "scales", "--minutes", "15"]),
     ("gptq-w3g64-asym-kd-lora", "gptq-w3g64-asym", _quant("gptq", 3, 64, False), ["--train", "lora"]),
     ("gptq-w2g64-asym-kd-params", "gptq-w2g64-asym", _quant("gptq", 2, 64, False), ["--train", "params"]),
     ("sparsegpt-2of4-kd-params", "sparsegpt-2of4", _prune("sparsegpt", "2:4", False), ["--train", "params"]),
     ("pgf-2of4", None, [], ["--pattern", "2:4", "--schedule", "pgf"]),
-    ("ternary-b158", None, [], ["--format", "ternary", "--minutes", "20"]),
+    # ternary: a scale per row, the grid phased in over the first half, weights 5x the listed rate
+    # (40-step probes, held-out ppl: per tensor 12673, + ramp 15188, per row + 5x 10882, + ramp 5161)
+    ("ternary-b158", None, [], ["--format", "ternary", "--per-channel", "--ramp", "0.5", "--lr", "5"]),
 ]
 
 
@@ -371,11 +374,11 @@ def _measured_row(name: str) -> dict | None:
 
 def distill_markdown(rows: list[dict]) -> str:
     lines = ["# distill benchmark: SmolLM2-135M-Instruct (fp32 teacher), this machine", "",
-             f"`compress distill STUDENT --teacher dense --minutes {DISTILL_MINUTES} --data c4` (20 for "
-             "the ternary row; batch "
-             "4 x 512 tokens, KL at T=1, AdamW + cosine), then the quantize suite's evaluation (WikiText-2 "
-             "test, 32 x 2048; KL on 16 x 512 held-out tokens). Command: `python bench/run.py distill`. "
-             "Before = the student as compressed one-shot (the dense model for pgf / ternary rows).", "",
+             f"`compress distill STUDENT --teacher dense --minutes {DISTILL_MINUTES} --data c4 FLAGS` (FLAGS "
+             "per row below; batch 4 x 512 tokens, KL at T=1, AdamW + cosine), then the quantize suite's "
+             "evaluation (WikiText-2 test, 32 x 2048; KL on 16 x 512 held-out tokens). "
+             "Command: `python bench/run.py distill`. Before = the student as compressed one-shot "
+             "(the dense model for pgf / ternary rows).", "",
              "| run | ppl before | ppl after | KL before | KL after | top-1 after | bpw | tokens | train s "
              "| tokens/s | peak RSS MiB | precision |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -387,6 +390,8 @@ def distill_markdown(rows: list[dict]) -> str:
                      f"| {100 * row['top1']:.1f}% | {row['bpw']:.3f} | {row['tokens']} "
                      f"| {row['train_seconds']:.0f} "
                      f"| {row['tokens_per_second']:.0f} | {row['peak_rss_mb']:.0f} | {row['precision']} |")
+    flags = {name: " ".join(row_flags) for name, _, _, row_flags in DISTILL_ROWS}
+    lines += ["", "Flags per row:", ""] + [f"- {row['name']}: `{flags.get(row['name'], '')}`" for row in rows]
     lines += ["", "Held-out perplexity (C4's last 10% of documents, 8 x 512 tokens) as training goes, "
               "tokens: ppl:", ""]
     for row in rows:
