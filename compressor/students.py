@@ -137,7 +137,7 @@ class TernaryUnit:
         self.quantizer, self.per_channel, self.ramp = quantizer, per_channel, ramp
         self.params = {"weight": weight.detach().float().clone()}
         self.mask = None
-        self.mix = 0.0 if ramp > 0 else 1.0
+        self.update(0.0)
 
     def update(self, progress: float) -> None:
         """At `progress` (0..1) of training: how far the forward has moved onto the ternary grid."""
