@@ -318,6 +318,9 @@ DISTILL_ROWS: list[tuple[str, str | None, list[str], list[str]]] = [
      ["--train", "scales", "--minutes", "15"]),
     ("gptq-w3g64-asym-kd-lora", "gptq-w3g64-asym", _quant("gptq", 3, 64, False),
      ["--train", "lora", "--minutes", "15"]),
+    # The same student trained on WikiText-2 *validation* (the evaluation's domain, never its test text)
+    ("gptq-w3g64-asym-kd-params-wt2val", "gptq-w3g64-asym", _quant("gptq", 3, 64, False),
+     ["--train", "params", "--data", "wikitext2"]),
     ("gptq-w2g64-asym-kd-params", "gptq-w2g64-asym", _quant("gptq", 2, 64, False), ["--train", "params"]),
     ("sparsegpt-2of4-kd-params", "sparsegpt-2of4", _prune("sparsegpt", "2:4", False), ["--train", "params"]),
     ("pgf-2of4", None, [], ["--pattern", "2:4", "--schedule", "pgf"]),
@@ -339,8 +342,9 @@ def run_distill(model: Path, only: list[str] | None = None, resume: bool = False
         source = WORK / student if student else model
         done = WORK / name / "compress.json"
         length = [] if "--minutes" in flags else ["--minutes", DISTILL_MINUTES]
+        data = [] if "--data" in flags else ["--data", "c4"]
         made = json.loads(done.read_text()) if resume and done.is_file() else compress(
-            "distill", str(source), "--teacher", str(model), *flags, *length, "--data", "c4", "--seed", "0",
+            "distill", str(source), "--teacher", str(model), *flags, *length, *data, "--seed", "0",
             "--device", "cpu", "-o", str(WORK / name), "--overwrite")
         after = eval_row(model, name, {**made, "seconds": {"compress": made["distill"]["seconds"]}})
         before = _measured_row(student) or eval_row(
@@ -376,8 +380,8 @@ def _measured_row(name: str) -> dict | None:
 def distill_markdown(rows: list[dict]) -> str:
     lines = ["# distill benchmark: SmolLM2-135M-Instruct (fp32 teacher), this machine", "",
              f"`compress distill STUDENT --teacher dense --minutes {DISTILL_MINUTES} --data c4 FLAGS` (FLAGS "
-             "per row below; batch 4 x 512 tokens, KL at T=1, AdamW + cosine), then the quantize suite's "
-             "evaluation (WikiText-2 test, 32 x 2048; KL on 16 x 512 held-out tokens). "
+             "per row below, overriding; batch 4 x 512 tokens, KL at T=1, AdamW + cosine), then the quantize "
+             "suite's evaluation (WikiText-2 test, 32 x 2048; KL on 16 x 512 held-out tokens). "
              "Command: `python bench/run.py distill`. Before = the student as compressed one-shot "
              "(the dense model for pgf / ternary rows).", "",
              "| run | ppl before | ppl after | KL before | KL after | top-1 after | bpw | tokens | train s "
@@ -452,7 +456,10 @@ TASK_ROWS = [("gptq-w4g64-sym", _quant("gptq", 4, 64, True)), ("gptq-w3g64-sym",
              # Learned PTQ before / after (issue 19): the rows of the learned suite, compressed alike.
              ("gptq-w4g64-full-rot", [*_quant("gptq", 4, 64, True), "--full-range", "--rotate"]),
              ("gptq-w3g64-asym", _quant("gptq", 3, 64, False)),
-             ("gptq-w3g64-asym-rot", [*_quant("gptq", 3, 64, False), "--rotate"])]
+             ("gptq-w3g64-asym-rot", [*_quant("gptq", 3, 64, False), "--rotate"]),
+             # Distillation before / after (issue 20); None: a row of the distill suite, trained there.
+             ("gptq-w3g64-asym-kd-params", None),
+             ("sparsegpt-2of4", _prune("sparsegpt", "2:4", False)), ("sparsegpt-2of4-kd-params", None)]
 TASK_LIMIT = "quick"  # 200 per task; MMLU 285; FreebaseQA, TriviaQA 100; CNN, Vicuna-80 5
 
 
@@ -462,7 +469,10 @@ def run_tasks(model: Path, only: list[str] | None = None) -> str:
         if only and name not in only:
             continue
         if not (WORK / name / "compress.json").is_file():
-            (WORK / f"{name}.made.json").write_text(json.dumps(compress_row(model, name, command)))
+            if command is None:
+                run_distill(model, [name])
+            else:
+                (WORK / f"{name}.made.json").write_text(json.dumps(compress_row(model, name, command)))
         results[name] = compress("eval", str(WORK / name), "--baseline", str(model), "--tasks",
                                  "kick,zeroshot", "--limit", TASK_LIMIT, "--batch-size", "4",
                                  "--report", str(WORK / "tasks" / name))
