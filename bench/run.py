@@ -397,7 +397,8 @@ def distill_markdown(rows: list[dict]) -> str:
                      f"| {row['tokens_per_second']:.0f} | {row['peak_rss_mb']:.0f} | {row['precision']} |")
     flags = {name: " ".join(row_flags) for name, _, _, row_flags in DISTILL_ROWS}
     lines += ["", "Flags per row:", ""] + [f"- {row['name']}: `{flags.get(row['name'], '')}`" for row in rows]
-    lines += ["", "Held-out perplexity (C4's last 10% of documents, 8 x 512 tokens) as training goes, "
+    lines += ["", "Held-out perplexity as training goes (8 x 512 tokens of the training source kept aside: "
+              "C4's last 10% of documents; for --data wikitext2 the validation split's last 10%), "
               "tokens: ppl:", ""]
     for row in rows:
         curve = ", ".join(f"{tokens}: {ppl:.2f}" for tokens, ppl in row["heldout_curve"])
