@@ -6,7 +6,10 @@ calibration text (../shared/docs/ALGORITHMS-2.md, section E). Per window, as LLM
 
     a first token drawn uniformly from the vocabulary (special tokens excluded),
     the next 3 to 5 tokens greedy (how many: drawn per window),
-    the rest sampled: temperature 1, top-k 50 (Hugging Face's default), up to the window length.
+    the rest sampled: temperature 1.2, top-k 50 (Hugging Face's default), up to the window length.
+
+LLM-QAT samples at temperature 1; on SmolLM2-135M (GPTQ W4 g64, WikiText-2) 1.2 measured better
+(29.50 against 30.10 at 1 and 30.87 at 0.8; C4 windows 28.74): more varied text, a better Hessian.
 
 Special tokens (end of text, chat markers) are never sampled, so every window is `seqlen` tokens of
 running text. Everything is drawn from one seeded torch.Generator per batch of windows: the same
@@ -28,12 +31,12 @@ from compressor.errors import CompressorError
 from compressor.files import atomic_write, cache_dir
 
 SELF = "self"
-VERSION = 1  # bump when the generation changes: cached windows of older versions are not reused
+VERSION = 2  # bump when the generation changes: cached windows of older versions are not reused
 
 
 @dataclass(frozen=True)
 class SelfTextSettings:
-    temperature: float = 1.0
+    temperature: float = 1.2
     top_k: int = 50
     greedy_min: int = 3  # tokens after the first that are greedy, drawn in [greedy_min, greedy_max]
     greedy_max: int = 5
