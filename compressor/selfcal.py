@@ -31,7 +31,7 @@ from compressor.errors import CompressorError
 from compressor.files import atomic_write, cache_dir
 
 SELF = "self"
-VERSION = 2  # bump when the generation changes: cached windows of older versions are not reused
+VERSION = 1  # bump when the generation changes: cached windows of older versions are not reused
 
 
 @dataclass(frozen=True)
