@@ -8,8 +8,10 @@ calibration text (../shared/docs/ALGORITHMS-2.md, section E). Per window, as LLM
     the next 3 to 5 tokens greedy (how many: drawn per window),
     the rest sampled: temperature 1.2, top-k 50 (Hugging Face's default), up to the window length.
 
-LLM-QAT samples at temperature 1; on SmolLM2-135M (GPTQ W4 g64, WikiText-2) 1.2 measured better
-(29.50 against 30.10 at 1 and 30.87 at 0.8; C4 windows 28.74): more varied text, a better Hessian.
+LLM-QAT samples at temperature 1; on SmolLM2-135M (GPTQ W4 g64, WikiText-2) 1.2 measured best
+(29.80 against 30.87 at 0.8, 30.10 at 1 and 30.18 at 1.5; C4 windows 28.74; the KL to the dense
+model on WikiText-2 validation orders them alike): more varied text gives a better Hessian, until
+sampling turns to noise.
 
 Special tokens (end of text, chat markers) are never sampled, so every window is `seqlen` tokens of
 running text. Everything is drawn from one seeded torch.Generator per batch of windows: the same
