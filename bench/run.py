@@ -131,14 +131,15 @@ SUITES: dict[str, list[tuple[str, list[str]]]] = {
         for suffix, extra in (("", []), ("-rot", ["--rotate"]), ("-rec", ["--reconstruct"]),
                               ("-rot-rec", ["--rotate", "--reconstruct"]), ("-awq", ["--awq"]),
                               ("-rot-awq", ["--rotate", "--awq"]),
-                              # the range of each group searched for the least rounding error
+                              # each group's range searched for the least (input-weighted) rounding error
                               ("-rot-mse", ["--rotate", "--mse"]),
                               ("-rot-awq-mse", ["--rotate", "--awq", "--mse"]))
     ] + [(f"nvfp4-gptq{suffix}", ["quantize", "--format", "nvfp4", "--method", "gptq", *extra])
          for suffix, extra in (("-rot", ["--rotate"]),)
-    ] + [(f"sparsegpt-{pattern.replace(':', 'of')}-rec",
-          [*_prune("sparsegpt", pattern, False), "--reconstruct"])
+    ] + [(f"sparsegpt-{pattern.replace(':', 'of')}-rec{suffix}",
+          [*_prune("sparsegpt", pattern, False), "--reconstruct", *extra])
          for pattern in ("2:4", "0.5")
+         for suffix, extra in (("", []), ("-iters100", ["--reconstruct-iters", "100"]))
     ] + [(f"gptq-{label}-rot-rec-init", ["run", str(HERE / recipe)])
          for label, recipe in (("w4g64-sym", "w4-rotate-gptq-reconstruct-init.yaml"),
                                ("w2g64-asym", "w2-asym-rotate-gptq-reconstruct-init.yaml"))
@@ -462,9 +463,10 @@ def run_infer(model: Path) -> str:
 TASK_ROWS = [("gptq-w4g64-sym", _quant("gptq", 4, 64, True)), ("gptq-w3g64-sym", _quant("gptq", 3, 64, True)),
              ("wanda-2of4", _prune("wanda", "2:4", False)),
              # Learned PTQ before / after (issue 19): the rows of the learned suite, compressed alike.
-             ("gptq-w4g64-full-rot", [*_quant("gptq", 4, 64, True), "--full-range", "--rotate"]),
+             ("gptq-w4g64-full-rot-awq-mse",
+              [*_quant("gptq", 4, 64, True), "--full-range", "--rotate", "--awq", "--mse"]),
              ("gptq-w3g64-asym", _quant("gptq", 3, 64, False)),
-             ("gptq-w3g64-asym-rot", [*_quant("gptq", 3, 64, False), "--rotate"]),
+             ("gptq-w3g64-asym-rot-mse", [*_quant("gptq", 3, 64, False), "--rotate", "--mse"]),
              # Distillation before / after (issue 20); None: a row of the distill suite, trained there.
              ("gptq-w3g64-asym-kd-params", None),
              ("sparsegpt-2of4", _prune("sparsegpt", "2:4", False)),

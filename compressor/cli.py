@@ -248,7 +248,9 @@ def quantize(
     act_order: bool = typer.Option(
         True, "--act-order/--no-act-order",
         help="GPTQ: quantize columns by descending Hessian diagonal (static groups)."),
-    mse: bool = typer.Option(False, "--mse", help="Search a shrunken range per group (slower)."),
+    mse: bool = typer.Option(
+        False, "--mse", help="Search a shrunken range per group for the least rounding error (GPTQ weighs "
+                             "each column's error by its input's mean square; slower)."),
     damp: float = typer.Option(0.01, "--damp", help="GPTQ damping, fraction of mean(diag H)."),
     awq: bool = typer.Option(
         False, "--awq",

@@ -117,28 +117,38 @@ def _params_from_range(
 
 
 def choose_qparams(
-    w: torch.Tensor, grid: IntGrid, scale_dtype: torch.dtype | None = None
+    w: torch.Tensor, grid: IntGrid, scale_dtype: torch.dtype | None = None,
+    importance: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scales and zeros [rows, groups] (float32) for w[rows, cols] under `grid`."""
+    """Scales and zeros [rows, groups] (float32) for w[rows, cols] under `grid`.
+
+    `importance` [cols] (with `grid.mse`): how much each column's rounding error counts in the range
+    search, e.g. the diagonal of the layer's input Hessian (the mean square of each input), which
+    is what that error costs the layer's output; None counts every column alike."""
     scale_dtype = scale_dtype or w.dtype
     w = w.float()
     width = grid.group_width(w.shape[1])
     xmin, xmax = group_min_max(w, width)
     scale, zero = _params_from_range(xmin, xmax, grid, scale_dtype)
     if grid.mse:
-        scale, zero = _mse_search(w, xmin, xmax, scale, zero, grid, scale_dtype)
+        scale, zero = _mse_search(w, xmin, xmax, scale, zero, grid, scale_dtype, importance)
     return scale, zero
 
 
-def _mse_search(w, xmin, xmax, scale, zero, grid, scale_dtype, steps=100, max_shrink=0.8, norm=2.4):
-    """GPTQ's optional range search: shrink [xmin, xmax] while the rounding error (|err|^2.4) drops."""
+def _mse_search(w, xmin, xmax, scale, zero, grid, scale_dtype, importance=None, steps=100, max_shrink=0.8,
+                norm=2.4):
+    """GPTQ's optional range search: shrink [xmin, xmax] while the rounding error (|err|^2.4, each
+    column's weighted by its importance) drops."""
     width = grid.group_width(w.shape[1])
-    index = group_index(w.shape[1], width)
+    index = group_index(w.shape[1], width).to(w.device)
+    weights = None if importance is None else importance.float().to(w.device)
     best = torch.full_like(scale, float("inf"))
     for i in range(int(max_shrink * steps)):
         p = 1 - i / steps
         s, z = _params_from_range(p * xmin, p * xmax, grid, scale_dtype)
         err = (fake_quantize(w, s, z, grid) - w).abs().pow(norm)
+        if weights is not None:
+            err = err * weights
         err = torch.zeros_like(best).index_add_(1, index, err)
         better = err < best
         best = torch.where(better, err, best)

@@ -153,3 +153,25 @@ def test_the_pass_keeps_the_solvers_weights_not_a_rounding_of_the_originals(act_
     baseline = LinearState("l", weight.clone(), torch.float32)
     rtn.compress(baseline, None, {"bits": 3, "group_size": 32, "symmetric": False})
     assert output_error(x, weight, ours.weight) < 0.85 * output_error(x, weight, baseline.weight)
+
+
+@pytest.mark.parametrize("act_order", [True, False])
+def test_range_search_is_weighted_by_the_hessian_diagonal(act_order):
+    # --mse in GPTQ: each group's range is searched for the least rounding error weighted by its
+    # inputs' mean squares. With act-order the ranges are fitted once on the original weights;
+    # without, the first group (fitted before any error feedback reaches it) sees them too.
+    torch.manual_seed(5)
+    x = correlated_inputs(width=64, seed=5)
+    x[:, 9] *= 20  # one loud input
+    weight = torch.randn(16, 64)
+    weight[:, 9] *= 4
+    hessian = 2 * x.T @ x / x.shape[0]
+    grid = IntGrid(bits=3, group_size=32, symmetric=False, mse=True)
+    result = solve(weight, hessian, grid, GPTQOptions(act_order=act_order))
+    scale, zero = grids.choose_qparams(weight, grid, torch.float32, hessian.diagonal())
+    plain_scale, _ = grids.choose_qparams(weight, grid, torch.float32)
+    torch.testing.assert_close(result.scale[:, 0], scale[:, 0])
+    assert not torch.allclose(scale[:, 0], plain_scale[:, 0])  # the weighting changed the choice
+    if act_order:
+        torch.testing.assert_close(result.scale, scale)
+        torch.testing.assert_close(result.zero, zero)

@@ -108,3 +108,51 @@ def test_mse_search_never_worse_than_minmax():
         s, z = grids.choose_qparams(w, grid)
         err[grid.mse] = (grids.fake_quantize(w, s, z, grid) - w).abs().pow(2.4).sum().item()
     assert err[True] < err[False]
+
+
+def reference_weighted_range_search(w, grid, importance, steps=100, max_shrink=0.8, norm=2.4):
+    """Per group, every shrink factor tried in turn; the one of least importance-weighted error kept."""
+    width = grid.group_width(w.shape[1])
+    scales = []
+    for start in range(0, w.shape[1], width):
+        x, weights = w[:, start:start + width], importance[start:start + width]
+        one = IntGrid(bits=grid.bits, group_size=0, symmetric=grid.symmetric)
+        best_err, best_scale = torch.full((w.shape[0],), float("inf")), None
+        for i in range(int(max_shrink * steps)):
+            p = 1 - i / steps
+            lo, hi = p * x.min(1).values.clamp(max=0), p * x.max(1).values.clamp(min=0)
+            s, z = grids._params_from_range(lo[:, None], hi[:, None], one, torch.float32)
+            err = ((grids.fake_quantize(x, s, z, one) - x).abs().pow(norm) * weights).sum(1)
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best_scale = s[:, 0] if best_scale is None else torch.where(better, s[:, 0], best_scale)
+        scales.append(best_scale)
+    return torch.stack(scales, 1)
+
+
+@pytest.mark.parametrize("symmetric, group", [(False, 16), (True, 24)])  # 24: a ragged last group
+def test_importance_weighted_range_search_matches_a_per_group_loop(symmetric, group):
+    torch.manual_seed(3)
+    w = torch.randn(6, 64)
+    w[:, 3] *= 6
+    importance = torch.rand(64) ** 4 * 10  # a few columns dominate, as activations' mean squares do
+    grid = IntGrid(bits=3, group_size=group, symmetric=symmetric, mse=True)
+    scale, _ = grids.choose_qparams(w, grid, torch.float32, importance)
+    torch.testing.assert_close(scale, reference_weighted_range_search(w, grid, importance))
+
+
+def test_importance_weighted_range_search_keeps_the_important_column():
+    torch.manual_seed(4)
+    w = torch.randn(16, 64)
+    w[:, 5] *= 8  # an outlier column: the unweighted search clips it to spare the other 63
+    importance = torch.full((64,), 0.01)
+    importance[5] = 100.0  # ... but it is the input the layer's output depends on
+    grid = IntGrid(bits=3, group_size=64, symmetric=False, mse=True)
+    errors = {}
+    for name, weights in (("plain", None), ("weighted", importance)):
+        s, z = grids.choose_qparams(w, grid, torch.float32, weights)
+        errors[name] = ((grids.fake_quantize(w, s, z, grid) - w).abs().pow(2.4) * importance).sum().item()
+    assert errors["weighted"] < 0.5 * errors["plain"]
+    # Equal importance everywhere is the unweighted search.
+    s_even, _ = grids.choose_qparams(w, grid, torch.float32, torch.full((64,), 3.0))
+    torch.testing.assert_close(s_even, grids.choose_qparams(w, grid, torch.float32)[0])
