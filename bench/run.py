@@ -133,20 +133,29 @@ SUITES: dict[str, list[tuple[str, list[str]]]] = {
                               ("-rot-awq", ["--rotate", "--awq"]),
                               # each group's range searched for the least (input-weighted) rounding error
                               ("-rot-mse", ["--rotate", "--mse"]),
-                              ("-rot-awq-mse", ["--rotate", "--awq", "--mse"]))
-    ] + [(f"nvfp4-gptq{suffix}", ["quantize", "--format", "nvfp4", "--method", "gptq", *extra])
-         for suffix, extra in (("-rot", ["--rotate"]),)
+                              ("-rot-awq-mse", ["--rotate", "--awq", "--mse"]),
+                              ("-rot-mse-rec", ["--rotate", "--mse", "--reconstruct"]))
+    ] + [(f"{fmt}-gptq{suffix}", ["quantize", "--format", fmt, "--method", "gptq", *extra])
+         for fmt in ("nvfp4", "mxfp4")
+         for suffix, extra in (("-rot", ["--rotate"]), ("-rec", ["--reconstruct"]),
+                               ("-rot-rec", ["--rotate", "--reconstruct"]))
     ] + [(f"sparsegpt-{pattern.replace(':', 'of')}-rec{suffix}",
           [*_prune("sparsegpt", pattern, False), "--reconstruct", *extra])
          for pattern in ("2:4", "0.5")
-         for suffix, extra in (("", []), ("-iters100", ["--reconstruct-iters", "100"]))
+         # 50 steps (the rows made first, before sparsify's default became 200: -iters200)
+         for suffix, extra in (("", ["--reconstruct-iters", "50"]),
+                               ("-iters100", ["--reconstruct-iters", "100"]),
+                               ("-iters200", ["--reconstruct-iters", "200"]))
     ] + [(f"gptq-{label}-rot-rec-init", ["run", str(HERE / recipe)])
          for label, recipe in (("w4g64-sym", "w4-rotate-gptq-reconstruct-init.yaml"),
                                ("w2g64-asym", "w2-asym-rotate-gptq-reconstruct-init.yaml"))
     ] + [("gptq-w4g64-sym-rot-rec-compressed-targets",
           ["run", str(HERE / "w4-rotate-gptq-reconstruct-compressed-targets.yaml")]),
          ("gptq-w4g64-full-rot-awq-rec-lr005",
-          ["run", str(HERE / "w4-full-rotate-awq-gptq-reconstruct-lr005.yaml")])],
+          ["run", str(HERE / "w4-full-rotate-awq-gptq-reconstruct-lr005.yaml")]),
+         # issue 22's self-calibration goal (within 3% of C4) on the best one-shot W4 g64 recipe
+         ("gptq-w4g64-sym-rot-mse-selfcal",
+          [*_quant("gptq", 4, 64, True), "--rotate", "--mse", "--calibration", "self"])],
     # Per-layer sparsity at equal total sparsity: uniform SparseGPT, LIM / ZD (+-10% by importance),
     # EvoPress over SparseGPT levels.
     "search-sparsity": [

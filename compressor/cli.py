@@ -146,7 +146,8 @@ ReconstructTrainOpt = typer.Option(
          "full (Block-AP: the weights themselves under fake quantization) or scales (codes kept: "
          "ranges and zero points only).")
 ReconstructItersOpt = typer.Option(None, "--reconstruct-iters", min=1, show_default=False,
-                                   help="--reconstruct steps per block (default 50; --method ptq161: 100).")
+                                   help="--reconstruct steps per block (default 50; sparsify: 200; "
+                                        "--method ptq161: 100).")
 TargetOpt = typer.Option(
     "any", "--target",
     help="The engine the checkpoint must suit: any (group/channel layouts, stock transformers loads "

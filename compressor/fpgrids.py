@@ -122,15 +122,22 @@ def fp_round(x: torch.Tensor, fmt: FloatFormat, bias: torch.Tensor | float) -> t
     return fp_dequantize(fp_quantize(x, fmt, bias), fmt, bias)
 
 
+def fp_step(x: torch.Tensor, fmt: FloatFormat, bias: torch.Tensor | float) -> torch.Tensor:
+    """The grid's spacing where x lies (x clamped to the largest value), in x's dtype: the unit
+    in which a learned rounding offset moves x (compressor.passes.reconstruct)."""
+    bias = torch.as_tensor(bias, dtype=x.dtype, device=x.device)
+    top = (2 - 2.0**-fmt.mantissa) * torch.exp2((2**fmt.exponent - 1) - bias)
+    binade = torch.floor(torch.log2(torch.minimum(x.abs(), top)) + bias).clamp_(min=1)
+    return torch.exp2(binade - fmt.mantissa - bias)
+
+
 def fp_round_fast(x: torch.Tensor, fmt: FloatFormat, bias: torch.Tensor | float) -> torch.Tensor:
     """fp_round in x's dtype without building codes: for searches and simulated activations.
     Agrees with fp_round except at float32 rounding of exact ties."""
     bias = torch.as_tensor(bias, dtype=x.dtype, device=x.device)
     top = (2 - 2.0**-fmt.mantissa) * torch.exp2((2**fmt.exponent - 1) - bias)
-    magnitude = torch.minimum(x.abs(), top)
-    binade = torch.floor(torch.log2(magnitude) + bias).clamp_(min=1)
-    step = torch.exp2(binade - fmt.mantissa - bias)
-    return torch.copysign(torch.round(magnitude / step) * step, x)
+    step = fp_step(x, fmt, bias)
+    return torch.copysign(torch.round(torch.minimum(x.abs(), top) / step) * step, x)
 
 
 # --- block-scaled E2M1: NVFP4 and MXFP4 -------------------------------------------------------

@@ -61,8 +61,13 @@ def _step_args(raw) -> dict:
     return {k: v for k, v in raw.items() if k not in STEP_KEYS}
 
 
-# Sub-group passes whose result a block pass can learn: integer grids, PTQ1.61's numbers, sparse masks.
-LEARNABLE = {"rtn", "gptq", "ptq161", "magnitude", "wanda", "sparsegpt", "dsnot"}
+# Sub-group passes whose result a block pass can learn: integer and 4-bit float grids, PTQ1.61's
+# numbers, sparse masks (fp4 only without act_bits: a quantized input's shift is in the stored columns).
+LEARNABLE = {"rtn", "gptq", "fp4", "ptq161", "magnitude", "wanda", "sparsegpt", "dsnot"}
+
+
+def _learnable(raw: dict) -> bool:
+    return raw["method"] in LEARNABLE and not (raw["method"] == "fp4" and raw.get("act_bits") is not None)
 
 
 def validate_recipe(passes: list[dict]) -> None:
@@ -71,13 +76,12 @@ def validate_recipe(passes: list[dict]) -> None:
         args = _step_args(raw)
         get_pass(raw["method"]).validate(args)
         if scope_of(raw["method"]) == Scope.BLOCK:
-            before = {p["method"] for p in passes[:index]}
-            if not before & LEARNABLE:
-                found = ", ".join(sorted(before)) or "no pass"
+            if not any(_learnable(p) for p in passes[:index]):
+                found = ", ".join(sorted({p["method"] for p in passes[:index]})) or "no pass"
                 raise CompressorError(
-                    f"{raw['method']} has nothing to learn after {found}: it refines an integer "
-                    "quantization (gptq, rtn, ptq161) or a sparse mask (magnitude, wanda, sparsegpt) "
-                    "before it")
+                    f"{raw['method']} has nothing to learn after {found}: it refines an integer or "
+                    "4-bit float quantization (gptq, rtn, fp4 without act_bits, ptq161) or a sparse "
+                    "mask (magnitude, wanda, sparsegpt) before it")
 
 
 def decoder_block_names(model) -> list[str]:

@@ -102,6 +102,85 @@ def test_learned_quantizer_starts_exactly_at_gptq_or_at_rtn():
     assert torch.equal(quant.codes, grids.quantize(weight, result.scale, result.zero, grid))
 
 
+FLOAT_FORMATS = [{"format": "nvfp4"}, {"format": "mxfp4"}, {"format": "fp4", "group_size": 32},
+                 {"format": "e2m1"}]
+
+
+@pytest.mark.parametrize("fp4", FLOAT_FORMATS, ids=lambda f: f["format"])
+def test_float_grids_are_learned_on_their_own_grid(fp4):
+    """4-bit float layers: the block error drops below the one-shot rounding's, and the records hold
+    codes and scales in the format's own storage (NVFP4's scales on FP8 E4M3, MXFP4's powers of two
+    untouched) that dequantize to exactly the weights the model computes with."""
+    from compressor.passes.fp4 import dequantize
+
+    ids = _ids()
+    step = {"method": "fp4", **fp4}
+    dense, plain, learned = make_model("llama"), make_model("llama"), make_model("llama")
+    plain_records = compress_model(plain, build_plan(plain, [step]), ids, batch_size=4)
+    records = compress_model(learned, build_plan(learned, [step, {**RECONSTRUCT, "iters": 60}]), ids,
+                             batch_size=4)
+    assert _block0_error(dense, learned, ids) < 0.97 * _block0_error(dense, plain, ids)
+    for name, state in records.items():
+        quant, before = state.quant, plain_records[name].quant
+        assert state.metrics["block_error_after"] <= state.metrics["block_error_before"]
+        assert torch.equal(dequantize(quant), learned.get_submodule(name).weight.data)
+        if fp4["format"] == "nvfp4":
+            assert torch.equal(quant.scale, quant.scale.to(torch.float8_e4m3fn).float())
+            assert torch.equal(quant.global_scale, before.global_scale)
+        if fp4["format"] == "mxfp4":
+            assert torch.equal(quant.scale, before.scale)
+        if fp4["format"] == "fp4" and ".layers.0." in name:  # each row keeps its searched format
+            assert torch.equal(quant.row_format, before.row_format)
+
+
+@pytest.mark.parametrize("train", ["full", "scales"])
+def test_nvfp4_weights_or_scales_are_learned(train):
+    from compressor.passes.fp4 import dequantize
+
+    ids = _ids()
+    step = {"method": "fp4", "format": "nvfp4"}
+    dense, plain, learned = make_model("qwen2"), make_model("qwen2"), make_model("qwen2")
+    plain_records = compress_model(plain, build_plan(plain, [step]), ids, batch_size=4)
+    records = compress_model(learned, build_plan(learned, [step, {**RECONSTRUCT, "train": train}]), ids,
+                             batch_size=4)
+    assert _block0_error(dense, learned, ids) < 0.97 * _block0_error(dense, plain, ids)
+    for name, state in records.items():
+        assert torch.equal(dequantize(state.quant), learned.get_submodule(name).weight.data)
+        if train == "scales":  # every code stays, whatever the block's inputs
+            assert torch.equal(state.quant.codes, plain_records[name].quant.codes)
+
+
+def test_learned_float_rounding_starts_at_round_to_nearest():
+    """Untouched, the learned NVFP4 quantizer gives the one-shot pass's codes and weight; an offset of
+    +-0.5 of the local spacing moves a value to the neighbouring code on E2M1's uneven grid."""
+    from compressor import fpgrids
+    from compressor.passes import FloatWeight
+    from compressor.passes.fp4 import dequantize
+    from compressor.passes.reconstruct import LearnedFloat
+
+    torch.manual_seed(0)
+    weight = torch.randn(8, 64)
+    weight[3, 16:32] = 0  # an all-zero block: scale 0, codes +0, no NaN
+    scale, global_scale = fpgrids.nvfp4_qparams(weight)
+    codes = fpgrids.block_quantize(weight, scale / global_scale)
+    quant = FloatWeight(fpgrids.float_grid("nvfp4"), codes, scale, global_scale)
+    state = LinearState(name="w", weight=None, dtype=torch.float32, quant=quant)
+    unit = LearnedFloat(state, weight, "rounding")
+    final, learned = unit.final(torch.float32)
+    assert torch.equal(learned.codes, codes) and torch.equal(final, dequantize(quant))
+    assert scale[3, 1] == 0 and bool(unit.weight().isfinite().all())
+    units = unit.latent.abs()
+    spacing = torch.where(units < 2, 0.5, torch.where(units < 4, 1.0, 2.0))  # E2M1: 0 .5 1 1.5 2 3 4 6
+    assert torch.equal(unit.spacing, spacing)
+    with torch.no_grad():
+        unit.params["offset"].fill_(0.5)
+    values = fpgrids.fp_dequantize(unit.final(torch.float32)[1].codes, fpgrids.E2M1, 1.0)
+    up = fpgrids.fp_dequantize(codes, fpgrids.E2M1, 1.0)
+    inside = unit.latent.abs() < 5.5  # below the top code's rounding boundary
+    # every value moved up by about half a step: never down, and to a higher code where it was past mid-step
+    assert bool((values[inside] >= up[inside]).all()) and bool((values > up).any())
+
+
 def test_sparse_masks_hold_and_survivors_are_learned():
     model = make_model("qwen2")
     prune = {"method": "sparsegpt", "pattern": "2:4"}
@@ -162,19 +241,23 @@ def test_block_pass_sees_dense_targets_and_compressed_inputs():
     assert reconstruct.SCOPE == Scope.BLOCK
 
 
-def test_checkpoint_loads_in_transformers_with_the_learned_weights(llama_dir, calibration_file, tmp_path):
-    """The checkpoint holds what was learned: transformers' logits equal those of the same run made
-    in memory, and differ from plain GPTQ's."""
+@pytest.mark.parametrize("init", [GPTQ_W3, {"method": "fp4", "format": "nvfp4", "gptq": True}],
+                         ids=["int3", "nvfp4"])
+def test_checkpoint_loads_in_transformers_with_the_learned_weights(llama_dir, calibration_file, tmp_path,
+                                                                   init):
+    """The checkpoint holds what was learned: transformers' logits (compressed-tensors' loader) equal
+    those of the same run made in memory, and differ from the initialising pass's alone."""
     from transformers import AutoModelForCausalLM
 
     from compressor import data
     from compressor.model import load_model
 
     out = tmp_path / "rec"
-    recipe = {"passes": [GPTQ_W3, RECONSTRUCT]}
+    recipe = {"passes": [init, RECONSTRUCT]}
     manifest = run_compression(ModelSource(str(llama_dir)), recipe, out,
                                Calibration(str(calibration_file), 6, 32, batch_size=2), "cpu").manifest
-    assert all(m["methods"] == ["gptq", "reconstruct"] for m in manifest["modules"].values())
+    methods = ["fp4+gptq" if init["method"] == "fp4" else "gptq", "reconstruct"]
+    assert all(m["methods"] == methods for m in manifest["modules"].values())
     loaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
 
     def in_memory(passes):
@@ -187,7 +270,7 @@ def test_checkpoint_loads_in_transformers_with_the_learned_weights(llama_dir, ca
     with torch.no_grad():
         got = loaded(ids).logits
         torch.testing.assert_close(got, in_memory(recipe["passes"])(ids).logits, rtol=1e-4, atol=1e-4)
-        assert not torch.allclose(got, in_memory([GPTQ_W3])(ids).logits, rtol=1e-3, atol=1e-3)
+        assert not torch.allclose(got, in_memory([init])(ids).logits, rtol=1e-3, atol=1e-3)
 
 
 def test_resume_with_the_dense_stream_gives_the_uninterrupted_checkpoint(llama_dir, calibration_file,
@@ -221,8 +304,9 @@ def test_resume_with_the_dense_stream_gives_the_uninterrupted_checkpoint(llama_d
 def test_nothing_to_learn_is_refused():
     with pytest.raises(CompressorError, match="nothing to learn"):
         validate_recipe([{"method": "reconstruct"}])
-    with pytest.raises(CompressorError, match="nothing to learn after fp4"):
-        validate_recipe([{"method": "fp4", "format": "nvfp4"}, {"method": "reconstruct"}])
+    with pytest.raises(CompressorError, match="nothing to learn after fp4"):  # its inputs are quantized
+        validate_recipe([{"method": "fp4", "format": "e2m1", "act_bits": 8}, {"method": "reconstruct"}])
+    validate_recipe([{"method": "fp4", "format": "nvfp4"}, {"method": "reconstruct"}])
     with pytest.raises(CompressorError, match="train must be one of"):
         validate_recipe([GPTQ_W3, {"method": "reconstruct", "train": "everything"}])
     with pytest.raises(CompressorError, match="unknown setting"):
@@ -232,7 +316,8 @@ def test_nothing_to_learn_is_refused():
 
 
 @pytest.mark.parametrize("args, message", [
-    (["quantize", "--reconstruct", "--format", "nvfp4"], "keeps its float grid"),
+    (["quantize", "--reconstruct", "--format", "e2m1", "--act-bits", "8"], "inputs are quantized too"),
+    (["quantize", "--reconstruct", "--format", "mxfp4", "--reconstruct-train", "scales"], "nothing to learn"),
     (["quantize", "--reconstruct-iters", "5"], "need --reconstruct"),
     (["sparsify", "--pattern", "2:4", "--reconstruct", "--sparsity", "0.5"], "exactly one"),
 ])
@@ -244,11 +329,13 @@ def test_cli_refuses_with_one_line(args, message, llama_dir, tmp_path, capsys, m
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("layout", [["--bits", "3", "--group-size", "32", "--asym"], ["--format", "mxfp4"]],
+                         ids=["int3", "mxfp4"])
 def test_cli_quantize_with_reconstruct(llama_dir, calibration_file, tmp_path, capsys, monkeypatch,
-                                       isolated_cache):
+                                       isolated_cache, layout):
     out = tmp_path / "w3r"
     code, stdout, stderr = run_cli(
-        ["quantize", llama_dir, "--bits", "3", "--group-size", "32", "--asym", "--reconstruct",
+        ["quantize", llama_dir, *layout, "--reconstruct",
          "--reconstruct-iters", "5", "--calibration", calibration_file, "--samples", "4", "--seqlen", "32",
          "-o", out, "--json"], capsys, monkeypatch)
     assert code == 0, stderr
@@ -316,3 +403,14 @@ def test_norm_tuning_learns_the_gains_and_never_raises_the_error():
         assert state.metrics["block_error_after"] <= state.metrics["block_error_before"]
     with pytest.raises(CompressorError, match="unknown setting"):
         validate_recipe([GPTQ_W3, {**RECONSTRUCT, "norm": True}])
+
+
+def test_sparsify_learns_longer_by_default():
+    """Pruning alone gets 200 steps per block unless told (quantization keeps AutoRound's 50)."""
+    from compressor.recipes import quantize_job, sparsify_job
+
+    job = sparsify_job(pattern="2:4", method="sparsegpt", reconstruct=True)
+    assert job.recipe["passes"][-1]["iters"] == 200
+    assert sparsify_job(sparsity=0.5, method="sparsegpt", reconstruct=True,
+                        reconstruct_iters=20).recipe["passes"][-1]["iters"] == 20
+    assert quantize_job(bits=4, reconstruct=True).recipe["passes"][-1]["iters"] == 50

@@ -17,14 +17,16 @@ What is learned, by `train`:
               and column's numbers of PTQ1.61's layout (compressor.binarygrids), by Adam. PTQ1.61's
               layers are learned this way whatever `train` says (their signs have no rounding)
 
-A pruned linear keeps its mask exactly; in a sparse linear that is not quantized, the surviving
-weights are learned (Adam). Rounding goes through the straight-through estimator. The forwards run
-in bfloat16 autocast on CUDA and on CPUs with native bf16 (AMX/AVX512-BF16; elsewhere bf16 is
-emulated and ~7x slower than float32, so `bf16: auto` keeps float32); parameters, the loss and the
-final rounding are float32. Each step learns from `batch` calibration windows (AutoRound's light
-recipe: 4 windows, 50 steps). The result is kept only where it lowers the block's error on
-all calibration windows (evaluated in float32): reconstruction never leaves a block worse than
-its initialisation.
+4-bit float grids (NVFP4, MXFP4, LLM-FP4, E2M1) are learned on their own grid (LearnedFloat): the
+rounding offset is in units of the grid's local spacing, NVFP4's block scales stay on FP8 and
+MXFP4's on powers of two. A pruned linear keeps its mask exactly; in a sparse linear that is not
+quantized, the surviving weights are learned (Adam). Rounding goes through the straight-through
+estimator. The forwards run in bfloat16 autocast on CUDA and on CPUs with native bf16
+(AMX/AVX512-BF16; elsewhere bf16 is emulated and ~7x slower than float32, so `bf16: auto` keeps
+float32); parameters, the loss and the final rounding are float32. Each step learns from `batch`
+calibration windows (AutoRound's light recipe: 4 windows, 50 steps). The result is kept only where
+it lowers the block's error on all calibration windows (evaluated in float32): reconstruction never
+leaves a block worse than its initialisation.
 """
 
 from __future__ import annotations
@@ -35,10 +37,11 @@ from dataclasses import dataclass
 import torch
 from torch.func import functional_call
 
-from compressor import binarygrids, grids
+from compressor import binarygrids, fpgrids, grids
 from compressor.errors import CompressorError
+from compressor.fpgrids import E2M1
 from compressor.model import block_linears
-from compressor.passes import BinaryWeight, LinearState, QuantizedWeight, Scope, check_keys
+from compressor.passes import BinaryWeight, FloatWeight, LinearState, QuantizedWeight, Scope, check_keys
 from compressor.pipeline import BlockData, batch_rows
 
 SCOPE = Scope.BLOCK
@@ -225,6 +228,137 @@ class LearnedLinear:
         return grids.dequantize(codes, scale, zero, self.grid, dtype), quant
 
 
+class LearnedFloat:
+    """A 4-bit float layer (NVFP4, MXFP4, LLM-FP4, E2M1: compressor.fpgrids) learned on its own grid,
+    as AutoRound does for MXFP4/NVFP4. In grid units u = w / s (s the block's effective scale):
+
+        rounding  u = latent + offset x (the grid's spacing at latent), offset in [-0.5, 0.5], from
+                  the dense weights; the spacing makes an offset mean what it means on an integer
+                  grid, half a step either way, though E2M1's steps grow from 0.5 to 2
+        full      the weights themselves under fake quantization (Adam), from the dense weights
+                  (the fp4 pass keeps no error-fed weights to start from)
+        scales    the codes stay; only the scales move (MXFP4: nothing to learn)
+
+    and, except for MXFP4 (whose scales are powers of two), a range multiplier per block on the
+    scale. NVFP4's block scales are stored in FP8 E4M3: the forward rounds them there too
+    (straight-through), so the checkpoint holds exactly the scale that was trained."""
+
+    def __init__(self, state: LinearState, dense: torch.Tensor, train: str):
+        quant: FloatWeight = state.quant
+        self.state, self.train = state, train
+        device = dense.device
+        self.mask = None if state.mask is None else state.mask.to(device)
+        self.kind = quant.grid.format
+        self.row_format = None if quant.row_format is None else quant.row_format.to(device)
+        self.global_scale = None if quant.global_scale is None else quant.global_scale.float().to(device)
+        stored = quant.scale.to(device)
+        self.scale0 = fpgrids.mx_scale(stored) if self.kind == "mxfp4" else stored.float()
+        self.index = torch.arange(dense.shape[1], device=device) // (dense.shape[1] // self.scale0.shape[1])
+        self.weight_lr, self.scale_lr = 1e-3, SCALES_LR if train == "scales" else 1e-3
+        self.params: dict[str, torch.Tensor] = {}
+        self.signed: list[torch.Tensor] = []
+        s0 = _nonzero(self.effective_scale(self.scale0))[:, self.index]
+        if train == "rounding":
+            self.latent = dense.float() / s0
+            with torch.no_grad():
+                self.spacing = self._per_format(self.latent, fpgrids.fp_step)
+            self.params["offset"] = torch.zeros_like(self.latent, requires_grad=True)
+            self.signed.append(self.params["offset"])
+        elif train == "scales":  # the codes' own values: rounding leaves them where they are
+            self.latent = self._per_format(quant.codes.to(device), _code_values)
+        else:
+            self.params["weight"] = dense.float().clone().requires_grad_()
+        # The largest value of each row's format: units beyond it are clipped with a zero gradient
+        # (as the integer grid's clamp), so a range multiplier sees what clipping costs.
+        if self.row_format is None:
+            self.top = torch.tensor(E2M1.max_value(fpgrids.E2M1_BIAS), device=device)
+        else:
+            tops = torch.tensor([f.max_value() for f in fpgrids.ROW_FORMATS], device=device)
+            self.top = tops[self.row_format.long()][:, None]
+        if self.kind != "mxfp4":
+            self.params["range"] = torch.ones_like(self.scale0, requires_grad=True)
+            if train == "rounding":
+                self.signed.append(self.params["range"])
+
+    def _per_format(self, x: torch.Tensor, function) -> torch.Tensor:
+        """function(x rows, format, bias) for each row's format: E2M1 at bias 1 in the block-scaled
+        layouts, each row's own format at bias 0 in LLM-FP4's (its bias lives in the scale)."""
+        if self.row_format is None:
+            return function(x, E2M1, fpgrids.E2M1_BIAS)
+        out = torch.zeros(x.shape, device=x.device)
+        for index, fmt in enumerate(fpgrids.ROW_FORMATS):
+            rows = self.row_format == index
+            if rows.any():
+                out[rows] = function(x[rows], fmt, 0.0).float()
+        return out
+
+    def effective_scale(self, scale: torch.Tensor) -> torch.Tensor:
+        """What a weight's grid value is multiplied by (NVFP4: the FP8 block scale / global)."""
+        return scale / self.global_scale if self.kind == "nvfp4" else scale
+
+    def stored_scale(self) -> torch.Tensor:
+        """The block scales as the checkpoint will hold them (NVFP4: on FP8 E4M3, straight-through)."""
+        if "range" not in self.params:
+            return self.scale0
+        scale = self.scale0 * self.params["range"]
+        if self.kind == "nvfp4":
+            fp8 = scale.clamp(max=fpgrids.FP8_E4M3_MAX).to(torch.float8_e4m3fn).float()
+            scale = scale + (fp8 - scale).detach()
+        return scale
+
+    def units(self, scale: torch.Tensor) -> torch.Tensor:
+        s = _nonzero(self.effective_scale(scale))[:, self.index]
+        if self.train == "rounding":
+            s0 = _nonzero(self.effective_scale(self.scale0))[:, self.index]
+            return (self.latent + self.params["offset"] * self.spacing) * (s0 / s)
+        if self.train == "scales":
+            return self.latent
+        return self.params["weight"] / s
+
+    def weight(self) -> torch.Tensor:
+        scale = self.stored_scale()
+        units = torch.maximum(torch.minimum(self.units(scale), self.top), -self.top)
+        with torch.no_grad():
+            rounded = self._per_format(units, fpgrids.fp_round_fast)
+        w = (units + (rounded - units).detach()) * self.effective_scale(scale)[:, self.index]
+        return w if self.mask is None else w * self.mask
+
+    @torch.no_grad()
+    def clamp_(self) -> None:
+        if "offset" in self.params:
+            self.params["offset"].clamp_(-0.5, 0.5)
+        if "range" in self.params:
+            self.params["range"].clamp_(0.5, 1.5)
+
+    @torch.no_grad()
+    def final(self, dtype: torch.dtype) -> tuple[torch.Tensor, FloatWeight]:
+        from compressor.passes.fp4 import dequantize
+
+        scale = self.stored_scale()
+        codes = self._per_format(self.units(scale), _codes).to(torch.uint8)
+        if self.mask is not None:
+            codes = codes.where(self.mask, torch.zeros_like(codes))  # code 0 is +0 in every format
+        stored = self.state.quant
+        kept = stored.scale if self.kind == "mxfp4" else scale.detach().to(stored.scale.dtype)
+        quant = FloatWeight(grid=stored.grid, codes=codes.cpu(), scale=kept.cpu(),
+                            global_scale=stored.global_scale, row_format=stored.row_format,
+                            act_order=stored.act_order)
+        return dequantize(quant).to(dtype), quant
+
+
+def _nonzero(scale: torch.Tensor) -> torch.Tensor:
+    """An all-zero block's scale is 0 (its weights too): divide by 1 there instead."""
+    return torch.where(scale == 0, torch.ones_like(scale), scale)
+
+
+def _codes(units: torch.Tensor, fmt, bias) -> torch.Tensor:
+    return fpgrids.fp_quantize(units, fmt, bias).float()
+
+
+def _code_values(codes: torch.Tensor, fmt, bias) -> torch.Tensor:
+    return fpgrids.fp_dequantize(codes, fmt, bias)
+
+
 class LearnedBinary:
     """PTQ1.61's numbers (compressor.binarygrids) learned, codes and signs fixed: every row's scale,
     low, alpha and beta as offsets in units of the row's own step (scale for the salient pair,
@@ -309,8 +443,11 @@ def block_error(block, data: BlockData, params: dict[str, torch.Tensor] | None =
 
 
 def _learnable(state: LinearState) -> bool:
-    """Integer grids, PTQ1.61's numbers and sparse float weights; 4-bit float grids and tables are
-    left as they are."""
+    """Integer grids, 4-bit float grids, PTQ1.61's numbers and sparse float weights. Lookup tables
+    and GGUF blocks are left as they are, and so are float layers whose inputs are quantized too
+    (their stored columns carry the activation quantizer's shift)."""
+    if isinstance(state.quant, FloatWeight):
+        return state.quant.act_bits is None
     return (isinstance(state.quant, (QuantizedWeight, BinaryWeight))
             or (state.quant is None and state.mask is not None))
 
@@ -318,6 +455,8 @@ def _learnable(state: LinearState) -> bool:
 def _learner(state: LinearState, dense: torch.Tensor, current: torch.Tensor, options: ReconstructOptions):
     if isinstance(state.quant, BinaryWeight):
         return LearnedBinary(state, dense.device)
+    if isinstance(state.quant, FloatWeight):
+        return LearnedFloat(state, dense, options.train)
     return LearnedLinear(state, dense, current, options.train, options.start)
 
 
@@ -329,6 +468,7 @@ def refine(block, records: dict[str, LinearState], data: BlockData, args: dict) 
         for name, state in records.items()
         if name in linears and _learnable(state)
     }
+    learned = {name: unit for name, unit in learned.items() if unit.params}  # MXFP4 under scales
     if not learned:
         return
     norms = norm_gains(block) if options.norms else {}
