@@ -133,7 +133,13 @@ LLAMA_CPP = {"q4_0": (87.6, 21.271), "q4_k_m": (100.6, 19.690), "q3_k_m": (89.2,
 # own rounding plus the refit (imatrix) at Q4_0, where it is the better one; AWQ first at Q3_K_M and
 # Q2_K (the same file size: its scales fold into the norms).
 GGUF_ROWS = (("q4_k_m", "gptq", ()), ("q3_k_m", "gptq", ()), ("q2_k", "gptq", ()), ("q4_0", "gptq", ()),
-             ("q4_0", "imatrix", ()), ("q3_k_m", "gptq", ("--awq",)), ("q2_k", "gptq", ("--awq",)))
+             ("q4_0", "imatrix", ()), ("q3_k_m", "gptq", ("--awq",)), ("q2_k", "gptq", ("--awq",)),
+             # block reconstruction on the GGUF grid: rounding and header, or the header alone (the
+             # default with --format gguf)
+             ("q3_k_m", "gptq", ("--reconstruct", "--reconstruct-train", "rounding")),
+             ("q3_k_m", "gptq", ("--reconstruct", "--reconstruct-train", "scales")),
+             ("q4_k_m", "gptq", ("--reconstruct", "--reconstruct-train", "scales")),
+             ("q2_k", "gptq", ("--reconstruct", "--reconstruct-train", "scales")))
 
 
 def llama_cpp_ppl(path: Path, windows: int = 8, seqlen: int = 2048) -> float | None:

@@ -141,10 +141,11 @@ ReconstructOpt = typer.Option(
     help="After each block's linears are quantized or pruned, learn their rounding and ranges "
          "(or surviving weights) against the dense block's output on the calibration windows.")
 ReconstructTrainOpt = typer.Option(
-    "rounding", "--reconstruct-train",
-    help="What --reconstruct learns: rounding (AutoRound: rounding offsets, ranges, zero points), "
-         "full (Block-AP: the weights themselves under fake quantization) or scales (codes kept: "
-         "ranges and zero points only).")
+    None, "--reconstruct-train", show_default=False,
+    help="What --reconstruct learns: rounding (the default: AutoRound's rounding offsets, ranges, "
+         "zero points), full (Block-AP: the weights themselves under fake quantization) or scales "
+         "(codes kept: ranges and zero points only; the default with --format gguf, where it learns "
+         "the blocks' integer sub-block scales and mins).")
 ReconstructItersOpt = typer.Option(None, "--reconstruct-iters", min=1, show_default=False,
                                    help="--reconstruct steps per block (default 50; sparsify: 200; "
                                         "--method ptq161: 100).")
@@ -260,7 +261,7 @@ def quantize(
              "RMSNorm or up_proj before; then --method quantizes. Same layout, no runtime op."),
     rotate: bool = RotateOpt,
     reconstruct: bool = ReconstructOpt,
-    reconstruct_train: str = ReconstructTrainOpt,
+    reconstruct_train: str | None = ReconstructTrainOpt,
     reconstruct_iters: int = ReconstructItersOpt,
     target: str = TargetOpt,
     embeddings: str = typer.Option(
@@ -325,7 +326,7 @@ def sparsify(
         help="DSnoT 'expectation': stop a row when |expected error| is below this."),
     rotate: bool = RotateOpt,
     reconstruct: bool = ReconstructOpt,
-    reconstruct_train: str = ReconstructTrainOpt,
+    reconstruct_train: str | None = ReconstructTrainOpt,
     reconstruct_iters: int = ReconstructItersOpt,
     calibration: str = CalibrationOpt,
     samples: int = SamplesOpt,

@@ -175,6 +175,10 @@ class BlockHeader:
                                            for name, value in parts.items()})
                 for i in range(len(rows))]
 
+    def to(self, device) -> BlockHeader:
+        return BlockHeader(self.qtype, *(None if value is None else value.to(device)
+                                         for value in (self.d, self.dmin, self.scale, self.min)))
+
     def step_offset(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(step, offset) float32 [rows, sub-blocks]: value = step * code + offset (for a table type,
         value = step * table[code], offset 0)."""

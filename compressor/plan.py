@@ -63,7 +63,7 @@ def _step_args(raw) -> dict:
 
 # Sub-group passes whose result a block pass can learn: integer and 4-bit float grids, PTQ1.61's
 # numbers, sparse masks (fp4 only without act_bits: a quantized input's shift is in the stored columns).
-LEARNABLE = {"rtn", "gptq", "fp4", "ptq161", "magnitude", "wanda", "sparsegpt", "dsnot"}
+LEARNABLE = {"rtn", "gptq", "fp4", "gguf", "ptq161", "magnitude", "wanda", "sparsegpt", "dsnot"}
 
 
 def _learnable(raw: dict) -> bool:
@@ -79,9 +79,9 @@ def validate_recipe(passes: list[dict]) -> None:
             if not any(_learnable(p) for p in passes[:index]):
                 found = ", ".join(sorted({p["method"] for p in passes[:index]})) or "no pass"
                 raise CompressorError(
-                    f"{raw['method']} has nothing to learn after {found}: it refines an integer or "
-                    "4-bit float quantization (gptq, rtn, fp4 without act_bits, ptq161) or a sparse "
-                    "mask (magnitude, wanda, sparsegpt) before it")
+                    f"{raw['method']} has nothing to learn after {found}: it refines an integer, "
+                    "4-bit float or GGUF quantization (gptq, rtn, fp4 without act_bits, gguf, ptq161) "
+                    "or a sparse mask (magnitude, wanda, sparsegpt) before it")
 
 
 def decoder_block_names(model) -> list[str]:

@@ -16,6 +16,7 @@ from compressor.finequant import AUTO, VLLM_GROUPS
 from compressor.lutgrids import LUT_FORMATS
 
 RECONSTRUCT_ITERS = 50  # --reconstruct's steps per block (AutoRound's light recipe)
+GGUF_RECONSTRUCT_TRAIN = "scales"  # what --reconstruct learns on GGUF blocks unless told
 # After pruning alone the surviving weights keep learning well past 50 steps (SmolLM2, SparseGPT
 # 50%: 37.29 at 50, 35.48 at 100, 33.92 at 200; 2:4: 62.15 at 50, 55.48 at 100, 50.16 at 200), and
 # the steps cost little beside a block's full-window error checks (50%: 14 min at 50 steps, 17 at 200).
@@ -31,19 +32,19 @@ class Job:
 
 
 def with_transforms(passes: list[dict], rotate: bool = False, reconstruct: bool = False,
-                    reconstruct_train: str = "rounding", reconstruct_iters: int | None = None
+                    reconstruct_train: str | None = None, reconstruct_iters: int | None = None
                     ) -> tuple[list[dict], str]:
-    """`passes` with the rotation (a model pass) first and the block reconstruction last, and the
-    tag's suffix for them."""
+    """`passes` with the rotation (a model pass) first and the block reconstruction last (learning
+    `reconstruct_train`, default rounding), and the tag's suffix for them."""
     suffix = ""
     if rotate:
         passes = [{"method": "rotate"}, *passes]
         suffix += "-rot"
     if reconstruct:
-        passes = [*passes, {"method": "reconstruct", "train": reconstruct_train,
+        passes = [*passes, {"method": "reconstruct", "train": reconstruct_train or "rounding",
                             "iters": reconstruct_iters or RECONSTRUCT_ITERS}]
         suffix += "-rec"
-    elif reconstruct_train != "rounding" or reconstruct_iters is not None:
+    elif reconstruct_train is not None or reconstruct_iters is not None:
         raise CompressorError("--reconstruct-train / --reconstruct-iters need --reconstruct")
     return passes, suffix
 
@@ -52,7 +53,7 @@ def quantize_job(bits: float = 4, group_size: int | None = None, symmetric: bool
                  method: str | None = None, number_format: str = "int", act_bits: int | None = None,
                  act_order: bool = True, mse: bool = False, damp: float = 0.01,
                  allocate: str | None = None, budget: str | None = None, rotate: bool = False,
-                 reconstruct: bool = False, reconstruct_train: str = "rounding",
+                 reconstruct: bool = False, reconstruct_train: str | None = None,
                  reconstruct_iters: int | None = None, full_range: bool = False, awq: bool = False,
                  target: str = "any", embeddings: str = "keep") -> Job:
     """The options of `compress quantize` (see its --help) as a recipe."""
@@ -116,8 +117,6 @@ def _gguf_job(gguf_type, bits, group_size, symmetric, method, act_order, mse, da
         gguf_type = "q4_k"  # a placeholder for validation: the allocation picks each block's type
     elif budget is not None:
         raise CompressorError("--budget needs --allocate lim|zd")
-    if reconstruct:
-        raise CompressorError("--format gguf: --reconstruct does not learn GGUF blocks yet")
     from compressor.passes.gguf import DEFAULT_SOLVER, SOLVERS
 
     method = method or DEFAULT_SOLVER
@@ -130,7 +129,13 @@ def _gguf_job(gguf_type, bits, group_size, symmetric, method, act_order, mse, da
         step["damp"] = damp
     # AWQ searches its scales on the nearest integer grid (4-bit, groups of 32) of the GGUF blocks.
     awq_step = [{"method": "awq", "bits": 4, "group_size": 32, "symmetric": True}] if awq else []
-    passes, suffix = with_transforms([*awq_step, step], rotate=rotate)
+    # On GGUF blocks the header alone is what pays: codes kept, the integer sub-block scales and
+    # mins (float16 d and m of the legacy types) learned (Q3_K_M on SmolLM2, 8 windows: GPTQ 20.02,
+    # + rounding 20.02, + scales 19.71; bench/results/gguf.md).
+    if reconstruct and reconstruct_train is None:
+        reconstruct_train = GGUF_RECONSTRUCT_TRAIN
+    passes, suffix = with_transforms([*awq_step, step], rotate=rotate, reconstruct=reconstruct,
+                                     reconstruct_train=reconstruct_train, reconstruct_iters=reconstruct_iters)
     name = f"{allocate}-{budget}" if allocation else gguf_type
     return Job({"passes": passes}, allocation, f"{method}-{name}{'-awq' if awq else ''}{suffix}",
                export=name)
@@ -174,7 +179,7 @@ def _ptq161_job(bits, group_size, symmetric, number_format, act_bits, mse, alloc
     refused = {"--bits": bits != 4, "--group-size": group_size is not None, "--asym": not symmetric,
                "--format": number_format.lower() != "int", "--act-bits": act_bits is not None, "--mse": mse,
                "--full-range": full_range, "--allocate/--budget": allocate or budget, "--awq": awq,
-               "--reconstruct-train": reconstruct_train not in ("rounding", "scales")}
+               "--reconstruct-train": reconstruct_train not in (None, "rounding", "scales")}
     given = [flag for flag, used in refused.items() if used]
     if given:
         raise CompressorError(f"--method ptq161 fixes its layout (20% of input channels at 4 bits per row, "
@@ -289,7 +294,7 @@ def _quantize_job(bits, group_size, symmetric, method, number_format, act_bits, 
 def sparsify_job(pattern: str | None = None, sparsity: float | None = None, method: str = "wanda",
                  dsnot: bool = False, allocate: str | None = None, spread: float = 0.1,
                  dsnot_criterion: str = "error", max_cycles: int = 50, update_threshold: float = 0.1,
-                 rotate: bool = False, reconstruct: bool = False, reconstruct_train: str = "rounding",
+                 rotate: bool = False, reconstruct: bool = False, reconstruct_train: str | None = None,
                  reconstruct_iters: int | None = None) -> Job:
     """The options of `compress sparsify` (see its --help) as a recipe."""
     from compressor.sparsity import check_sparsity, parse_nm

@@ -253,9 +253,6 @@ def test_gguf_preset_refusals(wide_dir, tmp_path, capsys, monkeypatch):
     code, _, err = run_cli(["quantize", str(wide_dir), "--format", "gguf:q7_k",
                             "-o", str(tmp_path / "x.gguf")], capsys, monkeypatch)
     assert code == 2 and "unknown GGUF type" in err and err.count("\n") == 1
-    code, _, err = run_cli(["quantize", str(wide_dir), "--format", "gguf:q4_k_m", "--reconstruct",
-                            "-o", str(tmp_path / "x.gguf")], capsys, monkeypatch)
-    assert code == 2 and "--reconstruct" in err
     assert not list(tmp_path.iterdir())
 
 

@@ -414,3 +414,125 @@ def test_sparsify_learns_longer_by_default():
     assert sparsify_job(sparsity=0.5, method="sparsegpt", reconstruct=True,
                         reconstruct_iters=20).recipe["passes"][-1]["iters"] == 20
     assert quantize_job(bits=4, reconstruct=True).recipe["passes"][-1]["iters"] == 50
+
+
+def _wide_llama(layers=2):
+    """A Llama whose rows are multiples of 256, so the K-quants apply without fallback."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=320, hidden_size=256, intermediate_size=512, num_hidden_layers=layers,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("proj.weight"):
+                param.mul_(3.0)
+    return model
+
+
+# (type, what is learned, the most block 0's error may keep of GPTQ's). On these random models GPTQ
+# plus the closed-form header refit leaves little for the rounding to find at 4 bits and more (it
+# is not kept there), while the header alone (scales) halves the error.
+GGUF_CASES = [("q4_1", "scales", 0.8), ("iq4_nl", "rounding", 0.97),
+              ("iq4_nl", "scales", 0.8), ("q2_k", "rounding", 0.8), ("q3_k", "rounding", 0.8),
+              ("q4_k", "scales", 0.8), ("q6_k", "scales", 1.0)]
+
+
+@pytest.mark.parametrize("qtype, train, bound", GGUF_CASES, ids=lambda c: str(c))
+def test_gguf_blocks_are_learned_on_their_own_grid(qtype, train, bound):
+    """GGUF layers: the block error drops below GPTQ's onto the same type, and the records hold codes
+    and a header that llama.cpp's own decoder (gguf-py) turns into exactly the weights the model
+    computes with; the K-quants' block d and dmin stay as fitted (only the integers beside them move)."""
+    from compressor import gguf_quants
+
+    ids = _ids()
+    step = {"method": "gguf", "type": qtype}
+    dense, plain, learned = _wide_llama(1), _wide_llama(1), _wide_llama(1)
+    plain_records = compress_model(plain, build_plan(plain, [step]), ids, batch_size=4)
+    learn = {**RECONSTRUCT, "iters": 60, "batch": 8, "train": train}
+    records = compress_model(learned, build_plan(learned, [step, learn]), ids, batch_size=4)
+    learned_error, plain_error = _block0_error(dense, learned, ids), _block0_error(dense, plain, ids)
+    assert learned_error <= bound * plain_error, (learned_error, plain_error)
+    for name, state in records.items():
+        quant, before = state.quant, plain_records[name].quant
+        assert state.methods == [f"gguf-{quant.grid.qtype.value}+gptq", "reconstruct"]
+        assert state.metrics["block_error_after"] <= state.metrics["block_error_before"]
+        weight = learned.get_submodule(name).weight.data
+        assert torch.equal(gguf_quants.values(quant.codes, quant.header), weight)
+        decoded = gguf_quants.decode(gguf_quants.encode(quant.codes, quant.header), quant.header.qtype,
+                                     weight.shape[1])
+        assert torch.equal(decoded, weight), name
+        if quant.header.scale is not None and ".layers.0." in name:  # block 0: the same inputs
+            assert torch.equal(quant.header.d, before.header.d)
+            assert quant.header.dmin is None or torch.equal(quant.header.dmin, before.header.dmin)
+
+
+def test_learned_gguf_rounding_starts_at_round_to_nearest_or_at_gptq():
+    """Untouched, the learned GGUF quantizer rounds the dense weight to nearest on the pass's header
+    (start: dense) or reproduces GPTQ's codes from its error-fed weights (start: init); an offset of
+    +0.5 of the local spacing moves IQ4_NL's values up only."""
+    from compressor import gguf_quants
+    from compressor.gguf_quants import GgufGrid, GgufType
+    from compressor.passes import GgufWeight
+    from compressor.passes.gguf import compress_many
+    from compressor.passes.reconstruct import LearnedGguf
+    from compressor.stats import InputStats
+
+    torch.manual_seed(0)
+    x = torch.randn(512, 256)
+    for qtype in ("q3_k", "iq4_nl"):
+        stats = InputStats(256)
+        stats.add_batch(x)
+        weight = torch.randn(16, 256) * 0.1
+        state = LinearState(name="w", weight=weight.clone(), dtype=torch.float32, original=weight,
+                            keep_unrounded=True)
+        # no refit: it moves the header after GPTQ has rounded
+        compress_many([state], stats, {"type": qtype, "refit": False})
+        header = state.quant.header
+        unit = LearnedGguf(state, weight, "rounding", start="init")
+        final, quant = unit.final(torch.float32)
+        assert torch.equal(quant.codes, state.quant.codes) and torch.equal(final, state.weight)
+        unit = LearnedGguf(state, weight, "rounding")
+        assert torch.equal(unit.final(torch.float32)[1].codes, gguf_quants.round_to(weight, header))
+    with torch.no_grad():
+        unit.params["offset"].fill_(0.5)
+    moved = gguf_quants.values(unit.final(torch.float32)[1].codes, header)
+    nearest = gguf_quants.values(gguf_quants.round_to(weight, header), header)
+    step = header.d.float().repeat_interleave(32, 1)
+    up = torch.where(step > 0, moved >= nearest, moved <= nearest)  # a negative d turns the table around
+    assert bool(up.all()) and not torch.equal(moved, nearest)
+    assert isinstance(state.quant, GgufWeight) and state.quant.grid == GgufGrid(GgufType.IQ4_NL)
+
+
+def test_cli_gguf_preset_with_reconstruct(calibration_file, tmp_path, capsys, monkeypatch, isolated_cache):
+    """--format gguf:q3_k_m --reconstruct writes one GGUF file that transformers reads back, with
+    other weights than GPTQ alone wrote where a block kept what it learned."""
+    from transformers import AutoModelForCausalLM
+
+    from tests.conftest import make_tokenizer
+
+    folder = tmp_path / "wide"
+    _wide_llama().save_pretrained(folder)
+    make_tokenizer().save_pretrained(folder)
+    weights, summaries = {}, {}
+    learn = ["--reconstruct", "--reconstruct-iters", "30"]  # on GGUF blocks: train scales by default
+    for name, extra in (("plain", []), ("learned", learn)):
+        out = tmp_path / name / "m.gguf"
+        out.parent.mkdir()
+        code, stdout, stderr = run_cli(
+            ["quantize", folder, "--format", "gguf:q3_k_m", *extra, "--calibration", calibration_file,
+             "--samples", "4", "--seqlen", "32", "-o", out, "--json"], capsys, monkeypatch)
+        assert code == 0, stderr
+        assert sorted(p.name for p in out.parent.iterdir()) == ["m.gguf"]
+        summaries[name] = json.loads(stdout)
+        reread = AutoModelForCausalLM.from_pretrained(out.parent, gguf_file=out.name)
+        weights[name] = {n: p for n, p in reread.named_parameters() if n.endswith("proj.weight")}
+    learned = summaries["learned"]
+    assert [p["method"] for p in learned["recipe"]["passes"]] == ["gguf", "reconstruct"]
+    assert learned["recipe"]["passes"][-1]["train"] == "scales"
+    assert all(m["methods"][-1] == "reconstruct" for m in learned["modules"].values())
+    kept = [n for n, m in learned["modules"].items() if m["reconstruct_kept"]]
+    assert kept
+    assert any(not torch.equal(weights["plain"][f"{n}.weight"], weights["learned"][f"{n}.weight"])
+               for n in kept)

@@ -19,8 +19,11 @@ What is learned, by `train`:
 
 4-bit float grids (NVFP4, MXFP4, LLM-FP4, E2M1) are learned on their own grid (LearnedFloat): the
 rounding offset is in units of the grid's local spacing, NVFP4's block scales stay on FP8 and
-MXFP4's on powers of two. A pruned linear keeps its mask exactly; in a sparse linear that is not
-quantized, the surviving weights are learned (Adam). Rounding goes through the straight-through
+MXFP4's on powers of two. GGUF blocks (LearnedGguf) are learned on llama.cpp's grid: rounding
+offsets in steps of each sub-block, and the header's numbers moved only to values the file can
+hold (the K-quants' integer sub-block scales and mins, the legacy types' float16 d and m). A
+pruned linear keeps its mask exactly; in a sparse linear that is not quantized, the surviving
+weights are learned (Adam). Rounding goes through the straight-through
 estimator. The forwards run in bfloat16 autocast on CUDA and on CPUs with native bf16
 (AMX/AVX512-BF16; elsewhere bf16 is emulated and ~7x slower than float32, so `bf16: auto` keeps
 float32); parameters, the loss and the final rounding are float32. Each step learns from `batch`
@@ -37,11 +40,19 @@ from dataclasses import dataclass
 import torch
 from torch.func import functional_call
 
-from compressor import binarygrids, fpgrids, grids
+from compressor import binarygrids, fpgrids, gguf_quants, grids
 from compressor.errors import CompressorError
 from compressor.fpgrids import E2M1
 from compressor.model import block_linears
-from compressor.passes import BinaryWeight, FloatWeight, LinearState, QuantizedWeight, Scope, check_keys
+from compressor.passes import (
+    BinaryWeight,
+    FloatWeight,
+    GgufWeight,
+    LinearState,
+    QuantizedWeight,
+    Scope,
+    check_keys,
+)
 from compressor.pipeline import BlockData, batch_rows
 
 SCOPE = Scope.BLOCK
@@ -346,6 +357,146 @@ class LearnedFloat:
         return dequantize(quant).to(dtype), quant
 
 
+class LearnedGguf:
+    """A linear on llama.cpp's GGUF blocks (compressor.gguf_quants) learned on its own grid. Every
+    value is step x code + offset per sub-block (step x table[code] for IQ4_NL), step and offset
+    made of the block header's numbers exactly as the file holds them:
+
+        rounding  x = dense + offset x step0 (x the table's local spacing for IQ4_NL), the offset
+                  per weight in [-0.5, 0.5], from the dense weights or, with `start: init`, from
+                  what GPTQ rounded (its error-fed weights; GPTQ's own codes exactly where the
+                  pass's header refit is off, since the refit moves the header after GPTQ rounded)
+        full      the weights themselves under fake quantization (Adam)
+        scales    the codes stay; only the header moves
+
+    The header learned: the K-quants' integer sub-block scale times a multiplier in [0.5, 1.5]
+    and their integer min plus an offset of at most 2, both rounded to integers in every forward
+    (straight-through); the legacy types' float16 d times a multiplier, and Q4_1/Q5_1's m plus an
+    offset in steps, rounded to float16. The block's d and dmin of the K-quants stay as fitted."""
+
+    def __init__(self, state: LinearState, dense: torch.Tensor, train: str, start: str | None = None):
+        quant: GgufWeight = state.quant
+        self.state, self.train = state, train
+        device = dense.device
+        self.mask = None
+        header = quant.header
+        self.qtype, self.spec = header.qtype, gguf_quants.SPECS[header.qtype]
+        self.per_block = self.spec.block // self.spec.sub
+        self.index = torch.arange(dense.shape[1], device=device) // self.spec.sub
+        self.d0 = header.d.float().to(device)
+        self.dmin0 = None if header.dmin is None else header.dmin.float().to(device)
+        self.sc0 = None if header.scale is None else header.scale.float().to(device)
+        self.mn0 = None if header.min is None else header.min.float().to(device)
+        table = gguf_quants.TABLES.get(self.qtype)
+        self.table = None if table is None else torch.tensor(table, dtype=torch.float32, device=device)
+        self.weight_lr, self.scale_lr = 1e-3, SCALES_LR if train == "scales" else 1e-3
+        self.params: dict[str, torch.Tensor] = {}
+        self.signed: list[torch.Tensor] = []
+        with torch.no_grad():
+            step0, _ = self.step_offset()
+        self.codes = quant.codes.to(device)
+        before = dense if state.unrounded is None or (start or "dense") == "dense" else state.unrounded
+        before = before.float().to(device)
+        if train == "rounding":
+            spacing = step0[:, self.index]
+            if self.table is not None:
+                gaps = self.table.diff()
+                local = torch.cat([gaps[:1], (gaps[1:] + gaps[:-1]) / 2, gaps[-1:]])
+                nearest = gguf_quants._nearest(before / _nonzero(spacing), self.table)
+                spacing = spacing * local[nearest]
+            self.before, self.spacing = before, spacing
+            self.params["offset"] = torch.zeros_like(before, requires_grad=True)
+            self.signed.append(self.params["offset"])
+        elif train == "full":
+            self.params["weight"] = before.clone().requires_grad_()
+        self.params["range"] = torch.ones_like(step0, requires_grad=True)
+        if self.spec.asymmetric:
+            self.params["zero"] = torch.zeros_like(step0, requires_grad=True)
+        if train == "rounding":
+            self.signed += [self.params["range"]] + ([self.params["zero"]] if self.spec.asymmetric else [])
+
+    def _header_numbers(self, exact) -> dict[str, torch.Tensor]:
+        """The header's numbers with the learned moves, each put on what the file stores by `exact`
+        (straight-through rounding while training, plain rounding at the end)."""
+        spec, levels = self.spec, 2**self.spec.scale_bits
+        rng, zero = self.params.get("range", 1.0), self.params.get("zero", 0.0)  # before they exist: none
+        numbers = {"d": self.d0, "dmin": self.dmin0}
+        if self.sc0 is None:  # legacy: float16 d (and m) per block of one sub-block
+            numbers["d"] = exact(self.d0 * rng, "half")
+            if self.dmin0 is not None:
+                numbers["dmin"] = exact(self.dmin0 + zero * self.d0.abs(), "half")
+            return numbers
+        low, high = (0, levels - 1) if spec.asymmetric else (-levels // 2, levels // 2 - 1)
+        numbers["scale"] = torch.clamp(exact(self.sc0 * rng, "int"), low, high)
+        if self.mn0 is not None:
+            numbers["min"] = torch.clamp(exact(self.mn0 + zero, "int"), 0, levels - 1)
+        return numbers
+
+    def step_offset(self, numbers: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(step, offset) [rows, sub-blocks], as gguf_quants.BlockHeader.step_offset computes them."""
+        numbers = numbers or self._header_numbers(_ste_exact)
+        d = numbers["d"].repeat_interleave(self.per_block, dim=1)
+        step = d if self.sc0 is None else d * numbers["scale"]
+        if self.table is not None:
+            return step, torch.zeros_like(step)
+        if not self.spec.asymmetric:
+            return step, -(2 ** (self.spec.bits - 1)) * step
+        if self.sc0 is None:
+            return step, numbers["dmin"]
+        return step, -numbers["dmin"].repeat_interleave(self.per_block, dim=1) * numbers["min"]
+
+    def _latent(self) -> torch.Tensor:
+        if self.train == "rounding":
+            return self.before + self.params["offset"] * self.spacing
+        return self.params["weight"]
+
+    def weight(self) -> torch.Tensor:
+        step, offset = self.step_offset()
+        step, offset = step[:, self.index], offset[:, self.index]
+        if self.train == "scales":
+            q = self.codes.float() if self.table is None else self.table[self.codes.long()]
+            return step * q + offset
+        units = (self._latent() - offset) / _nonzero(step)
+        if self.table is None:
+            return step * torch.clamp(round_ste(units), 0, self.spec.maxq) + offset
+        units = torch.clamp(units, self.table[0], self.table[-1])
+        with torch.no_grad():
+            rounded = self.table[gguf_quants._nearest(units, self.table)]
+        return (units + (rounded - units).detach()) * step
+
+    @torch.no_grad()
+    def clamp_(self) -> None:
+        if "offset" in self.params:
+            self.params["offset"].clamp_(-0.5, 0.5)
+        self.params["range"].clamp_(0.5, 1.5)
+        if "zero" in self.params:
+            self.params["zero"].clamp_(-2.0, 2.0)
+
+    @torch.no_grad()
+    def final(self, dtype: torch.dtype) -> tuple[torch.Tensor, GgufWeight]:
+        numbers = self._header_numbers(_exact)
+        header = gguf_quants.BlockHeader(
+            self.qtype, numbers["d"].to(torch.float16).cpu(),
+            dmin=None if numbers["dmin"] is None else numbers["dmin"].to(torch.float16).cpu(),
+            scale=None if self.sc0 is None else numbers["scale"].to(torch.int16).cpu(),
+            min=None if self.mn0 is None else numbers["min"].to(torch.int16).cpu())
+        codes = (self.codes if self.train == "scales"
+                 else gguf_quants.round_to(self._latent().detach(), header.to(self.d0.device)))
+        quant = GgufWeight(grid=self.state.quant.grid, codes=codes.cpu(), header=header,
+                           act_order=self.state.quant.act_order)
+        return gguf_quants.values(codes, header.to(codes.device)).to(dtype), quant
+
+
+def _ste_exact(x: torch.Tensor, kind: str) -> torch.Tensor:
+    """x rounded to an integer or to float16 forward, identity backward."""
+    return round_ste(x) if kind == "int" else x + (x.to(torch.float16).float() - x).detach()
+
+
+@torch.no_grad()
+def _exact(x: torch.Tensor, kind: str) -> torch.Tensor:
+    return torch.round(x) if kind == "int" else x.to(torch.float16).float()
+
+
 def _nonzero(scale: torch.Tensor) -> torch.Tensor:
     """An all-zero block's scale is 0 (its weights too): divide by 1 there instead."""
     return torch.where(scale == 0, torch.ones_like(scale), scale)
@@ -443,12 +594,12 @@ def block_error(block, data: BlockData, params: dict[str, torch.Tensor] | None =
 
 
 def _learnable(state: LinearState) -> bool:
-    """Integer grids, 4-bit float grids, PTQ1.61's numbers and sparse float weights. Lookup tables
-    and GGUF blocks are left as they are, and so are float layers whose inputs are quantized too
+    """Integer grids, 4-bit float grids, GGUF blocks, PTQ1.61's numbers and sparse float weights.
+    Lookup tables are left as they are, and so are float layers whose inputs are quantized too
     (their stored columns carry the activation quantizer's shift)."""
     if isinstance(state.quant, FloatWeight):
         return state.quant.act_bits is None
-    return (isinstance(state.quant, (QuantizedWeight, BinaryWeight))
+    return (isinstance(state.quant, (QuantizedWeight, BinaryWeight, GgufWeight))
             or (state.quant is None and state.mask is not None))
 
 
@@ -457,6 +608,8 @@ def _learner(state: LinearState, dense: torch.Tensor, current: torch.Tensor, opt
         return LearnedBinary(state, dense.device)
     if isinstance(state.quant, FloatWeight):
         return LearnedFloat(state, dense, options.train)
+    if isinstance(state.quant, GgufWeight):
+        return LearnedGguf(state, dense, options.train, options.start)
     return LearnedLinear(state, dense, current, options.train, options.start)
 
 
