@@ -99,6 +99,7 @@ SUITES: dict[str, list[tuple[str, list[str]]]] = {
         # PTQ1.61 (issue 22: below 300 at <= 1.7 stored bpw; vs gptq-w2g64-asym above): 19% salient
         # channels (1.682 bpw here; the default 20% costs 1.712: SmolLM2's rows are only 576 wide).
         ("ptq161-s19", ["run", str(HERE / "ptq161-s19.yaml")]),
+        ("ptq161-s19-scales", ["run", str(HERE / "ptq161-s19-scales.yaml")]),  # signs and codes fixed
     ],
     "sparsity": [
         (f"{method}-{pattern.replace(':', 'of')}{'-dsnot' if dsnot else ''}", _prune(method, pattern, dsnot))

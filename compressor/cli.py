@@ -227,8 +227,9 @@ def quantize(
              "also imatrix: llama-quantize's importance-weighted rounding, then the blocks' numbers "
              "refitted for the least output error (better than gptq at q4_0). Or ptq161: PTQ1.61, "
              "about 1.7 bits per weight (20% of input channels at 4 bits, the rest binarised, GPTQ-style; "
-             "then each row's and column's scales learned per block, --reconstruct-iters steps, default "
-             "100): this project's own layout."),
+             "then per block the signs, the salient codes and each row's and column's scales learned, "
+             "--reconstruct-iters steps, default 100; --reconstruct-train scales keeps the signs "
+             "and codes): this project's own layout."),
     number_format: str = typer.Option(
         "int", "--format",
         help="int (integer grid, the options above), or 4-bit floats: nvfp4 (E2M1, FP8 scale per 16), "

@@ -174,8 +174,9 @@ PTQ161_ITERS = 100
 def _ptq161_job(bits, group_size, symmetric, number_format, act_bits, mse, allocate, budget, rotate,
                 reconstruct_train, reconstruct_iters, full_range, awq) -> Job:
     """--method ptq161: salient channels at 4 bits, the rest binarised, GPTQ-style
-    (compressor.passes.ptq161), then every row's and column's numbers learned block by block
-    against the dense block (compressor.passes.reconstruct, train: scales)."""
+    (compressor.passes.ptq161), then block by block the signs, the salient codes and every row's
+    and column's numbers learned against the dense block (compressor.passes.reconstruct, train:
+    rounding; `--reconstruct-train scales` keeps the signs and codes)."""
     refused = {"--bits": bits != 4, "--group-size": group_size is not None, "--asym": not symmetric,
                "--format": number_format.lower() != "int", "--act-bits": act_bits is not None, "--mse": mse,
                "--full-range": full_range, "--allocate/--budget": allocate or budget, "--awq": awq,
@@ -187,7 +188,8 @@ def _ptq161_job(bits, group_size, symmetric, number_format, act_bits, mse, alloc
     if rotate:
         raise CompressorError("--method ptq161 picks its salient channels by their activation outliers, "
                               "which a rotation spreads over every channel: drop --rotate")
-    passes = [{"method": "ptq161"}, {"method": "reconstruct", "train": "scales", "norms": True,
+    passes = [{"method": "ptq161"}, {"method": "reconstruct", "train": reconstruct_train or "rounding",
+                                     "norms": True,
                                      "iters": reconstruct_iters or PTQ161_ITERS}]
     return Job({"passes": passes}, None, "ptq161")
 

@@ -228,3 +228,64 @@ def test_block_reconstruction_learns_the_numbers_and_keeps_codes_and_signs():
         assert torch.equal(learned.get_submodule(name).weight.data,
                            binarygrids.values(q.mask, q.codes, q.signs, q.row, q.column))
     assert _block0_error(dense, learned, ids) < 0.97 * _block0_error(dense, init, ids)
+
+
+def test_pass_keeps_each_weight_before_binarising_when_a_block_pass_follows():
+    """keep_unrounded: every binarised weight's sign is its pre-binarisation value's side of the
+    row's beta (fitted on the dense weights), and the learner built on it starts exactly at the
+    stored codes and signs."""
+    from compressor.passes.reconstruct import LearnedBinary
+
+    layer, stats, _, dense = _layer_and_stats()
+    layer.keep_unrounded = True
+    get_pass("ptq161").compress(layer, stats, {"salient": 0.1})
+    q = layer.quant
+    assert layer.unrounded.shape == dense.shape
+    beta, _ = binarygrids.fit_binary(dense[:, ~q.mask])
+    assert torch.equal(q.signs, layer.unrounded[:, ~q.mask] >= beta[:, None])
+    assert not torch.equal(layer.unrounded, dense)  # error-fed, not the dense weights
+    learner = LearnedBinary(layer, torch.device("cpu"), "rounding")
+    assert "offset" in learner.params
+    with torch.no_grad():
+        assert torch.allclose(learner.weight(), binarygrids.values(q.mask, q.codes, q.signs, q.row, q.column))
+        start_weight, start_quant = learner.final(torch.float32)
+    assert torch.equal(start_quant.codes, q.codes) and torch.equal(start_quant.signs, q.signs)
+    plain, stats2, _, _ = _layer_and_stats()
+    get_pass("ptq161").compress(plain, stats2, {"salient": 0.1})
+    assert plain.unrounded is None  # not kept unless a block pass follows
+
+
+def test_block_reconstruction_with_rounding_flips_signs_and_codes_and_lowers_the_error():
+    """train: rounding on PTQ1.61's records: signs and salient codes move too (signed descent from
+    their pre-binarisation values); what is stored is what the model computes with, and the block's
+    error ends below both the initialisation's and the numbers-only learning's."""
+    from compressor.pipeline import compress_model
+    from compressor.plan import build_plan
+    from tests.conftest import make_model
+    from tests.test_reconstruct import _block0_error, _ids
+
+    ids = _ids()
+    dense = make_model("llama")
+    init = make_model("llama")
+    first = compress_model(init, build_plan(init, [{"method": "ptq161"}]), ids, batch_size=4)
+    runs = {}
+    for train in ("scales", "rounding"):
+        model = make_model("llama")
+        records = compress_model(model, build_plan(model, [
+            {"method": "ptq161"}, {"method": "reconstruct", "train": train, "iters": 40, "batch": 2}]), ids,
+            batch_size=4)
+        runs[train] = (model, records)
+    model, records = runs["rounding"]
+    block0 = [n for n in first if ".layers.0." in n]  # later blocks see other inputs, so other masks
+    flipped = sum(int((records[n].quant.signs != first[n].quant.signs).sum()) for n in block0)
+    moved = sum(int((records[n].quant.codes != first[n].quant.codes).sum()) for n in block0)
+    assert flipped > 0 and moved > 0
+    assert all(torch.equal(records[n].quant.mask, first[n].quant.mask) for n in block0)
+    for name, state in records.items():
+        q = state.quant
+        assert q.codes.dtype == torch.uint8 and q.signs.dtype == torch.bool
+        assert torch.equal(model.get_submodule(name).weight.data,
+                           binarygrids.values(q.mask, q.codes, q.signs, q.row, q.column))
+    error = _block0_error(dense, model, ids)
+    assert error < 0.97 * _block0_error(dense, init, ids)
+    assert error < _block0_error(dense, runs["scales"][0], ids)

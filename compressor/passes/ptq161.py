@@ -70,9 +70,11 @@ def compress_many(layers: list[LinearState], stats: InputStats | None, args: dic
     hessian = stats.hessian().float()
     beta, alpha = binarygrids.fit_binary(weight[:, ~mask])
     metrics = {}
+    unrounded = None
     if args.get("solver", "gptq") == "gptq":
-        signs, codes, scale, low, damp = _error_fed(weight, hessian, mask, beta, alpha, grid,
-                                                    GPTQOptions.from_args(args))
+        signs, codes, scale, low, damp, unrounded = _error_fed(weight, hessian, mask, beta, alpha, grid,
+                                                               GPTQOptions.from_args(args),
+                                                               layers[0].keep_unrounded)
         metrics["gptq_damp"] = damp
     else:
         signs = binarygrids.binarize(weight[:, ~mask], beta)
@@ -84,9 +86,12 @@ def compress_many(layers: list[LinearState], stats: InputStats | None, args: dic
     row = refit_rows(weight, mask, codes, signs, column, hessian)
     value = binarygrids.values(mask, codes, signs, row, column)
     sizes = [layer.weight.shape[0] for layer in layers]
-    for layer, w, v, c, s, r in zip(layers, weight.split(sizes), value.split(sizes), codes.split(sizes),
-                                    signs.split(sizes), row.split(sizes), strict=True):
+    kept = unrounded.split(sizes) if unrounded is not None else [None] * len(layers)
+    for layer, w, v, c, s, r, fed in zip(layers, weight.split(sizes), value.split(sizes),
+                                            codes.split(sizes), signs.split(sizes), row.split(sizes), kept,
+                                            strict=True):
         layer.weight = v.clone()
+        layer.unrounded = fed  # each weight just before it was binarised or rounded
         layer.quant = BinaryWeight(grid=grid, mask=mask.clone(), codes=c.contiguous(), signs=s.contiguous(),
                                    row=r.to(torch.float16), column=column.to(torch.float16))
         layer.methods.append(f"{grid.format}+{args.get('solver', 'gptq')}")
@@ -96,10 +101,12 @@ def compress_many(layers: list[LinearState], stats: InputStats | None, args: dic
 
 
 def _error_fed(weight: torch.Tensor, hessian: torch.Tensor, mask: torch.Tensor, beta: torch.Tensor,
-               alpha: torch.Tensor, grid: BinaryGrid, options: GPTQOptions):
+               alpha: torch.Tensor, grid: BinaryGrid, options: GPTQOptions, keep_unrounded: bool = False):
     """GPTQ's column loop (compressor.passes.gptq.error_feedback): binarised columns first (by
     descending H diagonal), their errors fed onto the rest; then the compensated salient columns
-    onto a per-row 4-bit grid fitted to them, with error feedback on their own sub-Hessian."""
+    onto a per-row 4-bit grid fitted to them, with error feedback on their own sub-Hessian.
+    `keep_unrounded` also returns every weight as it was just before it was binarised or rounded
+    (what block reconstruction learns the signs and codes of), else None."""
     diagonal = hessian.diagonal()
     binary_columns, salient = (~mask).nonzero().squeeze(1), mask.nonzero().squeeze(1)
     order = torch.cat([binary_columns[diagonal[binary_columns].argsort(descending=True)], salient])
@@ -107,10 +114,13 @@ def _error_fed(weight: torch.Tensor, hessian: torch.Tensor, mask: torch.Tensor, 
     rows = weight.shape[0]
     high, low_value = beta + alpha, beta - alpha
     signs_t = torch.empty(n, rows, dtype=torch.bool)
+    unrounded_t = torch.empty(len(mask), rows) if keep_unrounded else None  # by position in `order`
 
     def binarize_column(col: int, upcoming: torch.Tensor) -> torch.Tensor:
         if col >= n:
             return upcoming[0]  # a salient column: left for the second solve, no error to feed
+        if unrounded_t is not None:
+            unrounded_t[col] = upcoming[0]
         positive = upcoming[0] >= beta
         signs_t[col] = positive
         return torch.where(positive, high, low_value)
@@ -129,13 +139,19 @@ def _error_fed(weight: torch.Tensor, hessian: torch.Tensor, mask: torch.Tensor, 
     codes_t = torch.empty(len(salient), rows, dtype=torch.uint8)
 
     def round_salient(col: int, upcoming: torch.Tensor) -> torch.Tensor:
+        if unrounded_t is not None:
+            unrounded_t[n + col] = upcoming[0]
         code = binarygrids.round_salient(upcoming[:1].T, scale, low, grid.salient_bits)[:, 0]
         codes_t[col] = code
         return code.float() * scale + low
 
     error_feedback(compensated, hessian[salient[:, None], salient[None, :]], round_salient,
                    GPTQOptions(damp=options.damp, act_order=True, blocksize=options.blocksize))
-    return signs, codes_t.T.contiguous(), scale, low, damp
+    unrounded = None
+    if unrounded_t is not None:
+        unrounded = torch.empty(rows, len(mask))
+        unrounded[:, order] = unrounded_t.T
+    return signs, codes_t.T.contiguous(), scale, low, damp, unrounded
 
 
 def refit_rows(weight: torch.Tensor, mask: torch.Tensor, codes: torch.Tensor, signs: torch.Tensor,

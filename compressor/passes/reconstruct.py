@@ -14,8 +14,8 @@ What is learned, by `train`:
               fake quantization, by Adam
     scales    only the numbers beside the codes, codes fixed (EfficientQAT's E2E-QP, per block): a
               range multiplier (and zero-point offset) per group of an integer grid; every row's
-              and column's numbers of PTQ1.61's layout (compressor.binarygrids), by Adam. PTQ1.61's
-              layers are learned this way whatever `train` says (their signs have no rounding)
+              and column's numbers of PTQ1.61's layout (compressor.binarygrids), by Adam. Under
+              rounding or full, PTQ1.61's signs and salient codes are learned too (LearnedBinary)
 
 4-bit float grids (NVFP4, MXFP4, LLM-FP4, E2M1) are learned on their own grid (LearnedFloat): the
 rounding offset is in units of the grid's local spacing, NVFP4's block scales stay on FP8 and
@@ -510,14 +510,23 @@ def _code_values(codes: torch.Tensor, fmt, bias) -> torch.Tensor:
     return fpgrids.fp_dequantize(codes, fmt, bias)
 
 
+def sign_ste(x: torch.Tensor) -> torch.Tensor:
+    """+1 where x >= 0, else -1, forward; identity backward."""
+    return x + (torch.where(x >= 0, 1.0, -1.0) - x).detach()
+
+
 class LearnedBinary:
-    """PTQ1.61's numbers (compressor.binarygrids) learned, codes and signs fixed: every row's scale,
-    low, alpha and beta as offsets in units of the row's own step (scale for the salient pair,
-    alpha for the binary pair), every binary column's factor as a multiplier."""
+    """PTQ1.61's numbers (compressor.binarygrids) learned: every row's scale, low, alpha and beta as
+    offsets in units of the row's own step (scale for the salient pair, alpha for the binary pair),
+    every binary column's factor as a multiplier, by Adam. With `train: rounding` (or full) the
+    signs and the salient codes are learned too, AutoRound-style: an offset per weight, by signed
+    descent, added to where the weight stood just before GPTQ binarised or rounded it (in steps:
+    half the distance from beta in units of alpha for a sign, in units of scale for a code), so a
+    weight near its boundary flips with a small move and the start is exactly the stored one."""
 
     scale_lr = SCALES_LR
 
-    def __init__(self, state: LinearState, device: torch.device):
+    def __init__(self, state: LinearState, device: torch.device, train: str = "scales"):
         quant: BinaryWeight = state.quant
         self.state = state
         mask = quant.mask.to(device)
@@ -535,28 +544,61 @@ class LearnedBinary:
         self.params = {"row": torch.zeros_like(self.row0, requires_grad=True),
                        "column": torch.ones_like(self.column0, requires_grad=True)}
         self.signed: list[torch.Tensor] = []
+        self.latent = None
+        if train != "scales" and state.unrounded is not None:
+            self.latent = self._latent(state.unrounded.to(device).float())
+            self.params["offset"] = torch.zeros_like(self.latent, requires_grad=True)
+            self.signed.append(self.params["offset"])
+
+    def _latent(self, before: torch.Tensor) -> torch.Tensor:
+        """Each weight's position in steps, consistent with the stored codes and signs: a code's
+        unrounded value within its rounding interval, a sign's half-distance (sign kept, at least
+        1e-3 from the boundary). The numbers were refitted after rounding, so the raw positions
+        are clamped to what the stored state says."""
+        scale, low, alpha, beta = self.row0.unbind(1)
+        factor = torch.ones(len(self.salient), device=before.device)
+        factor[self.binary_index] = self.column0
+        code = (before - low[:, None]) / self.unit[:, :1]
+        code = torch.minimum(torch.maximum(code, self.codes - 0.499), self.codes + 0.499)
+        half = (before / factor - beta[:, None]) / (2 * self.unit[:, 2:3])
+        half = torch.where(self.signs > 0, half.clamp_min(1e-3), half.clamp_max(-1e-3))
+        return torch.where(self.salient > 0, code, half)
 
     def numbers(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.row0 + self.params["row"] * self.unit, self.column0 * self.params["column"]
 
+    def codes_signs(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The salient codes and the signs as the forward uses them (straight-through when learned)."""
+        if self.latent is None:
+            return self.codes, self.signs
+        moved = self.latent + self.params["offset"]
+        codes = torch.clamp(round_ste(moved), 0, 2 ** self.state.quant.grid.salient_bits - 1)
+        return codes * self.salient, sign_ste(moved) * (1 - self.salient)
+
     def weight(self) -> torch.Tensor:
         """binarygrids.values, as one elementwise expression over [out, in]."""
         row, column = self.numbers()
+        codes, signs = self.codes_signs()
         scale, low, alpha, beta = row.unbind(1)
         factor = torch.zeros(len(self.salient), device=column.device).index_put((self.binary_index,), column)
-        binary = (beta[:, None] * (1 - self.salient) + alpha[:, None] * self.signs) * factor
-        return self.codes * scale[:, None] + low[:, None] * self.salient + binary
+        binary = (beta[:, None] * (1 - self.salient) + alpha[:, None] * signs) * factor
+        return codes * scale[:, None] + low[:, None] * self.salient + binary
 
     def clamp_(self) -> None:
-        pass
+        if self.latent is not None:
+            self.params["offset"].clamp_(-0.5, 0.5)
 
     @torch.no_grad()
     def final(self, dtype: torch.dtype) -> tuple[torch.Tensor, BinaryWeight]:
         row, column = (binarygrids.half(x).cpu() for x in self.numbers())
         stored = self.state.quant
-        quant = BinaryWeight(grid=stored.grid, mask=stored.mask, codes=stored.codes, signs=stored.signs,
+        codes, signs = (x.cpu() for x in self.codes_signs())
+        mask = stored.mask
+        codes = codes[:, mask].to(torch.uint8).contiguous()
+        signs = (signs[:, ~mask] > 0).contiguous()
+        quant = BinaryWeight(grid=stored.grid, mask=mask, codes=codes, signs=signs,
                              row=row.to(torch.float16), column=column.to(torch.float16))
-        return binarygrids.values(stored.mask, stored.codes, stored.signs, row, column).to(dtype), quant
+        return binarygrids.values(mask, codes, signs, row, column).to(dtype), quant
 
 
 def _autocast(device: torch.device, bf16: bool | str):
@@ -605,7 +647,7 @@ def _learnable(state: LinearState) -> bool:
 
 def _learner(state: LinearState, dense: torch.Tensor, current: torch.Tensor, options: ReconstructOptions):
     if isinstance(state.quant, BinaryWeight):
-        return LearnedBinary(state, dense.device)
+        return LearnedBinary(state, dense.device, options.train)
     if isinstance(state.quant, FloatWeight):
         return LearnedFloat(state, dense, options.train)
     if isinstance(state.quant, GgufWeight):
