@@ -94,6 +94,9 @@ SUITES: dict[str, list[tuple[str, list[str]]]] = {
         # data-free variant, and the fixed-table relative (llama.cpp's IQ4_NL through GPTQ). NF4: fp4.md.
         ("gptq-lut4g64", ["quantize", "--format", "lut4", "--group-size", "64"]),
         ("gptq-lut4g128", ["quantize", "--format", "lut4", "--group-size", "128"]),
+        ("gptq-lut4g64-rec", ["quantize", "--format", "lut4", "--group-size", "64", "--reconstruct"]),
+        ("gptq-lut4g64-rec-rounding", ["quantize", "--format", "lut4", "--group-size", "64", "--reconstruct",
+                                       "--reconstruct-train", "rounding"]),
         ("rtn-lut4g128", ["quantize", "--format", "lut4", "--method", "rtn", "--group-size", "128"]),
         ("gptq-iq4nl", ["run", str(HERE / "iq4nl-gptq.yaml")]),
         # PTQ1.61 (issue 22: below 300 at <= 1.7 stored bpw; vs gptq-w2g64-asym above): 19% salient

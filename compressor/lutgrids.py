@@ -156,7 +156,7 @@ def fit_tables(w: torch.Tensor, scale: torch.Tensor, grid: LutGrid,
 
 def _lloyd(u: torch.Tensor, weight: torch.Tensor, table: torch.Tensor, iterations: int) -> torch.Tensor:
     for _ in range(iterations):
-        codes = _nearest(u, table)
+        codes = nearest(u, table)
         total = torch.zeros_like(table).scatter_add_(1, codes, weight)
         moment = torch.zeros_like(table).scatter_add_(1, codes, weight * u)
         updated = torch.where(total > 0, moment / total.clamp_min(1e-30), table).sort(dim=1).values
@@ -168,7 +168,7 @@ def _lloyd(u: torch.Tensor, weight: torch.Tensor, table: torch.Tensor, iteration
 
 def _kmeans_error(u: torch.Tensor, weight: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     """Per table: sum of weight * (u - nearest value)^2."""
-    return (weight * (u - table.gather(1, _nearest(u, table))).square()).sum(1)
+    return (weight * (u - table.gather(1, nearest(u, table))).square()).sum(1)
 
 
 def _weighted_quantiles(u: torch.Tensor, weight: torch.Tensor, levels: int) -> torch.Tensor:
@@ -180,7 +180,7 @@ def _weighted_quantiles(u: torch.Tensor, weight: torch.Tensor, levels: int) -> t
     return sorted_u.gather(1, index)
 
 
-def _nearest(u: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+def nearest(u: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     """Index of the nearest table value for each u (tables ascending, one per row of u)."""
     midpoints = (table[:, 1:] + table[:, :-1]) / 2
     return torch.searchsorted(midpoints.contiguous(), u.contiguous())
@@ -195,7 +195,7 @@ def round_to(w: torch.Tensor, scale: torch.Tensor, table: torch.Tensor, grid: Lu
     """Codes (uint8) of the nearest value scale * table[code] for every weight."""
     rows, cols = w.shape
     u = w.float() / spread(scale, cols, grid)
-    return _nearest(u, row_tables(table, rows, grid)).to(torch.uint8)
+    return nearest(u, row_tables(table, rows, grid)).to(torch.uint8)
 
 
 def values(codes: torch.Tensor, scale: torch.Tensor, table: torch.Tensor, grid: LutGrid) -> torch.Tensor:

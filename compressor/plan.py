@@ -61,9 +61,10 @@ def _step_args(raw) -> dict:
     return {k: v for k, v in raw.items() if k not in STEP_KEYS}
 
 
-# Sub-group passes whose result a block pass can learn: integer and 4-bit float grids, PTQ1.61's
-# numbers, sparse masks (fp4 only without act_bits: a quantized input's shift is in the stored columns).
-LEARNABLE = {"rtn", "gptq", "fp4", "gguf", "ptq161", "magnitude", "wanda", "sparsegpt", "dsnot"}
+# Sub-group passes whose result a block pass can learn: integer and 4-bit float grids, GGUF blocks,
+# lookup tables, PTQ1.61's layout, sparse masks (fp4 only without act_bits: a quantized input's shift
+# is in the stored columns).
+LEARNABLE = {"rtn", "gptq", "fp4", "gguf", "lut", "ptq161", "magnitude", "wanda", "sparsegpt", "dsnot"}
 
 
 def _learnable(raw: dict) -> bool:
@@ -80,7 +81,8 @@ def validate_recipe(passes: list[dict]) -> None:
                 found = ", ".join(sorted({p["method"] for p in passes[:index]})) or "no pass"
                 raise CompressorError(
                     f"{raw['method']} has nothing to learn after {found}: it refines an integer, "
-                    "4-bit float or GGUF quantization (gptq, rtn, fp4 without act_bits, gguf, ptq161) "
+                    "4-bit float, GGUF or table quantization (gptq, rtn, fp4 without act_bits, gguf, "
+                    "lut, ptq161) "
                     "or a sparse mask (magnitude, wanda, sparsegpt) before it")
 
 

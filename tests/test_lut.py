@@ -104,14 +104,18 @@ def test_settings_are_checked():
             lut.validate(bad)
 
 
+@pytest.mark.parametrize("extra, methods", [
+    ([], ["lut4+gptq"]),
+    (["--reconstruct", "--reconstruct-iters", "6"], ["lut4+gptq", "reconstruct"]),  # learned per block
+])
 def test_cli_lut4_round_trips_bit_exactly(llama_dir, calibration_file, tmp_path, capsys, monkeypatch,
-                                          isolated_cache):
+                                          isolated_cache, extra, methods):
     from transformers import AutoModelForCausalLM
 
     out = tmp_path / "lut4"
     code, stdout, stderr = run_cli(
         ["quantize", llama_dir, "--format", "lut4", "--group-size", "32", "--calibration", calibration_file,
-         "--samples", "4", "--seqlen", "32", "-o", out, "--json"], capsys, monkeypatch)
+         "--samples", "4", "--seqlen", "32", *extra, "-o", out, "--json"], capsys, monkeypatch)
     assert code == 0, stderr
     manifest = json.loads((out / "compress.json").read_text())
     config = json.loads((out / "config.json").read_text())["quantization_config"]
@@ -122,7 +126,7 @@ def test_cli_lut4_round_trips_bit_exactly(llama_dir, calibration_file, tmp_path,
     total_bits = 0
     with safe_open(str(out / "model.safetensors"), framework="pt") as handle:
         for name, entry in manifest["modules"].items():
-            assert entry["methods"] == ["lut4+gptq"] and entry["format"] == "lut4"
+            assert entry["methods"] == methods and entry["format"] == "lut4"
             # The closed-form refit only lowers the layer's output error.
             assert entry["lut_output_error"] <= entry["lut_output_error_before_refit"] * (1 + 1e-4)
             table = handle.get_tensor(f"{name}.weight_table")
@@ -166,7 +170,6 @@ def test_cli_lut3_rtn_needs_no_data(llama_dir, tmp_path, capsys, monkeypatch, is
 @pytest.mark.parametrize("args, message", [
     (["--method", "awq"], "only --method gptq or rtn"),
     (["--asym"], "drop --asym"),
-    (["--reconstruct"], "drop --reconstruct"),
     (["--bits", "3"], "drop --bits"),
     (["--group-size", "auto"], "drop --group-size auto"),
     (["--embeddings", "int8"], "--embeddings int8 is not combined"),
@@ -214,3 +217,69 @@ def test_runs_packed_with_lut_linear(llama_dir, tmp_path, capsys, monkeypatch, i
     code, stdout, stderr = run_small_eval(out, tmp_path, capsys, monkeypatch)
     assert code == 0, stderr
     assert json.loads(stdout)["perplexity"]["ppl"] > 1 and "custom code" not in stdout + stderr
+
+
+def _lut_state(train_rows=12, cols=64, seed=0):
+    from compressor.passes import LinearState, get_pass
+    from compressor.stats import InputStats
+
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(256, cols, generator=generator)
+    stats = InputStats(cols)
+    stats.add_batch(x)
+    dense = torch.randn(train_rows, cols, generator=generator) * 0.05
+    layer = LinearState("layer", dense.clone(), torch.float32)
+    get_pass("lut").compress(layer, stats, {"format": "lut4", "group_size": 32})
+    return layer, dense
+
+
+def test_learned_lut_starts_where_the_format_says():
+    """Untouched, the learner reproduces the stored weights (scales) or round to nearest of the dense
+    weights on the stored tables (rounding); its final() stores ascending float16 tables whose values
+    are what the forward computed."""
+    from compressor.passes.reconstruct import LearnedLut
+
+    layer, dense = _lut_state()
+    q = layer.quant
+    stored = lutgrids.values(q.codes, q.scale, q.table, q.grid)
+    with torch.no_grad():
+        assert torch.equal(LearnedLut(layer, dense, "scales").weight(), stored)
+        rounding = LearnedLut(layer, dense, "rounding")
+        nearest = lutgrids.values(lutgrids.round_to(dense, q.scale.float(), q.table.float(), q.grid), q.scale,
+                                  q.table, q.grid)
+        assert torch.allclose(rounding.weight(), nearest, atol=1e-7)
+        # Moving every offset by +0.5 of the local spacing never lowers a weight's value.
+        rounding.params["offset"].fill_(0.5)
+        assert (rounding.weight() >= nearest - 1e-7).all() and (rounding.weight() > nearest).any()
+        # Learned tables may leave their order: final() sorts them and renumbers the codes.
+        scales = LearnedLut(layer, dense, "scales")
+        scales.params["table"][:, 0] += 3.0  # the smallest value moves past others
+        expected = scales.weight()
+        weight, quant = scales.final(torch.float32)
+    assert (quant.table.float().diff(dim=1) >= 0).all() and quant.table.dtype == torch.float16
+    assert torch.equal(weight, lutgrids.values(quant.codes, quant.scale, quant.table, q.grid))
+    assert torch.allclose(weight, expected, rtol=2e-3, atol=1e-4)  # float16 storage
+
+
+@pytest.mark.parametrize("train, iters, gain", [("scales", 40, 0.9), ("rounding", 200, 0.99)])
+def test_block_reconstruction_learns_tables(train, iters, gain):
+    """lut then reconstruct on a tiny Llama: block 0's error falls below the tables' own; the model's
+    weights are exactly what the stored codes, scales and ascending float16 tables give."""
+    from compressor.pipeline import compress_model
+    from compressor.plan import build_plan
+    from tests.conftest import make_model
+    from tests.test_reconstruct import _block0_error, _ids
+
+    ids = _ids()
+    dense, init, learned = make_model("llama"), make_model("llama"), make_model("llama")
+    step = {"method": "lut", "format": "lut4", "group_size": 32}
+    compress_model(init, build_plan(init, [step]), ids, batch_size=4)
+    records = compress_model(learned, build_plan(learned, [
+        step, {"method": "reconstruct", "train": train, "iters": iters, "batch": 2}]), ids, batch_size=4)
+    assert records["model.layers.0.mlp.up_proj"].metrics["reconstruct_kept"]
+    for name, state in records.items():
+        q = state.quant
+        assert (q.table.float().diff(dim=1) >= 0).all()
+        assert torch.equal(learned.get_submodule(name).weight.data, lutgrids.values(q.codes, q.scale, q.table,
+                                                                                    q.grid))
+    assert _block0_error(dense, learned, ids) < gain * _block0_error(dense, init, ids)

@@ -20,16 +20,17 @@ What is learned, by `train`:
 4-bit float grids (NVFP4, MXFP4, LLM-FP4, E2M1) are learned on their own grid (LearnedFloat): the
 rounding offset is in units of the grid's local spacing, NVFP4's block scales stay on FP8 and
 MXFP4's on powers of two. GGUF blocks (LearnedGguf) are learned on llama.cpp's grid: rounding
-offsets in steps of each sub-block, and the header's numbers moved only to values the file can
-hold (the K-quants' integer sub-block scales and mins, the legacy types' float16 d and m). A
-pruned linear keeps its mask exactly; in a sparse linear that is not quantized, the surviving
-weights are learned (Adam). Rounding goes through the straight-through
-estimator. The forwards run in bfloat16 autocast on CUDA and on CPUs with native bf16
-(AMX/AVX512-BF16; elsewhere bf16 is emulated and ~7x slower than float32, so `bf16: auto` keeps
-float32); parameters, the loss and the final rounding are float32. Each step learns from `batch`
-calibration windows (AutoRound's light recipe: 4 windows, 50 steps). The result is kept only where
-it lowers the block's error on all calibration windows (evaluated in float32): reconstruction never
-leaves a block worse than its initialisation.
+offsets in steps of each sub-block, and the header's numbers moved only to values the file can hold
+(the K-quants' integer sub-block scales and mins, the legacy types' float16 d and m). Learned
+lookup tables (LearnedLut) learn their table values and group scales, and under rounding their
+codes (an offset in units of the table's local spacing). A pruned linear keeps its mask exactly; in
+a sparse linear that is not quantized, the surviving weights are learned (Adam). Rounding goes
+through the straight-through estimator. The forwards run in bfloat16 autocast on CUDA and on CPUs
+with native bf16 (AMX/AVX512-BF16; elsewhere bf16 is emulated and ~7x slower than float32, so
+`bf16: auto` keeps float32); parameters, the loss and the final rounding are float32. Each step
+learns from `batch` calibration windows (AutoRound's light recipe: 4 windows, 50 steps). The result
+is kept only where it lowers the block's error on all calibration windows (evaluated in float32):
+reconstruction never leaves a block worse than its initialisation.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from dataclasses import dataclass
 import torch
 from torch.func import functional_call
 
-from compressor import binarygrids, fpgrids, gguf_quants, grids
+from compressor import binarygrids, fpgrids, gguf_quants, grids, lutgrids
 from compressor.errors import CompressorError
 from compressor.fpgrids import E2M1
 from compressor.model import block_linears
@@ -49,6 +50,7 @@ from compressor.passes import (
     FloatWeight,
     GgufWeight,
     LinearState,
+    LutWeight,
     QuantizedWeight,
     Scope,
     check_keys,
@@ -510,6 +512,80 @@ def _code_values(codes: torch.Tensor, fmt, bias) -> torch.Tensor:
     return fpgrids.fp_dequantize(codes, fmt, bias)
 
 
+class LearnedLut:
+    """Learned lookup tables (compressor.lutgrids) refined on their own layout: every table value
+    (an offset in units of its table's mean gap) and every group's float16 scale (a multiplier), by
+    Adam; with `train: rounding` (or full) the codes too, AutoRound-style: an offset per weight in
+    units of its table's local spacing, by signed descent, from the dense weights, each weight on the
+    nearest value of its current table (straight-through). What is stored is float16 tables in
+    ascending order (codes renumbered) and float16 scales, exactly what the forward used."""
+
+    def __init__(self, state: LinearState, dense: torch.Tensor, train: str):
+        quant: LutWeight = state.quant
+        self.state, self.grid = state, quant.grid
+        device = dense.device
+        self.codes = quant.codes.to(device)
+        self.scale0, self.table0 = quant.scale.float().to(device), quant.table.float().to(device)
+        gap = self.table0.diff(dim=1).mean(1, keepdim=True)
+        self.gap = torch.where(gap > 0, gap, torch.ones_like(gap))
+        self.weight_lr, self.scale_lr = 1e-3, SCALES_LR
+        self.params = {"table": torch.zeros_like(self.table0, requires_grad=True),
+                       "range": torch.ones_like(self.scale0, requires_grad=True)}
+        self.signed: list[torch.Tensor] = []
+        self.rounding = train != "scales"
+        if self.rounding:
+            rows, cols = dense.shape
+            start_scale = lutgrids.spread(self.scale0, cols, self.grid)
+            tables = lutgrids.row_tables(self.table0, rows, self.grid)
+            units = dense.float() / _nonzero(start_scale)
+            gaps = tables.diff(dim=1)
+            local = torch.cat([gaps[:, :1], (gaps[:, 1:] + gaps[:, :-1]) / 2, gaps[:, -1:]], 1)
+            self.before = dense.float()
+            self.spacing = local.gather(1, lutgrids.nearest(units, tables)) * start_scale
+            self.params["offset"] = torch.zeros_like(self.before, requires_grad=True)
+            self.signed.append(self.params["offset"])
+
+    def tables_scale(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tables [tables, levels] (not necessarily ascending while learning) and scales [out, groups]."""
+        return self.table0 + self.params["table"] * self.gap, self.scale0 * self.params["range"]
+
+    def _units_tables(self, table: torch.Tensor, scale: torch.Tensor):
+        """Each weight in units of its scale, each row's ascending table [out, levels], the scales
+        spread over the columns."""
+        rows, cols = self.codes.shape
+        spread = lutgrids.spread(scale, cols, self.grid)
+        tables = lutgrids.row_tables(table, rows, self.grid).sort(dim=1).values
+        units = (self.before + self.params["offset"] * self.spacing) / _nonzero(spread)
+        return torch.minimum(torch.maximum(units, tables[:, :1]), tables[:, -1:]), tables, spread
+
+    def weight(self) -> torch.Tensor:
+        table, scale = self.tables_scale()
+        if not self.rounding:
+            return lutgrids.values(self.codes, scale, table, self.grid)
+        units, tables, spread = self._units_tables(table, scale)
+        picked = tables.gather(1, lutgrids.nearest(units.detach(), tables.detach()))
+        return (picked + units - units.detach()) * spread  # the table's value; d/d(units) = 1
+
+    @torch.no_grad()
+    def clamp_(self) -> None:
+        self.params["range"].clamp_(0.5, 1.5)
+        if self.rounding:
+            self.params["offset"].clamp_(-0.5, 0.5)
+
+    @torch.no_grad()
+    def final(self, dtype: torch.dtype) -> tuple[torch.Tensor, LutWeight]:
+        table, scale = (binarygrids.half(x) for x in self.tables_scale())
+        if self.rounding:
+            table = table.sort(dim=1).values
+            units, tables, _ = self._units_tables(table, scale)
+            codes = lutgrids.nearest(units, tables).to(torch.uint8)
+        else:
+            table, codes = lutgrids.sort_tables(table, self.codes, self.grid)
+        quant = LutWeight(grid=self.grid, codes=codes.cpu().contiguous(), scale=scale.to(torch.float16).cpu(),
+                          table=table.to(torch.float16).cpu(), act_order=self.state.quant.act_order)
+        return lutgrids.values(codes, scale, table, self.grid).to(dtype), quant
+
+
 def sign_ste(x: torch.Tensor) -> torch.Tensor:
     """+1 where x >= 0, else -1, forward; identity backward."""
     return x + (torch.where(x >= 0, 1.0, -1.0) - x).detach()
@@ -636,12 +712,12 @@ def block_error(block, data: BlockData, params: dict[str, torch.Tensor] | None =
 
 
 def _learnable(state: LinearState) -> bool:
-    """Integer grids, 4-bit float grids, GGUF blocks, PTQ1.61's numbers and sparse float weights.
-    Lookup tables are left as they are, and so are float layers whose inputs are quantized too
-    (their stored columns carry the activation quantizer's shift)."""
+    """Integer grids, 4-bit float grids, GGUF blocks, lookup tables, PTQ1.61's layout and sparse
+    float weights. Float layers whose inputs are quantized too are left as they are (their stored
+    columns carry the activation quantizer's shift)."""
     if isinstance(state.quant, FloatWeight):
         return state.quant.act_bits is None
-    return (isinstance(state.quant, (QuantizedWeight, BinaryWeight, GgufWeight))
+    return (isinstance(state.quant, (QuantizedWeight, BinaryWeight, GgufWeight, LutWeight))
             or (state.quant is None and state.mask is not None))
 
 
@@ -652,6 +728,8 @@ def _learner(state: LinearState, dense: torch.Tensor, current: torch.Tensor, opt
         return LearnedFloat(state, dense, options.train)
     if isinstance(state.quant, GgufWeight):
         return LearnedGguf(state, dense, options.train, options.start)
+    if isinstance(state.quant, LutWeight):
+        return LearnedLut(state, dense, options.train)
     return LearnedLinear(state, dense, current, options.train, options.start)
 
 
