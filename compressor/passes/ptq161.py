@@ -1,7 +1,9 @@
 """PTQ1.61 (Zhao et al., 2025), the part that sees one sub-group: pick the salient input channels,
 binarise the rest, round the salient ones to 4 bits (compressor.binarygrids). The block
-reconstruction that follows (compressor.passes.reconstruct, `train: scales`) then learns every
-row's and column's numbers against the dense block's output, as PTQ1.61's block-wise optimisation.
+reconstruction that follows (compressor.passes.reconstruct) then learns every row's and column's
+numbers against the dense block's output, as PTQ1.61's block-wise optimisation, and with `train:
+rounding` (`--method ptq161`'s default) the signs and codes too, from the values this pass kept
+just before it binarised or rounded each weight (LinearState.unrounded).
 
 Per sub-group (linears that read one input, so one mask for all of them): the `salient` fraction of
 input channels with the largest calibration |x| is kept at 4 bits. Every row's binary values are
