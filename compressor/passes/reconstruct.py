@@ -402,10 +402,8 @@ class LearnedGguf:
         if train == "rounding":
             spacing = step0[:, self.index]
             if self.table is not None:
-                gaps = self.table.diff()
-                local = torch.cat([gaps[:1], (gaps[1:] + gaps[:-1]) / 2, gaps[-1:]])
                 nearest = gguf_quants._nearest(before / _nonzero(spacing), self.table)
-                spacing = spacing * local[nearest]
+                spacing = spacing * local_spacing(self.table)[nearest]
             self.before, self.spacing = before, spacing
             self.params["offset"] = torch.zeros_like(before, requires_grad=True)
             self.signed.append(self.params["offset"])
@@ -489,6 +487,13 @@ class LearnedGguf:
         return gguf_quants.values(codes, header.to(codes.device)).to(dtype), quant
 
 
+def local_spacing(table: torch.Tensor) -> torch.Tensor:
+    """Per value of an ascending table (along its last dimension): the mean gap to its neighbours
+    (the one gap at either end), the unit of a rounding offset on a non-uniform grid."""
+    gaps = table.diff(dim=-1)
+    return torch.cat([gaps[..., :1], (gaps[..., 1:] + gaps[..., :-1]) / 2, gaps[..., -1:]], dim=-1)
+
+
 def _ste_exact(x: torch.Tensor, kind: str) -> torch.Tensor:
     """x rounded to an integer or to float16 forward, identity backward."""
     return round_ste(x) if kind == "int" else x + (x.to(torch.float16).float() - x).detach()
@@ -538,10 +543,8 @@ class LearnedLut:
             start_scale = lutgrids.spread(self.scale0, cols, self.grid)
             tables = lutgrids.row_tables(self.table0, rows, self.grid)
             units = dense.float() / _nonzero(start_scale)
-            gaps = tables.diff(dim=1)
-            local = torch.cat([gaps[:, :1], (gaps[:, 1:] + gaps[:, :-1]) / 2, gaps[:, -1:]], 1)
             self.before = dense.float()
-            self.spacing = local.gather(1, lutgrids.nearest(units, tables)) * start_scale
+            self.spacing = local_spacing(tables).gather(1, lutgrids.nearest(units, tables)) * start_scale
             self.params["offset"] = torch.zeros_like(self.before, requires_grad=True)
             self.signed.append(self.params["offset"])
 
