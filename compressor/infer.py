@@ -39,11 +39,16 @@ def memory_bandwidth(megabytes: int = 512, repeats: int = 5) -> float:
     return buffer.numel() * 4 / best
 
 
-def _median_seconds(run, repeats: int) -> float:
+def _median_seconds(run, repeats: int, device: torch.device | None = None) -> float:
+    """Median wall time of `run`; on CUDA the queued kernels are waited for, else only their launch
+    would be timed."""
+    sync = torch.cuda.synchronize if device is not None and device.type == "cuda" else (lambda: None)
     times = []
     for _ in range(repeats):
+        sync()
         start = time.perf_counter()
         run()
+        sync()
         times.append(time.perf_counter() - start)
     return sorted(times)[len(times) // 2]
 
@@ -58,15 +63,15 @@ def measure(model, prefill_tokens: int = 512, decode_tokens: int = 64, prompt_to
     generator = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, vocab, (1, prefill_tokens), generator=generator).to(device)
     model(ids[:, :64], use_cache=False)  # warm-up: kernels, packing caches, allocator
-    prefill = _median_seconds(lambda: model(ids, use_cache=False), repeats)
+    prefill = _median_seconds(lambda: model(ids, use_cache=False), repeats, device)
 
     def decode() -> None:
         out = model(ids[:, :prompt_tokens], use_cache=True)
         for _ in range(decode_tokens):
             out = model(out.logits[:, -1:].argmax(-1), cache=out.cache, use_cache=True)
 
-    prompt = _median_seconds(lambda: model(ids[:, :prompt_tokens], use_cache=True), repeats)
-    decode_total = _median_seconds(decode, repeats)
+    prompt = _median_seconds(lambda: model(ids[:, :prompt_tokens], use_cache=True), repeats, device)
+    decode_total = _median_seconds(decode, repeats, device)
     per_token = max(decode_total - prompt, 1e-9) / decode_tokens
     return {"prefill_tokens_per_s": prefill_tokens / prefill, "decode_tokens_per_s": 1 / per_token,
             "decode_ms_per_token": per_token * 1e3, "weight_bytes": weight_bytes(model)}

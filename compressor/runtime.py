@@ -268,10 +268,26 @@ def _int8_embeddings(model, tied: bool, dtype) -> None:
 def weight_bytes(model) -> int:
     """Bytes of every parameter and persistent tensor the model keeps (shared storage once)."""
     seen, total = set(), 0
-    for tensor in list(model.parameters()) + list(model.buffers()):
+    for tensor in _plain_tensors(list(model.parameters()) + list(model.buffers())):
         pointer = tensor.untyped_storage().data_ptr()
         if pointer in seen:
             continue
         seen.add(pointer)
         total += tensor.untyped_storage().nbytes()
     return total
+
+
+def _plain_tensors(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The tensors with storage behind `tensors`: a wrapper subclass (the semi-structured 2:4 weight:
+    kept values plus metadata) has none of its own, only the inner tensors it flattens to."""
+    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+
+    plain = []
+    for tensor in tensors:
+        tensor = tensor.data if isinstance(tensor, torch.nn.Parameter) else tensor
+        if is_traceable_wrapper_subclass(tensor):
+            names, _ = tensor.__tensor_flatten__()
+            plain += _plain_tensors([getattr(tensor, name) for name in names])
+        else:
+            plain.append(tensor)
+    return plain

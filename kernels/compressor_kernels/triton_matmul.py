@@ -7,11 +7,14 @@ column // group_width), so act-order and ragged groups need no special case:
 
     y[m, n] = sum_k x[m, k] * (code[n, k] - zero[n, g(k)]) * scale[n, g(k)]
 
-Two kernels, both accumulating in float32 and reading every packed word once per output tile:
+Three kernels, the first two accumulating in float32 and reading every packed word once per output tile:
     GEMV (decode, a few rows of x): a program owns BLOCK_N outputs of one row of x and reduces
           over the inputs with elementwise products (no tensor cores needed at batch 1).
-    GEMM (prefill): BLOCK_M x BLOCK_N output tiles through tl.dot, the weight tile dequantized in
-          registers to x's dtype.
+    GEMM (a few dozen rows): BLOCK_M x BLOCK_N output tiles through tl.dot, the weight tile
+          dequantized in registers to x's dtype (float32 inputs multiply in IEEE float32, not TF32).
+    dequantize (prefill, PackedLinear from TRITON_PREFILL_ROWS rows on): W written once in x's
+          dtype into a workspace, then cuBLAS: at hundreds of rows its tiles beat a fused kernel.
+The tile sizes are the fastest measured on an H200 (bench/gpu_kernels.py sweeps them).
 """
 
 from __future__ import annotations
@@ -21,6 +24,9 @@ import triton
 import triton.language as tl
 
 GEMV_MAX_ROWS = 4  # at most this many rows of x run as GEMVs, more as one GEMM
+GEMV_CONFIG = {"BLOCK_N": 32, "BLOCK_K": 128, "num_warps": 4}
+GEMM_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4}
+DEQUANTIZE_CONFIG = {"BLOCK_N": 32, "BLOCK_K": 128, "num_warps": 4}
 
 
 @triton.jit
@@ -63,7 +69,7 @@ def _gemv_kernel(x_ptr, y_ptr, packed_ptr, scale_ptr, zero_ptr, group_ptr, n_out
 @triton.jit
 def _gemm_kernel(x_ptr, y_ptr, packed_ptr, scale_ptr, zero_ptr, group_ptr, n_rows, n_out, n_in,
                  words_per_row, groups, stride_x, stride_y, BITS: tl.constexpr, BLOCK_M: tl.constexpr,
-                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
     row_x = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
@@ -73,28 +79,53 @@ def _gemm_kernel(x_ptr, y_ptr, packed_ptr, scale_ptr, zero_ptr, group_ptr, n_row
                     mask=(row_x[:, None] < n_rows) & (cols[None, :] < n_in), other=0.0)
         weight = _dequantized_tile(packed_ptr, scale_ptr, zero_ptr, group_ptr, rows, cols, n_out, n_in,
                                    words_per_row, groups, BITS)
-        acc += tl.dot(x, tl.trans(weight.to(x.dtype)))
+        acc += tl.dot(x, tl.trans(weight.to(x.dtype)), input_precision=PRECISION)
     where = row_x[:, None] * stride_y + rows[None, :]
     tl.store(y_ptr + where, acc.to(y_ptr.dtype.element_ty),
              mask=(row_x[:, None] < n_rows) & (rows[None, :] < n_out))
 
 
+@triton.jit
+def _dequantize_kernel(w_ptr, packed_ptr, scale_ptr, zero_ptr, group_ptr, n_out, n_in, words_per_row, groups,
+                       BITS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    weight = _dequantized_tile(packed_ptr, scale_ptr, zero_ptr, group_ptr, rows, cols, n_out, n_in,
+                               words_per_row, groups, BITS)
+    tl.store(w_ptr + rows[:, None].to(tl.int64) * n_in + cols[None, :], weight.to(w_ptr.dtype.element_ty),
+             mask=(rows[:, None] < n_out) & (cols[None, :] < n_in))
+
+
+def dequantize(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_of: torch.Tensor,
+               bits: int, out: torch.Tensor, config: dict | None = None) -> torch.Tensor:
+    """W [out_features, in_features] written into `out` (its dtype) from the packed codes."""
+    config = config or DEQUANTIZE_CONFIG
+    n_out, n_in = out.shape
+    grid = (triton.cdiv(n_out, config["BLOCK_N"]), triton.cdiv(n_in, config["BLOCK_K"]))
+    _dequantize_kernel[grid](out, packed, scale.contiguous(), zero.contiguous(), group_of.contiguous(), n_out,
+                             n_in, packed.shape[1], scale.shape[1], BITS=bits, **config)
+    return out
+
+
 def packed_matmul(x2d: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
-                  group_of: torch.Tensor, bits: int, out_features: int) -> torch.Tensor:
-    """x2d [M, in] @ W^T -> [M, out] in x's dtype, W given by its packed codes (see module doc)."""
+                  group_of: torch.Tensor, bits: int, out_features: int, config: dict | None = None
+                  ) -> torch.Tensor:
+    """x2d [M, in] @ W^T -> [M, out] in x's dtype, W given by its packed codes (see module doc);
+    config overrides the GEMV's or the GEMM's tile sizes (for the sweep in bench/gpu_kernels.py)."""
     x2d = x2d.contiguous()
     rows, in_features = x2d.shape
     y = torch.empty(rows, out_features, dtype=x2d.dtype, device=x2d.device)
     common = (packed, scale.contiguous(), zero.contiguous(), group_of.contiguous())
     sizes = (packed.shape[1], scale.shape[1])
     if rows <= GEMV_MAX_ROWS:
-        block_n, block_k = 32, 128
-        grid = (rows, triton.cdiv(out_features, block_n))
+        config = config or GEMV_CONFIG
+        grid = (rows, triton.cdiv(out_features, config["BLOCK_N"]))
         _gemv_kernel[grid](x2d, y, *common, out_features, in_features, *sizes, x2d.stride(0), y.stride(0),
-                           BITS=bits, BLOCK_N=block_n, BLOCK_K=block_k)
+                           BITS=bits, **config)
     else:
-        block_m, block_n, block_k = 32, 64, 64
-        grid = (triton.cdiv(rows, block_m), triton.cdiv(out_features, block_n))
+        config = config or GEMM_CONFIG
+        grid = (triton.cdiv(rows, config["BLOCK_M"]), triton.cdiv(out_features, config["BLOCK_N"]))
+        precision = "ieee" if x2d.dtype == torch.float32 else "tf32"  # tf32 is unused for 16-bit x
         _gemm_kernel[grid](x2d, y, *common, rows, out_features, in_features, *sizes, x2d.stride(0),
-                           y.stride(0), BITS=bits, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
+                           y.stride(0), BITS=bits, PRECISION=precision, **config)
     return y
