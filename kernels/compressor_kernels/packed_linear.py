@@ -13,10 +13,9 @@ Backends, chosen per layer when it is built (the first that fits wins):
     aten-int8    8-bit symmetric per-channel: torch's int8 weight-only matmul (_weight_int8pack_mm)
     triton       CUDA with Triton installed (asked for by the loader; any width 2-8, any groups,
                  act-order g_idx): the dequantize-matmul kernels of triton_matmul.py over the
-                 compressed-tensors int32 words, GEMV for decode, GEMM for a few dozen rows, and
-                 from TRITON_PREFILL_ROWS rows on (prefill) a dequantize kernel into the shared
-                 workspace, then the dense matmul; also runs on the CPU under TRITON_INTERPRET=1
-                 (how the tests check it).
+                 compressed-tensors int32 words: a GEMV kernel for decode (up to 4 rows), and for
+                 more rows a dequantize kernel into the shared workspace, then the dense matmul;
+                 also runs on the CPU under TRITON_INTERPRET=1 (how the tests check it).
     dequant      anything else (5-7 bits, act-order g_idx, groups no kernel group tiles, CUDA
                  without Triton): codes stay packed as compressed-tensors int32 words;
                  each forward unpacks and dequantizes this one layer into a buffer shared by all
@@ -47,9 +46,6 @@ INT4_GROUPS = (32, 64, 128, 256)
 PREFILL_ROWS = 32
 # An aten-int8 layer's prefill dequantizes this many output rows at a time (4096 x 576: 9 MiB float32).
 INT8_PREFILL_ROWS = 4096
-# From this many rows on a Triton layer is dequantized into the workspace (one kernel) and multiplied
-# by cuBLAS, whose tiles beat the fused GEMM at prefill sizes (bench/gpu_kernels.py).
-TRITON_PREFILL_ROWS = 64
 
 
 def int4_layout_codes(packed: torch.Tensor, out_features: int, in_features: int,
@@ -266,17 +262,12 @@ class PackedLinear(torch.nn.Module):
         elif self.backend == "aten-int8":
             y = torch.ops.aten._weight_int8pack_mm(x2d.to(self.scales.dtype).contiguous(), self.packed,
                                                    self.scales)
-        elif self.backend == "triton" and x2d.shape[0] >= TRITON_PREFILL_ROWS:
-            from compressor_kernels.triton_matmul import dequantize
-
-            buffer = _Workspace.get((self.out_features, self.in_features), self.scale.dtype, x.device)
-            weight = dequantize(self.packed, self.scale, self.zero, self.group_of, self.bits, buffer)
-            y = torch.nn.functional.linear(x2d.to(self.scale.dtype), weight)
         elif self.backend == "triton":
             from compressor_kernels.triton_matmul import packed_matmul
 
+            buffer = _Workspace.get((self.out_features, self.in_features), self.scale.dtype, x.device)
             y = packed_matmul(x2d.to(self.scale.dtype), self.packed, self.scale, self.zero, self.group_of,
-                              self.bits, self.out_features)
+                              self.bits, self.out_features, workspace=buffer)
         else:
             buffer = _Workspace.get((self.out_features, self.in_features), self.scale.dtype, x.device)
             y = torch.nn.functional.linear(x2d.to(self.scale.dtype), self.dense_weight(out=buffer))

@@ -7,14 +7,15 @@ column // group_width), so act-order and ragged groups need no special case:
 
     y[m, n] = sum_k x[m, k] * (code[n, k] - zero[n, g(k)]) * scale[n, g(k)]
 
-Three kernels, the first two accumulating in float32 and reading every packed word once per output tile:
-    GEMV (decode, a few rows of x): a program owns BLOCK_N outputs of one row of x and reduces
-          over the inputs with elementwise products (no tensor cores needed at batch 1).
-    GEMM (a few dozen rows): BLOCK_M x BLOCK_N output tiles through tl.dot, the weight tile
-          dequantized in registers to x's dtype (float32 inputs multiply in IEEE float32, not TF32).
-    dequantize (prefill, PackedLinear from TRITON_PREFILL_ROWS rows on): W written once in x's
-          dtype into a workspace, then cuBLAS: at hundreds of rows its tiles beat a fused kernel.
-The tile sizes are the fastest measured on an H200 (bench/gpu_kernels.py sweeps them).
+Two kernels:
+    GEMV (decode: up to GEMV_MAX_ROWS rows of x): a program owns BLOCK_N outputs of one row of x and
+          reduces over the inputs with elementwise products in float32 (no tensor cores at batch 1).
+    dequantize (more rows): W written once in x's dtype into a workspace, then cuBLAS. On an H200
+          this beat the best of 8 tile configurations of a fused tl.dot dequantize-GEMM in 9 of 10
+          cells (5 layer shapes at 16 and 512 rows) by 1.7-20x (bench/results/gpu_kernels.md), so
+          the fused GEMM was dropped.
+The tile sizes are the fastest of the sweep in bench/gpu_kernels.py on an H200 (geometric mean over
+the 7B Llama and SmolLM2 layer shapes).
 """
 
 from __future__ import annotations
@@ -23,10 +24,9 @@ import torch
 import triton
 import triton.language as tl
 
-GEMV_MAX_ROWS = 4  # at most this many rows of x run as GEMVs, more as one GEMM
-GEMV_CONFIG = {"BLOCK_N": 32, "BLOCK_K": 128, "num_warps": 4}
-GEMM_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4}
-DEQUANTIZE_CONFIG = {"BLOCK_N": 32, "BLOCK_K": 128, "num_warps": 4}
+GEMV_MAX_ROWS = 4  # at most this many rows of x run as GEMVs; more: dequantize, then cuBLAS
+GEMV_CONFIG = {"BLOCK_N": 4, "BLOCK_K": 512, "num_warps": 4}
+DEQUANTIZE_CONFIG = {"BLOCK_N": 16, "BLOCK_K": 256, "num_warps": 4}
 
 
 @triton.jit
@@ -67,25 +67,6 @@ def _gemv_kernel(x_ptr, y_ptr, packed_ptr, scale_ptr, zero_ptr, group_ptr, n_out
 
 
 @triton.jit
-def _gemm_kernel(x_ptr, y_ptr, packed_ptr, scale_ptr, zero_ptr, group_ptr, n_rows, n_out, n_in,
-                 words_per_row, groups, stride_x, stride_y, BITS: tl.constexpr, BLOCK_M: tl.constexpr,
-                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
-    row_x = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for start in range(0, n_in, BLOCK_K):
-        cols = start + tl.arange(0, BLOCK_K)
-        x = tl.load(x_ptr + row_x[:, None] * stride_x + cols[None, :],
-                    mask=(row_x[:, None] < n_rows) & (cols[None, :] < n_in), other=0.0)
-        weight = _dequantized_tile(packed_ptr, scale_ptr, zero_ptr, group_ptr, rows, cols, n_out, n_in,
-                                   words_per_row, groups, BITS)
-        acc += tl.dot(x, tl.trans(weight.to(x.dtype)), input_precision=PRECISION)
-    where = row_x[:, None] * stride_y + rows[None, :]
-    tl.store(y_ptr + where, acc.to(y_ptr.dtype.element_ty),
-             mask=(row_x[:, None] < n_rows) & (rows[None, :] < n_out))
-
-
-@triton.jit
 def _dequantize_kernel(w_ptr, packed_ptr, scale_ptr, zero_ptr, group_ptr, n_out, n_in, words_per_row, groups,
                        BITS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -108,24 +89,21 @@ def dequantize(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, gr
 
 
 def packed_matmul(x2d: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
-                  group_of: torch.Tensor, bits: int, out_features: int, config: dict | None = None
-                  ) -> torch.Tensor:
-    """x2d [M, in] @ W^T -> [M, out] in x's dtype, W given by its packed codes (see module doc);
-    config overrides the GEMV's or the GEMM's tile sizes (for the sweep in bench/gpu_kernels.py)."""
+                  group_of: torch.Tensor, bits: int, out_features: int, workspace: torch.Tensor | None = None,
+                  config: dict | None = None) -> torch.Tensor:
+    """x2d [M, in] @ W^T -> [M, out] in x's dtype, W given by its packed codes (see module doc).
+    workspace: a [out, in] buffer of x's dtype for the dequantized W (more than GEMV_MAX_ROWS rows);
+    config overrides the GEMV's tile sizes (for the sweep in bench/gpu_kernels.py)."""
     x2d = x2d.contiguous()
     rows, in_features = x2d.shape
+    if rows > GEMV_MAX_ROWS:
+        if workspace is None:
+            workspace = torch.empty(out_features, in_features, dtype=x2d.dtype, device=x2d.device)
+        return x2d @ dequantize(packed, scale, zero, group_of, bits, workspace).T
     y = torch.empty(rows, out_features, dtype=x2d.dtype, device=x2d.device)
-    common = (packed, scale.contiguous(), zero.contiguous(), group_of.contiguous())
-    sizes = (packed.shape[1], scale.shape[1])
-    if rows <= GEMV_MAX_ROWS:
-        config = config or GEMV_CONFIG
-        grid = (rows, triton.cdiv(out_features, config["BLOCK_N"]))
-        _gemv_kernel[grid](x2d, y, *common, out_features, in_features, *sizes, x2d.stride(0), y.stride(0),
-                           BITS=bits, **config)
-    else:
-        config = config or GEMM_CONFIG
-        grid = (triton.cdiv(rows, config["BLOCK_M"]), triton.cdiv(out_features, config["BLOCK_N"]))
-        precision = "ieee" if x2d.dtype == torch.float32 else "tf32"  # tf32 is unused for 16-bit x
-        _gemm_kernel[grid](x2d, y, *common, rows, out_features, in_features, *sizes, x2d.stride(0),
-                           y.stride(0), BITS=bits, PRECISION=precision, **config)
+    config = config or GEMV_CONFIG
+    grid = (rows, triton.cdiv(out_features, config["BLOCK_N"]))
+    _gemv_kernel[grid](x2d, y, packed, scale.contiguous(), zero.contiguous(), group_of.contiguous(),
+                       out_features, in_features, packed.shape[1], scale.shape[1], x2d.stride(0), y.stride(0),
+                       BITS=bits, **config)
     return y
