@@ -441,14 +441,14 @@ def run_infer(model: Path) -> str:
         if not (WORK / f"{name}.made.json").is_file() or not (WORK / name).is_dir():
             (WORK / f"{name}.made.json").write_text(json.dumps(compress_row(model, name, command)))
         result = compress("bench-infer", str(WORK / name), "--baseline", str(model),
-                          "--embeddings", embeddings)
+                          "--embeddings", embeddings, "--repeats", "5")
         label = name + ("" if embeddings == "keep" else f" (embeddings {embeddings})")
         rows.append({"name": label, **result})
         print(f"{name}: decode {result['rows']['packed']['decode_tokens_per_s']:.1f} tok/s", flush=True)
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "infer.json").write_text(json.dumps(rows, indent=2))
     lines = ["# infer benchmark: SmolLM2-135M-Instruct, packed vs dense, this machine", "",
-             f"Batch 1 decode of 64 tokens after a 32-token prompt; prefill of 512 tokens; median of 3. "
+             f"Batch 1 decode of 64 tokens after a 32-token prompt; prefill of 512 tokens; median of 5. "
              f"Threads {rows[0]['threads']}; memory bandwidth (sum over 512 MiB) "
              f"{rows[0]['memory_bandwidth_gb_s']:.1f} GB/s. Packed models compute in bfloat16. "
              "Command: `python bench/run.py infer`.", "",
@@ -480,6 +480,8 @@ TASK_ROWS = [("gptq-w4g64-sym", _quant("gptq", 4, 64, True)), ("gptq-w3g64-sym",
               [*_quant("gptq", 4, 64, True), "--full-range", "--rotate", "--awq", "--mse"]),
              ("gptq-w3g64-asym", _quant("gptq", 3, 64, False)),
              ("gptq-w3g64-asym-rot-mse", [*_quant("gptq", 3, 64, False), "--rotate", "--mse"]),
+             ("gptq-w4g64-sym-rec", [*_quant("gptq", 4, 64, True), "--reconstruct"]),
+             ("gptq-w3g64-asym-rec", [*_quant("gptq", 3, 64, False), "--reconstruct"]),
              # Distillation before / after (issue 20); None: a row of the distill suite, trained there.
              ("gptq-w3g64-asym-kd-params", None),
              ("sparsegpt-2of4", _prune("sparsegpt", "2:4", False)),
