@@ -263,9 +263,11 @@ class PackedLinear(torch.nn.Module):
             y = torch.ops.aten._weight_int8pack_mm(x2d.to(self.scales.dtype).contiguous(), self.packed,
                                                    self.scales)
         elif self.backend == "triton":
-            from compressor_kernels.triton_matmul import packed_matmul
+            from compressor_kernels.triton_matmul import GEMV_MAX_ROWS, packed_matmul
 
-            buffer = _Workspace.get((self.out_features, self.in_features), self.scale.dtype, x.device)
+            # Decode (GEMV) needs no dense buffer: the workspace grows only when a prefill uses it.
+            buffer = (_Workspace.get((self.out_features, self.in_features), self.scale.dtype, x.device)
+                      if x2d.shape[0] > GEMV_MAX_ROWS else None)
             y = packed_matmul(x2d.to(self.scale.dtype), self.packed, self.scale, self.zero, self.group_of,
                               self.bits, self.out_features, workspace=buffer)
         else:
