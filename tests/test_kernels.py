@@ -83,6 +83,38 @@ def test_int4_prefill_unpacks_the_kernel_layout(out_features, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_c_unpack_is_bit_equal_to_the_eager_unpack(dtype, monkeypatch, tmp_path):
+    """The compiled prefill unpack (int4_unpack.c) writes exactly the eager path's bits, on SmolLM2's
+    shapes and group layouts (ragged g128 over 576 runs as kernel groups of 64), and is what prefill
+    uses wherever a C compiler exists."""
+    import shutil
+
+    from compressor_kernels import cpu_unpack
+    from compressor_kernels.packed_linear import int4_layout_block
+
+    if int4_layout_block() is None:
+        pytest.skip("this torch build's int4 layout is not one the prefill reads")
+    monkeypatch.setenv("COMPRESSOR_KERNEL_CACHE", str(tmp_path))
+    monkeypatch.setattr(cpu_unpack, "_LIBRARY", [])
+    if shutil.which("cc") or shutil.which("gcc"):
+        assert cpu_unpack.library() is not None
+        assert len(list(tmp_path.glob("int4_unpack-*.so"))) == 1  # compiled once, renamed into place
+    shapes = [(192, 576, 32), (576, 1536, 128), (64, 576, 128)]  # (out, in, group width)
+    for index, (out_features, in_features, width) in enumerate(shapes):
+        codes, scale, zero, _ = random_layer(4, out_features, in_features, width, index == 1, seed=index)
+        layer = PackedLinear(codes, scale, zero, 4, width, dtype=dtype)
+        compiled = layer._int4_dense_t(dtype).clone()
+        monkeypatch.setattr(cpu_unpack, "_LIBRARY", [None])  # as on a machine without a compiler
+        eager = layer._int4_dense_t(dtype).clone()
+        monkeypatch.setattr(cpu_unpack, "_LIBRARY", [])
+        assert torch.equal(compiled, eager)
+        zero = torch.full_like(scale, 8.0) if zero is None else zero
+        expected = dequantize_codes(codes, scale, zero, torch.arange(in_features) // width)  # [out, in]
+        tolerance = 1e-5 if dtype == torch.float32 else 1e-2  # bfloat16 scales and offsets
+        assert torch.allclose(compiled.float().T, expected, rtol=tolerance, atol=tolerance)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_int8_prefill_in_chunks_matches_the_int8_kernel(dtype, monkeypatch):
     """From PREFILL_ROWS rows on, an aten-int8 layer is dequantized a few output rows at a time and
     multiplied densely: the int8 kernel's result and the reference's, across chunk boundaries."""
