@@ -12,7 +12,7 @@ from compressor.model import ModelSource, load_model
 from tests.conftest import make_model, make_tokenizer
 from tests.test_cli import run_cli
 
-SETTINGS = selfcal.SelfTextSettings(batch=3)
+SETTINGS = selfcal.SelfTextSettings(batch=3, top_k=50)  # a top-k cut, checked token by token below
 
 
 @pytest.fixture(scope="module")
@@ -43,15 +43,33 @@ def test_windows_follow_the_recipe_against_full_forwards(model_and_tokenizer):
     assert not torch.equal(argmax, windows[:, SETTINGS.greedy_max + 1:])
 
 
-def test_windows_are_reproducible_from_the_seed(model_and_tokenizer):
+@pytest.mark.parametrize("settings", [SETTINGS, selfcal.SelfTextSettings(batch=3)])  # top-50, the default
+def test_windows_are_reproducible_from_the_seed(model_and_tokenizer, settings):
     model, tokenizer = model_and_tokenizer
-    first = selfcal.generate_windows(model, tokenizer, 4, 16, seed=1, settings=SETTINGS)
-    again = selfcal.generate_windows(model, tokenizer, 4, 16, seed=1, settings=SETTINGS)
-    other = selfcal.generate_windows(model, tokenizer, 4, 16, seed=2, settings=SETTINGS)
+    first = selfcal.generate_windows(model, tokenizer, 4, 16, seed=1, settings=settings)
+    again = selfcal.generate_windows(model, tokenizer, 4, 16, seed=1, settings=settings)
+    other = selfcal.generate_windows(model, tokenizer, 4, 16, seed=2, settings=settings)
     assert torch.equal(first, again) and not torch.equal(first, other)
     # The global torch seed plays no part.
     torch.manual_seed(123)
-    assert torch.equal(first, selfcal.generate_windows(model, tokenizer, 4, 16, seed=1, settings=SETTINGS))
+    assert torch.equal(first, selfcal.generate_windows(model, tokenizer, 4, 16, seed=1, settings=settings))
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_the_default_samples_the_whole_distribution(temperature):
+    """No top-k by default: each token is drawn with probability softmax(logits / T), the unlikely
+    ones included (frequencies over 40,000 draws against the exact probabilities)."""
+    probabilities = torch.tensor([0.5, 0.3, 0.15, 0.04, 0.01])
+    logits = probabilities.log().expand(40_000, -1)
+    settings = selfcal.SelfTextSettings(temperature=temperature)
+    drawn = selfcal._sample(logits, settings, torch.Generator().manual_seed(0))
+    frequencies = torch.bincount(drawn, minlength=5).float() / len(drawn)
+    expected = probabilities ** (1 / temperature) / (probabilities ** (1 / temperature)).sum()
+    assert torch.allclose(frequencies, expected, atol=0.01)
+    assert frequencies[4] > 0  # the least likely token is written too
+    top2 = selfcal._sample(logits, selfcal.SelfTextSettings(temperature=temperature, top_k=2),
+                           torch.Generator().manual_seed(0))
+    assert set(top2.tolist()) == {0, 1}
 
 
 def test_self_windows_are_cached(llama_dir, isolated_cache, monkeypatch):
