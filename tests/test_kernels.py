@@ -114,6 +114,23 @@ def test_c_unpack_is_bit_equal_to_the_eager_unpack(dtype, monkeypatch, tmp_path)
         assert torch.allclose(compiled.float().T, expected, rtol=tolerance, atol=tolerance)
 
 
+def test_prefill_without_the_c_kernel_falls_back_to_eager_ops(monkeypatch, tmp_path):
+    """A cache that cannot be written (or no compiler) leaves the kernel unbuilt, never a broken
+    prefill: the eager unpack runs instead, with the same result as the int4 kernel."""
+    from compressor_kernels import cpu_unpack
+    from compressor_kernels.packed_linear import PREFILL_ROWS
+
+    (tmp_path / "a-file").write_text("")
+    monkeypatch.setenv("COMPRESSOR_KERNEL_CACHE", str(tmp_path / "a-file" / "kernels"))
+    monkeypatch.setattr(cpu_unpack, "_LIBRARY", [])
+    assert cpu_unpack.library() is None
+    assert [path.name for path in tmp_path.iterdir()] == ["a-file"]  # nothing half-written beside it
+    codes, scale, zero, _ = random_layer(4, 64, 128, 64, False, seed=5)
+    layer = PackedLinear(codes, scale, zero, 4, 64, dtype=torch.float32)
+    x = torch.randn(PREFILL_ROWS + 1, 128)
+    assert torch.allclose(layer(x), layer._int4(x), rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_int8_prefill_in_chunks_matches_the_int8_kernel(dtype, monkeypatch):
     """From PREFILL_ROWS rows on, an aten-int8 layer is dequantized a few output rows at a time and

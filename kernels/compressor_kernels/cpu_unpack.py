@@ -44,6 +44,26 @@ def _cpu_flags() -> str:
     return ""
 
 
+def _build(compiler: str, target: Path) -> bool:
+    """Compile SOURCE into `target` through a temporary name (False where that fails: no OpenMP,
+    an unwritable cache, ...)."""
+    staged = None
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        handle, staged = tempfile.mkstemp(suffix=".so", dir=target.parent)
+        os.close(handle)
+        flags = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
+        subprocess.run([compiler, *flags, str(SOURCE), "-o", staged], capture_output=True, check=True,
+                       timeout=120)
+        os.replace(staged, target)
+        return True
+    except (OSError, subprocess.SubprocessError):
+        return False
+    finally:
+        if staged is not None:
+            Path(staged).unlink(missing_ok=True)
+
+
 def _compile() -> ctypes.CDLL | None:
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
@@ -54,20 +74,12 @@ def _compile() -> ctypes.CDLL | None:
         return None
     key = hashlib.sha256("\0".join([SOURCE.read_text(), version, _cpu_flags()]).encode()).hexdigest()[:16]
     target = _cache_dir() / f"int4_unpack-{key}.so"
-    if not target.exists():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        handle, staged = tempfile.mkstemp(suffix=".so", dir=target.parent)
-        os.close(handle)
-        flags = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
-        command = [compiler, *flags, str(SOURCE), "-o", staged]
-        try:
-            subprocess.run(command, capture_output=True, check=True, timeout=120)
-            os.replace(staged, target)
-        except (OSError, subprocess.SubprocessError):
-            return None
-        finally:
-            Path(staged).unlink(missing_ok=True)
-    library = ctypes.CDLL(str(target))
+    if not target.exists() and not _build(compiler, target):
+        return None
+    try:
+        library = ctypes.CDLL(str(target))
+    except OSError:  # e.g. a cache on a noexec mount
+        return None
     library.int4_unpack_transposed.restype = ctypes.c_int
     pointer, flag, size = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
     library.int4_unpack_transposed.argtypes = [pointer, pointer, flag, pointer, flag, size, size, size, size]
