@@ -97,6 +97,8 @@ SUITES: dict[str, list[tuple[str, list[str]]]] = {
         ("gptq-lut4g64-rec", ["quantize", "--format", "lut4", "--group-size", "64", "--reconstruct"]),
         ("gptq-lut4g64-rec-rounding", ["quantize", "--format", "lut4", "--group-size", "64", "--reconstruct",
                                        "--reconstruct-train", "rounding"]),
+        ("gptq-lut4g64-rec-full", ["quantize", "--format", "lut4", "--group-size", "64", "--reconstruct",
+                                   "--reconstruct-train", "full"]),
         ("rtn-lut4g128", ["quantize", "--format", "lut4", "--method", "rtn", "--group-size", "128"]),
         ("gptq-iq4nl", ["run", str(HERE / "iq4nl-gptq.yaml")]),
         # PTQ1.61 (issue 22: below 300 at <= 1.7 stored bpw; vs gptq-w2g64-asym above): 19% salient

@@ -243,8 +243,12 @@ def test_learned_lut_starts_where_the_format_says():
     q = layer.quant
     stored = lutgrids.values(q.codes, q.scale, q.table, q.grid)
     with torch.no_grad():
-        assert torch.equal(LearnedLut(layer, dense, "scales").weight(), stored)
-        rounding = LearnedLut(layer, dense, "rounding")
+        assert torch.equal(LearnedLut(layer, dense, stored, "scales").weight(), stored)
+        # full (Block-AP): latent weights from the stored values (start: init), or the dense ones
+        assert torch.allclose(LearnedLut(layer, dense, stored, "full").weight(), stored, atol=1e-7)
+        from_dense = LearnedLut(layer, dense, stored, "full", start="dense")
+        assert torch.equal(from_dense.params["weight"], dense)
+        rounding = LearnedLut(layer, dense, stored, "rounding")
         nearest = lutgrids.values(lutgrids.round_to(dense, q.scale.float(), q.table.float(), q.grid), q.scale,
                                   q.table, q.grid)
         assert torch.allclose(rounding.weight(), nearest, atol=1e-7)
@@ -252,7 +256,7 @@ def test_learned_lut_starts_where_the_format_says():
         rounding.params["offset"].fill_(0.5)
         assert (rounding.weight() >= nearest - 1e-7).all() and (rounding.weight() > nearest).any()
         # Learned tables may leave their order: final() sorts them and renumbers the codes.
-        scales = LearnedLut(layer, dense, "scales")
+        scales = LearnedLut(layer, dense, stored, "scales")
         scales.params["table"][:, 0] += 3.0  # the smallest value moves past others
         expected = scales.weight()
         weight, quant = scales.final(torch.float32)
@@ -261,7 +265,8 @@ def test_learned_lut_starts_where_the_format_says():
     assert torch.allclose(weight, expected, rtol=2e-3, atol=1e-4)  # float16 storage
 
 
-@pytest.mark.parametrize("train, iters, gain", [("scales", 40, 0.9), ("rounding", 200, 0.99)])
+@pytest.mark.parametrize("train, iters, gain", [("scales", 40, 0.9), ("rounding", 200, 0.99),
+                                                ("full", 200, 0.8)])
 def test_block_reconstruction_learns_tables(train, iters, gain):
     """lut then reconstruct on a tiny Llama: block 0's error falls below the tables' own; the model's
     weights are exactly what the stored codes, scales and ascending float16 tables give."""

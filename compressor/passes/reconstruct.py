@@ -15,16 +15,18 @@ What is learned, by `train`:
     scales    only the numbers beside the codes, codes fixed (EfficientQAT's E2E-QP, per block): a
               range multiplier (and zero-point offset) per group of an integer grid; every row's
               and column's numbers of PTQ1.61's layout (compressor.binarygrids), by Adam. Under
-              rounding or full, PTQ1.61's signs and salient codes are learned too (LearnedBinary)
+              rounding or full, PTQ1.61's signs and salient codes are learned too (LearnedBinary:
+              full learns them as rounding does)
 
 4-bit float grids (NVFP4, MXFP4, LLM-FP4, E2M1) are learned on their own grid (LearnedFloat): the
 rounding offset is in units of the grid's local spacing, NVFP4's block scales stay on FP8 and
 MXFP4's on powers of two. GGUF blocks (LearnedGguf) are learned on llama.cpp's grid: rounding
 offsets in steps of each sub-block, and the header's numbers moved only to values the file can hold
 (the K-quants' integer sub-block scales and mins, the legacy types' float16 d and m). Learned
-lookup tables (LearnedLut) learn their table values and group scales, and under rounding their
-codes (an offset in units of the table's local spacing). A pruned linear keeps its mask exactly; in
-a sparse linear that is not quantized, the surviving weights are learned (Adam). Rounding goes
+lookup tables (LearnedLut) learn their table values and group scales, under rounding their codes
+(an offset in units of the table's local spacing), under full the weights that pick the codes. A
+pruned linear keeps its mask exactly; in a sparse linear that is not quantized, the surviving
+weights are learned (Adam). Rounding goes
 through the straight-through estimator. The forwards run in bfloat16 autocast on CUDA and on CPUs
 with native bf16 (AMX/AVX512-BF16; elsewhere bf16 is emulated and ~7x slower than float32, so
 `bf16: auto` keeps float32); parameters, the loss and the final rounding are float32. Each step
@@ -520,12 +522,15 @@ def _code_values(codes: torch.Tensor, fmt, bias) -> torch.Tensor:
 class LearnedLut:
     """Learned lookup tables (compressor.lutgrids) refined on their own layout: every table value
     (an offset in units of its table's mean gap) and every group's float16 scale (a multiplier), by
-    Adam; with `train: rounding` (or full) the codes too, AutoRound-style: an offset per weight in
-    units of its table's local spacing, by signed descent, from the dense weights, each weight on the
-    nearest value of its current table (straight-through). What is stored is float16 tables in
-    ascending order (codes renumbered) and float16 scales, exactly what the forward used."""
+    Adam; with `train: rounding` the codes too, AutoRound-style: an offset per weight in units of
+    its table's local spacing, by signed descent, from the dense weights; with `train: full` the
+    weights themselves (Block-AP), by Adam, from the values the initialising pass stored (`start:
+    dense`: from the dense weights). Either way each weight takes the nearest
+    value of its current table (straight-through). What is stored is float16 tables in ascending
+    order (codes renumbered) and float16 scales, exactly what the forward used."""
 
-    def __init__(self, state: LinearState, dense: torch.Tensor, train: str):
+    def __init__(self, state: LinearState, dense: torch.Tensor, current: torch.Tensor, train: str,
+                 start: str | None = None):
         quant: LutWeight = state.quant
         self.state, self.grid = state, quant.grid
         device = dense.device
@@ -537,8 +542,8 @@ class LearnedLut:
         self.params = {"table": torch.zeros_like(self.table0, requires_grad=True),
                        "range": torch.ones_like(self.scale0, requires_grad=True)}
         self.signed: list[torch.Tensor] = []
-        self.rounding = train != "scales"
-        if self.rounding:
+        self.rounding = train != "scales"  # the codes are learned (rounding, full)
+        if train == "rounding":
             rows, cols = dense.shape
             start_scale = lutgrids.spread(self.scale0, cols, self.grid)
             tables = lutgrids.row_tables(self.table0, rows, self.grid)
@@ -547,6 +552,9 @@ class LearnedLut:
             self.spacing = local_spacing(tables).gather(1, lutgrids.nearest(units, tables)) * start_scale
             self.params["offset"] = torch.zeros_like(self.before, requires_grad=True)
             self.signed.append(self.params["offset"])
+        elif train == "full":  # from the stored values (start: init, the default) or the dense weights
+            before = dense if start == "dense" else current
+            self.params["weight"] = before.float().clone().requires_grad_()
 
     def tables_scale(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Tables [tables, levels] (not necessarily ascending while learning) and scales [out, groups]."""
@@ -558,7 +566,10 @@ class LearnedLut:
         rows, cols = self.codes.shape
         spread = lutgrids.spread(scale, cols, self.grid)
         tables = lutgrids.row_tables(table, rows, self.grid).sort(dim=1).values
-        units = (self.before + self.params["offset"] * self.spacing) / _nonzero(spread)
+        if "weight" in self.params:
+            units = self.params["weight"] / _nonzero(spread)
+        else:
+            units = (self.before + self.params["offset"] * self.spacing) / _nonzero(spread)
         return torch.minimum(torch.maximum(units, tables[:, :1]), tables[:, -1:]), tables, spread
 
     def weight(self) -> torch.Tensor:
@@ -572,7 +583,7 @@ class LearnedLut:
     @torch.no_grad()
     def clamp_(self) -> None:
         self.params["range"].clamp_(0.5, 1.5)
-        if self.rounding:
+        if "offset" in self.params:
             self.params["offset"].clamp_(-0.5, 0.5)
 
     @torch.no_grad()
@@ -732,7 +743,7 @@ def _learner(state: LinearState, dense: torch.Tensor, current: torch.Tensor, opt
     if isinstance(state.quant, GgufWeight):
         return LearnedGguf(state, dense, options.train, options.start)
     if isinstance(state.quant, LutWeight):
-        return LearnedLut(state, dense, options.train)
+        return LearnedLut(state, dense, current, options.train, options.start)
     return LearnedLinear(state, dense, current, options.train, options.start)
 
 
