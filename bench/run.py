@@ -105,6 +105,7 @@ SUITES: dict[str, list[tuple[str, list[str]]]] = {
         # channels (1.682 bpw here; the default 20% costs 1.712: SmolLM2's rows are only 576 wide).
         ("ptq161-s19", ["run", str(HERE / "ptq161-s19.yaml")]),
         ("ptq161-s19-scales", ["run", str(HERE / "ptq161-s19-scales.yaml")]),  # signs and codes fixed
+        ("ptq161-s19-full", ["run", str(HERE / "ptq161-s19-full.yaml")]),  # signs and codes by Adam
     ],
     "sparsity": [
         (f"{method}-{pattern.replace(':', 'of')}{'-dsnot' if dsnot else ''}", _prune(method, pattern, dsnot))

@@ -258,7 +258,8 @@ def test_pass_keeps_each_weight_before_binarising_when_a_block_pass_follows():
 def test_block_reconstruction_with_rounding_flips_signs_and_codes_and_lowers_the_error():
     """train: rounding on PTQ1.61's records: signs and salient codes move too (signed descent from
     their pre-binarisation values); what is stored is what the model computes with, and the block's
-    error ends below both the initialisation's and the numbers-only learning's."""
+    error ends below both the initialisation's and the numbers-only learning's. train: full moves
+    the same positions by Adam and lowers the error too."""
     from compressor.pipeline import compress_model
     from compressor.plan import build_plan
     from tests.conftest import make_model
@@ -269,7 +270,7 @@ def test_block_reconstruction_with_rounding_flips_signs_and_codes_and_lowers_the
     init = make_model("llama")
     first = compress_model(init, build_plan(init, [{"method": "ptq161"}]), ids, batch_size=4)
     runs = {}
-    for train in ("scales", "rounding"):
+    for train in ("scales", "rounding", "full"):
         model = make_model("llama")
         records = compress_model(model, build_plan(model, [
             {"method": "ptq161"}, {"method": "reconstruct", "train": train, "iters": 40, "batch": 2}]), ids,
@@ -289,3 +290,7 @@ def test_block_reconstruction_with_rounding_flips_signs_and_codes_and_lowers_the
     error = _block0_error(dense, model, ids)
     assert error < 0.97 * _block0_error(dense, init, ids)
     assert error < _block0_error(dense, runs["scales"][0], ids)
+    # full (Block-AP): the same positions moved by Adam, unbounded; it flips signs and codes too
+    model, records = runs["full"]
+    assert sum(int((records[n].quant.signs != first[n].quant.signs).sum()) for n in block0) > 0
+    assert _block0_error(dense, model, ids) < 0.97 * _block0_error(dense, init, ids)

@@ -16,7 +16,7 @@ What is learned, by `train`:
               range multiplier (and zero-point offset) per group of an integer grid; every row's
               and column's numbers of PTQ1.61's layout (compressor.binarygrids), by Adam. Under
               rounding or full, PTQ1.61's signs and salient codes are learned too (LearnedBinary:
-              full learns them as rounding does)
+              rounding by signed descent within half a step, full by Adam, unbounded)
 
 4-bit float grids (NVFP4, MXFP4, LLM-FP4, E2M1) are learned on their own grid (LearnedFloat): the
 rounding offset is in units of the grid's local spacing, NVFP4's block scales stay on FP8 and
@@ -608,11 +608,13 @@ def sign_ste(x: torch.Tensor) -> torch.Tensor:
 class LearnedBinary:
     """PTQ1.61's numbers (compressor.binarygrids) learned: every row's scale, low, alpha and beta as
     offsets in units of the row's own step (scale for the salient pair, alpha for the binary pair),
-    every binary column's factor as a multiplier, by Adam. With `train: rounding` (or full) the
-    signs and the salient codes are learned too, AutoRound-style: an offset per weight, by signed
+    every binary column's factor as a multiplier, by Adam. With `train: rounding` the signs
+    and the salient codes are learned too, AutoRound-style: an offset per weight, by signed
     descent, added to where the weight stood just before GPTQ binarised or rounded it (in steps:
     half the distance from beta in units of alpha for a sign, in units of scale for a code), so a
-    weight near its boundary flips with a small move and the start is exactly the stored one."""
+    weight near its boundary flips with a small move and the start is exactly the stored one. With
+    `train: full` (Block-AP) the same offsets are moved by Adam (SCALES_LR, in steps) and not held
+    within half a step."""
 
     scale_lr = SCALES_LR
 
@@ -635,10 +637,12 @@ class LearnedBinary:
                        "column": torch.ones_like(self.column0, requires_grad=True)}
         self.signed: list[torch.Tensor] = []
         self.latent = None
+        self.full = train == "full"
         if train != "scales" and state.unrounded is not None:
             self.latent = self._latent(state.unrounded.to(device).float())
             self.params["offset"] = torch.zeros_like(self.latent, requires_grad=True)
-            self.signed.append(self.params["offset"])
+            if not self.full:  # rounding: signed descent within half a step; full: Adam, unbounded
+                self.signed.append(self.params["offset"])
 
     def _latent(self, before: torch.Tensor) -> torch.Tensor:
         """Each weight's position in steps, consistent with the stored codes and signs: a code's
@@ -675,7 +679,7 @@ class LearnedBinary:
         return codes * scale[:, None] + low[:, None] * self.salient + binary
 
     def clamp_(self) -> None:
-        if self.latent is not None:
+        if self.latent is not None and not self.full:
             self.params["offset"].clamp_(-0.5, 0.5)
 
     @torch.no_grad()
