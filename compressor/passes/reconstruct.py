@@ -26,13 +26,13 @@ offsets in steps of each sub-block, and the header's numbers moved only to value
 lookup tables (LearnedLut) learn their table values and group scales, under rounding their codes
 (an offset in units of the table's local spacing), under full the weights that pick the codes. A
 pruned linear keeps its mask exactly; in a sparse linear that is not quantized, the surviving
-weights are learned (Adam). Rounding goes
-through the straight-through estimator. The forwards run in bfloat16 autocast on CUDA and on CPUs
-with native bf16 (AMX/AVX512-BF16; elsewhere bf16 is emulated and ~7x slower than float32, so
-`bf16: auto` keeps float32); parameters, the loss and the final rounding are float32. Each step
-learns from `batch` calibration windows (AutoRound's light recipe: 4 windows, 50 steps). The result
-is kept only where it lowers the block's error on all calibration windows (evaluated in float32):
-reconstruction never leaves a block worse than its initialisation.
+weights are learned (Adam). Rounding goes through the straight-through estimator. The forwards run
+in bfloat16 autocast on CUDA and on CPUs with native bf16 (AMX/AVX512-BF16; elsewhere bf16 is
+emulated and ~7x slower than float32, so `bf16: auto` keeps float32); parameters, the loss and the
+final rounding are float32. Each step learns from `batch` calibration windows (AutoRound's light
+recipe: 4 windows, 50 steps). The result is kept only where it lowers the block's error on all
+calibration windows (evaluated in float32): reconstruction never leaves a block worse than its
+initialisation.
 """
 
 from __future__ import annotations
@@ -525,9 +525,9 @@ class LearnedLut:
     Adam; with `train: rounding` the codes too, AutoRound-style: an offset per weight in units of
     its table's local spacing, by signed descent, from the dense weights; with `train: full` the
     weights themselves (Block-AP), by Adam, from the values the initialising pass stored (`start:
-    dense`: from the dense weights). Either way each weight takes the nearest
-    value of its current table (straight-through). What is stored is float16 tables in ascending
-    order (codes renumbered) and float16 scales, exactly what the forward used."""
+    dense`: from the dense weights). Either way each weight takes the nearest value of its current
+    table (straight-through). What is stored is float16 tables in ascending order (codes
+    renumbered) and float16 scales, exactly what the forward used."""
 
     def __init__(self, state: LinearState, dense: torch.Tensor, current: torch.Tensor, train: str,
                  start: str | None = None):
@@ -542,7 +542,7 @@ class LearnedLut:
         self.params = {"table": torch.zeros_like(self.table0, requires_grad=True),
                        "range": torch.ones_like(self.scale0, requires_grad=True)}
         self.signed: list[torch.Tensor] = []
-        self.rounding = train != "scales"  # the codes are learned (rounding, full)
+        self.learns_codes = train != "scales"  # rounding and full
         if train == "rounding":
             rows, cols = dense.shape
             start_scale = lutgrids.spread(self.scale0, cols, self.grid)
@@ -574,7 +574,7 @@ class LearnedLut:
 
     def weight(self) -> torch.Tensor:
         table, scale = self.tables_scale()
-        if not self.rounding:
+        if not self.learns_codes:
             return lutgrids.values(self.codes, scale, table, self.grid)
         units, tables, spread = self._units_tables(table, scale)
         picked = tables.gather(1, lutgrids.nearest(units.detach(), tables.detach()))
@@ -589,7 +589,7 @@ class LearnedLut:
     @torch.no_grad()
     def final(self, dtype: torch.dtype) -> tuple[torch.Tensor, LutWeight]:
         table, scale = (binarygrids.half(x) for x in self.tables_scale())
-        if self.rounding:
+        if self.learns_codes:
             table = table.sort(dim=1).values
             units, tables, _ = self._units_tables(table, scale)
             codes = lutgrids.nearest(units, tables).to(torch.uint8)
@@ -608,13 +608,13 @@ def sign_ste(x: torch.Tensor) -> torch.Tensor:
 class LearnedBinary:
     """PTQ1.61's numbers (compressor.binarygrids) learned: every row's scale, low, alpha and beta as
     offsets in units of the row's own step (scale for the salient pair, alpha for the binary pair),
-    every binary column's factor as a multiplier, by Adam. With `train: rounding` the signs
-    and the salient codes are learned too, AutoRound-style: an offset per weight, by signed
-    descent, added to where the weight stood just before GPTQ binarised or rounded it (in steps:
-    half the distance from beta in units of alpha for a sign, in units of scale for a code), so a
-    weight near its boundary flips with a small move and the start is exactly the stored one. With
-    `train: full` (Block-AP) the same offsets are moved by Adam (SCALES_LR, in steps) and not held
-    within half a step."""
+    every binary column's factor as a multiplier, by Adam. With `train: rounding` the signs and the
+    salient codes are learned too, AutoRound-style: an offset per weight, by signed descent, added
+    to where the weight stood just before GPTQ binarised or rounded it (in steps: half the distance
+    from beta in units of alpha for a sign, in units of scale for a code), so a weight near its
+    boundary flips with a small move and the start is exactly the stored one. With `train: full`
+    (Block-AP) the same offsets are moved by Adam (SCALES_LR, in steps) and not held within half a
+    step."""
 
     scale_lr = SCALES_LR
 
